@@ -1,0 +1,63 @@
+"""lora_apply: run a model's apply function with LoRA, lazily (low-rank path) or merged."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any
+
+from jlora.config import LoraConfig
+from jlora.tree import merge
+
+MODES = ("lazy", "merged")
+
+
+def lora_apply(apply_fn: Callable[..., Any], config: LoraConfig, mode: str = "lazy", *,
+               strict: bool = False) -> Callable[..., Any]:
+    """Wraps ``apply_fn(params, *args, **kwargs)`` into ``fn(frozen, lora, *args, lora_rng=None, **kwargs)``.
+
+    ``fn`` is a drop-in for ``apply_fn(merge(frozen, lora, config), *args, **kwargs)``: rngs, mutable
+    collections and train flags pass through. It is pure and jit-able (``config`` is static).
+
+    Args:
+      apply_fn: the model's apply function (``model.apply``, an NNX merge-and-call, any function of
+        a parameter tree).
+      config: the :class:`LoraConfig` the lora tree was made with.
+      mode: ``'lazy'`` computes ``base(x) + s * ((x A) B)`` and never forms a full-size delta or
+        full-size kernel gradient (training); ``'merged'`` forms ``W0 + delta`` and calls the plain
+        apply function (always correct; for inference, merge once with :func:`jlora.merge`).
+      strict: lazy mode only: raise instead of falling back to the merged kernel (with a warning)
+        for a kernel use the rewrite does not know.
+
+    ``lora_rng`` (a PRNG key) turns LoRA dropout on, for training; without it dropout is off.
+
+    >>> import jax, jax.numpy as jnp, jlora
+    >>> cfg = jlora.LoraConfig(rank=1, targets=".*")
+    >>> f = lambda p, x: x @ p["w"]
+    >>> frozen, lora = {"w": jnp.eye(2)}, {"w": {"A": jnp.ones((2, 1)), "B": jnp.ones((1, 2))}}
+    >>> lora_apply(f, cfg, "merged")(frozen, lora, jnp.ones(2)).tolist()
+    [33.0, 33.0]
+    """
+    if mode not in MODES:
+        raise ValueError(f"lora_apply: mode must be one of {MODES}, got {mode!r}")
+    if not isinstance(config, LoraConfig):
+        raise TypeError(f"lora_apply: config must be a jlora.LoraConfig, got {type(config).__name__}")
+    if not callable(apply_fn):
+        raise TypeError(f"lora_apply: apply_fn must be callable, got {type(apply_fn).__name__}")
+
+    if mode == "merged":
+        def fn(frozen: Any, lora: Any, *args: Any, lora_rng: Any = None, **kwargs: Any) -> Any:
+            if lora_rng is not None and config.dropout > 0:
+                raise ValueError(
+                    "lora_apply(mode='merged'): LoRA dropout acts on the input of A, which merged weights "
+                    "cannot express; fix: use mode='lazy' for training with dropout"
+                )
+            return apply_fn(merge(frozen, lora, config), *args, **kwargs)
+    else:
+        from jlora import lazy
+
+        def fn(frozen: Any, lora: Any, *args: Any, lora_rng: Any = None, **kwargs: Any) -> Any:
+            return lazy.lazy_call(apply_fn, frozen, lora, config, args, kwargs, strict=strict, rng=lora_rng)
+
+    functools.update_wrapper(fn, apply_fn, assigned=("__module__", "__name__", "__qualname__"), updated=())
+    return fn

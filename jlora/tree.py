@@ -1,0 +1,254 @@
+"""init, merge, unmerge, delta and adapted: pure functions over (frozen, lora) trees.
+
+``frozen`` is the user's parameter tree, unchanged. ``lora`` holds only what trains, with the
+same nesting: ``{"A": A, "B": B}`` at an adapted kernel's path, the whole array at a path
+trained in full (a bias, a new head).
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from jlora import kinds, paths
+from jlora.config import LoraConfig
+from jlora.kinds import Factored, Split
+
+
+def _is_float(x: Any) -> bool:
+    return jnp.issubdtype(x.dtype, jnp.floating)
+
+
+def _targets(flat: Mapping[str, Any], config: LoraConfig) -> list[str]:
+    if not config.targets:
+        raise ValueError(
+            "LoraConfig.targets: no target regexes; fix: e.g. LoraConfig(targets=r'.*/(query|value)/kernel')"
+        )
+    paths.check_rules_match("targets", config.targets, flat)
+    paths.check_rules_match("exclude", config.exclude, flat)
+    chosen = [p for p in flat if paths.matches(config.targets, p) and not paths.matches(config.exclude, p)]
+    for p in chosen:
+        leaf = flat[p]
+        if not hasattr(leaf, "shape") or len(leaf.shape) < 2 or not _is_float(leaf):
+            what = f"shape {tuple(getattr(leaf, 'shape', ()))}, dtype {getattr(leaf, 'dtype', type(leaf).__name__)}"
+            raise ValueError(
+                f"LoraConfig.targets: {p!r} ({what}) is not a kernel: LoRA adapts float arrays with at least "
+                "2 axes; fix: narrow the target regex, or list the leaf in `trainable` to train it whole"
+            )
+    if not chosen:
+        raise ValueError("LoraConfig.targets: every matched path is excluded by LoraConfig.exclude")
+    return chosen
+
+
+def _splits(flat: Mapping[str, Any], chosen: Sequence[str], config: LoraConfig,
+            apply_fn: Callable[..., Any] | None, params: Any, args: Sequence[Any]) -> dict[str, Split]:
+    stated = {p: (config.stack_for(p), config.axes_for(p)) for p in chosen}
+    traced: dict[str, Split | str] = {}
+    if apply_fn is not None:
+        traced = kinds.read_splits(apply_fn, params, args, [p for p in chosen], list(flat))
+    out: dict[str, Split] = {}
+    for p in chosen:
+        shape = tuple(flat[p].shape)
+        n_stack, n_in = stated[p]
+        found = traced.get(p)
+        if isinstance(found, Split):
+            split = kinds.Split(found.kind, n_stack if n_stack is not None else found.n_stack,
+                                n_in if n_in is not None else found.n_in)
+        else:
+            split = kinds.split_without_trace(p, shape, n_stack, n_in)
+            if isinstance(split, str):
+                why = f"{split}; the trace says {found}" if found else split
+                raise ValueError(
+                    f"jlora.init: cannot tell the input axes of {p!r}: {why}. Fix: pass "
+                    "apply_fn=model.apply and args=(example inputs or jax.ShapeDtypeStructs) so init reads "
+                    f"the split from the model, or state it: LoraConfig(axes={{{p!r}: n_input_axes}}, "
+                    "stack={...} for leading layer axes)"
+                )
+        kinds.check_split(p, shape, split)
+        out[p] = split
+    return out
+
+
+def init(key: jax.Array, params: Any, config: LoraConfig, apply_fn: Callable[..., Any] | None = None,
+         args: Sequence[Any] = (), *, dtype: Any = None) -> tuple[Any, dict[str, Any]]:
+    """Splits a parameter tree into ``(frozen, lora)``: the unchanged base and the trainable factors.
+
+    Args:
+      key: a PRNG key (required; each kernel gets its own key folded from its path).
+      params: the model's parameters: a Linen variable dict, an ``nnx.State`` or nested dicts; arrays
+        or ``jax.ShapeDtypeStruct`` (under ``jax.eval_shape`` nothing is allocated).
+      config: the :class:`LoraConfig`.
+      apply_fn: the model's apply function ``apply_fn(params, *args)``; with ``args`` it lets init
+        read each kernel's input/output split from its use (traced abstractly, no FLOPs).
+      args: example inputs (arrays or ``jax.ShapeDtypeStruct``) for ``apply_fn``.
+      dtype: the factors' dtype (default: each kernel's dtype).
+
+    Returns:
+      ``(frozen, lora)``: ``frozen`` is ``params`` itself; ``lora`` holds ``{"A", "B"}`` per adapted
+      kernel (A: ``stack + in + (r,)``, B: ``stack + (r,) + out``) and a copy of each leaf matched by
+      ``config.trainable``. The model output is unchanged at init.
+
+    >>> params = {"dense": {"kernel": jnp.ones((4, 3)), "bias": jnp.zeros(3)}}
+    >>> frozen, lora = init(jax.random.key(0), params, LoraConfig(rank=2, targets=".*kernel"))
+    >>> jax.tree.map(jnp.shape, lora)
+    {'dense': {'kernel': {'A': (4, 2), 'B': (2, 3)}}}
+    """
+    if not isinstance(config, LoraConfig):
+        raise TypeError(f"jlora.init: config must be a jlora.LoraConfig, got {type(config).__name__}")
+    flat = paths.flatten(params)
+    chosen = _targets(flat, config)
+    splits = _splits(flat, chosen, config, apply_fn, params, args)
+    out: dict[str, Any] = {}
+    for p in chosen:
+        leaf, split = flat[p], splits[p]
+        rank, groups = config.rank_for(p), config.groups_for(p)
+        if groups is not None and leaf.shape[-1] % len(groups):
+            raise ValueError(
+                f"LoraConfig.fused: kernel {p!r} has last axis {leaf.shape[-1]}, not divisible into "
+                f"{len(groups)} groups; fix the fused rule for it"
+            )
+        limit = kinds.max_rank(leaf.shape, split, groups)
+        if rank > limit:
+            raise ValueError(
+                f"LoraConfig.rank: rank {rank} for {p!r} (shape {tuple(leaf.shape)}, {split.n_in} input axes) "
+                f"exceeds the largest useful rank {limit}; fix: use rank <= {limit} (rank_pattern for this path)"
+            )
+        k = jax.random.fold_in(key, zlib.crc32(p.encode()))
+        a, b = kinds.init_factors(k, leaf.shape, split, rank, config.init, dtype or leaf.dtype, groups)
+        out[p + "/A"], out[p + "/B"] = a, b
+    if config.trainable:
+        paths.check_rules_match("trainable", config.trainable, flat)
+    for p, leaf in flat.items():
+        if config.trainable and paths.matches(config.trainable, p):
+            if p in chosen:
+                raise ValueError(
+                    f"LoraConfig.trainable: {p!r} is also a LoRA target; a leaf is either adapted or "
+                    "trained whole. Fix: exclude it from one of the two"
+                )
+            out[p] = jnp.array(leaf, copy=True)
+    return params, paths.unflatten_dict(out)
+
+
+def _closest_msg(path: str, flat: Mapping[str, Any]) -> str:
+    return ", ".join(paths.closest(path, flat, 3))
+
+
+def adapted(frozen: Any, lora: Any, config: LoraConfig) -> dict[str, Factored]:
+    """Checks that ``lora`` fits ``frozen`` and describes each adapted kernel.
+
+    Raises a ValueError naming the path and both shapes for a missing or extra path, a factor of
+    the wrong shape or a trained-whole leaf of the wrong shape or dtype.
+
+    >>> frozen = {"d": {"kernel": jnp.ones((4, 3))}}
+    >>> lora = {"d": {"kernel": {"A": jnp.ones((4, 2)), "B": jnp.zeros((2, 3))}}}
+    >>> adapted(frozen, lora, LoraConfig(rank=2, alpha=4, targets=".*"))["d/kernel"].scale
+    2.0
+    """
+    base = paths.flatten(frozen)
+    flat = paths.flatten(lora)
+    out: dict[str, Factored] = {}
+    for p, leaf in flat.items():
+        if p in base:
+            ref = base[p]
+            if tuple(leaf.shape) != tuple(ref.shape) or leaf.dtype != ref.dtype:
+                raise ValueError(
+                    f"lora leaf {p!r}: expected shape {tuple(ref.shape)} dtype {ref.dtype} (the frozen leaf it "
+                    f"replaces), got shape {tuple(leaf.shape)} dtype {leaf.dtype}; fix: make the lora tree with "
+                    "jlora.init on this frozen tree"
+                )
+            continue
+        kernel, _, part = p.rpartition("/")
+        if part not in ("A", "B") or kernel not in base:
+            raise ValueError(
+                f"lora leaf {p!r} has no counterpart in the frozen tree (expected '<kernel path>/A', "
+                f"'<kernel path>/B' or a frozen leaf's path); closest frozen paths: {_closest_msg(kernel, base)}. "
+                "Fix: the lora tree must come from jlora.init on this frozen tree"
+            )
+        if kernel in out:
+            continue
+        other = kernel + ("/B" if part == "A" else "/A")
+        if other not in flat:
+            raise ValueError(f"lora tree: {p!r} has no partner {other!r}; an adapted kernel needs both A and B")
+        out[kernel] = _describe(kernel, base[kernel], flat[kernel + "/A"], flat[kernel + "/B"], config)
+    return out
+
+
+def _describe(path: str, kernel: Any, A: Any, B: Any, config: LoraConfig) -> Factored:
+    shape = tuple(kernel.shape)
+    groups = config.groups_for(path)
+    extra = 1 if groups is not None else 0
+    n_stack = A.ndim + B.ndim - 2 - extra - len(shape)
+    n_in = A.ndim - 1 - n_stack
+    bad = n_stack < 0 or n_in < 1 or n_stack + n_in >= len(shape)
+    rank = B.shape[n_stack + extra] if not bad else 0
+    if not bad:
+        split = Split("dense", n_stack, n_in)
+        want_a, want_b = kinds.factor_shapes(shape, split, rank, groups)
+        bad = (tuple(A.shape), tuple(B.shape)) != (want_a, want_b)
+    if bad:
+        raise ValueError(
+            f"lora factors of {path!r}: A {tuple(A.shape)} and B {tuple(B.shape)} do not factor the frozen "
+            f"kernel of shape {shape} (expected A = stack + in + (r,), B = stack + (r,) + out"
+            f"{', fused: B = stack + (enabled, r) + out with the last axis split into groups' if groups else ''}); "
+            "fix: the lora tree must come from jlora.init on this frozen tree and config"
+        )
+    return Factored(path, n_stack, n_in, int(rank), config.scale_for(path, int(rank)), groups, shape)
+
+
+def delta(frozen: Any, lora: Any, config: LoraConfig) -> dict[str, jax.Array]:
+    """The full-size update ``s * A ⊗ B`` of every adapted kernel, by path, in float32.
+
+    >>> frozen = {"d": {"kernel": jnp.zeros((2, 2))}}
+    >>> lora = {"d": {"kernel": {"A": jnp.ones((2, 1)), "B": jnp.ones((1, 2))}}}
+    >>> delta(frozen, lora, LoraConfig(rank=1, alpha=2, targets=".*"))["d/kernel"].tolist()
+    [[2.0, 2.0], [2.0, 2.0]]
+    """
+    info = adapted(frozen, lora, config)
+    flat = paths.flatten(lora)
+    return {p: kinds.factors_delta(flat[p + "/A"], flat[p + "/B"], f) for p, f in info.items()}
+
+
+def _combine(frozen: Any, lora: Any, config: LoraConfig, sign: float, whole: bool) -> Any:
+    deltas = delta(frozen, lora, config)
+    flat = paths.flatten(lora)
+
+    def one(path: str, w: Any) -> Any:
+        if path in deltas:
+            return (w.astype(jnp.float32) + sign * deltas[path]).astype(w.dtype)
+        if whole and path in flat:
+            return flat[path]
+        return w
+
+    return paths.map_with_path(one, frozen)
+
+
+def merge(frozen: Any, lora: Any, config: LoraConfig) -> Any:
+    """The parameters with LoRA folded in: ``W0 + s * A ⊗ B`` per adapted kernel, summed in float32
+    and cast once to W0's dtype; trained-whole leaves take the lora tree's value. Inputs are not
+    modified; the result has frozen's type (Linen dict, ``nnx.State``, nested dicts).
+
+    >>> frozen = {"d": {"kernel": jnp.zeros((2, 2))}}
+    >>> lora = {"d": {"kernel": {"A": jnp.ones((2, 1)), "B": jnp.ones((1, 2))}}}
+    >>> merge(frozen, lora, LoraConfig(rank=1, alpha=1, targets=".*"))["d"]["kernel"].tolist()
+    [[1.0, 1.0], [1.0, 1.0]]
+    """
+    return _combine(frozen, lora, config, 1.0, whole=True)
+
+
+def unmerge(params: Any, lora: Any, config: LoraConfig) -> Any:
+    """Inverts :func:`merge` on the adapted kernels: ``W - s * A ⊗ B`` (float32, cast to W's dtype).
+
+    Trained-whole leaves are left as they are in ``params``: their originals are not stored in
+    ``lora``. Exact up to one rounding of the kernel dtype (|error| <= ulp(W) for float32).
+
+    >>> frozen = {"d": {"kernel": jnp.zeros((2, 2))}}
+    >>> lora = {"d": {"kernel": {"A": jnp.ones((2, 1)), "B": jnp.ones((1, 2))}}}
+    >>> cfg = LoraConfig(rank=1, alpha=1, targets=".*")
+    >>> unmerge(merge(frozen, lora, cfg), lora, cfg)["d"]["kernel"].tolist()
+    [[0.0, 0.0], [0.0, 0.0]]
+    """
+    return _combine(params, lora, config, -1.0, whole=False)
