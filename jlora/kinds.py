@@ -49,6 +49,9 @@ class Factored:
       scale: s (alpha/r or alpha/sqrt(r)).
       groups: enabled groups of a fused kernel's last axis, or None.
       kernel_shape: the frozen kernel's shape.
+
+    >>> Factored("params/o/kernel", 0, 2, 8, 2.0, None, (8, 64, 512)).n_out
+    1
     """
 
     path: str

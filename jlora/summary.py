@@ -33,6 +33,9 @@ class Summary:
       frozen: parameters in the frozen tree.
       frozen_bytes: their bytes.
       rows: per-path ``(path, shape, dtype, count)`` of the lora tree (when asked for).
+
+    >>> Summary(trainable=10, trainable_bytes=40, frozen=90, frozen_bytes=360).share
+    0.1
     """
 
     trainable: int
