@@ -1,13 +1,7 @@
 """The quickstart example trains with LoRA only and its loss falls, in both modes."""
 
-import importlib.util
-import pathlib
-
 import pytest
-
-SPEC = importlib.util.spec_from_file_location("quickstart", pathlib.Path(__file__).parents[1] / "examples" / "quickstart.py")
-quickstart = importlib.util.module_from_spec(SPEC)
-SPEC.loader.exec_module(quickstart)
+import quickstart
 
 
 @pytest.mark.parametrize("mode", ["merged", "lazy"])
