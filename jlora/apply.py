@@ -7,6 +7,8 @@ from collections.abc import Callable
 from typing import Any
 
 from jlora.config import LoraConfig
+from jlora.extras import lazy_fallback
+from jlora.quant import dequantize_tree_for_apply
 from jlora.tree import merge
 
 MODES = ("lazy", "merged")
@@ -52,11 +54,13 @@ def lora_apply(apply_fn: Callable[..., Any], config: LoraConfig, mode: str = "la
                     "lora_apply(mode='merged'): LoRA dropout acts on the input of A, which merged weights "
                     "cannot express; fix: use mode='lazy' for training with dropout"
                 )
-            return apply_fn(merge(frozen, lora, config), *args, **kwargs)
+            return apply_fn(merge(dequantize_tree_for_apply(frozen), lora, config), *args, **kwargs)
     else:
         from jlora import lazy
 
         def fn(frozen: Any, lora: Any, *args: Any, lora_rng: Any = None, **kwargs: Any) -> Any:
+            frozen = dequantize_tree_for_apply(frozen)  # a quantized base: float kernels inside the trace
+            frozen, lora = lazy_fallback(frozen, lora, config, rng=lora_rng)  # DoRA kernels, trained rows: merged
             return lazy.lazy_call(apply_fn, frozen, lora, config, args, kwargs, strict=strict, rng=lora_rng)
 
     functools.update_wrapper(fn, apply_fn, assigned=("__module__", "__name__", "__qualname__"), updated=())

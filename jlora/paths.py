@@ -27,6 +27,15 @@ def is_variable(x: Any) -> bool:
     return bool(_VARIABLE) and isinstance(x, _VARIABLE)
 
 
+class OpaqueLeaf:
+    """Base of pytree nodes that jlora paths treat as ONE leaf (``jlora.quant.QuantizedArray``):
+    :func:`flatten` and :func:`map_with_path` stop at them, at the kernel's own path."""
+
+
+def _is_leaf(x: Any) -> bool:
+    return is_variable(x) or isinstance(x, OpaqueLeaf)
+
+
 def path_str(keypath: tuple[Any, ...]) -> str:
     """The canonical '/'-joined string of a jax key path.
 
@@ -43,7 +52,7 @@ def flatten(tree: Any) -> dict[str, Any]:
     >>> flatten({"params": {"dense": {"kernel": 1.0, "bias": 2.0}}})
     {'params/dense/bias': 2.0, 'params/dense/kernel': 1.0}
     """
-    leaves = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_variable)[0]
+    leaves = jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_leaf)[0]
     out: dict[str, Any] = {}
     for keypath, leaf in leaves:
         out[path_str(keypath)] = leaf.get_value() if is_variable(leaf) else leaf
@@ -62,7 +71,7 @@ def map_with_path(fn: Callable[[str, Any], Any], tree: Any) -> Any:
             return leaf.replace(value=fn(path_str(keypath), leaf.get_value()))
         return fn(path_str(keypath), leaf)
 
-    return jax.tree_util.tree_map_with_path(one, tree, is_leaf=is_variable)
+    return jax.tree_util.tree_map_with_path(one, tree, is_leaf=_is_leaf)
 
 
 def unflatten_dict(flat: Mapping[str, Any]) -> dict[str, Any]:

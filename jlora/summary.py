@@ -11,6 +11,8 @@ from jlora import paths
 
 
 def _size(x: Any) -> tuple[int, int]:
+    if isinstance(x, paths.OpaqueLeaf):  # a quantized kernel: its parameters, and the bytes it really holds
+        return int(np.prod(x.shape)), int(x.nbytes)
     n = int(np.prod(x.shape)) if hasattr(x, "shape") else 1
     return n, n * np.dtype(x.dtype).itemsize if hasattr(x, "dtype") else 8
 
