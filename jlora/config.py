@@ -15,9 +15,15 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 SCHEMA_VERSION = 1
-INITS = ("kaiming", "gaussian")
+INITS = ("kaiming", "gaussian", "pissa", "olora")
+"""Fixed init names; ``'pissa_niter_K'`` (randomized PiSSA, K subspace iterations) is accepted too."""
+_PISSA_NITER = re.compile(r"pissa_niter_(\d+)")
 
 _Pairs = tuple[tuple[str, Any], ...]
+
+
+class _Rows(tuple):
+    """Marker kind for ``embedding_rows`` values: a tuple of distinct row indices."""
 
 
 def _as_regexes(name: str, value: str | Sequence[str]) -> tuple[str, ...]:
@@ -52,7 +58,16 @@ def _as_pairs(name: str, value: Mapping[str, Any] | Sequence[tuple[str, Any]], k
             )
         pattern, v = item
         _compile(name, pattern)
-        if kind is tuple:
+        if kind is _Rows:
+            ok = isinstance(v, (tuple, list)) and len(v) > 0
+            if not ok or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in v):
+                raise TypeError(
+                    f"LoraConfig.{name}[{pattern!r}]: expected a non-empty tuple of row indices >= 0, got {v!r}"
+                )
+            if len(set(v)) != len(v):
+                raise ValueError(f"LoraConfig.{name}[{pattern!r}]: row indices must be distinct, got {v!r}")
+            v = tuple(v)
+        elif kind is tuple:
             if not (isinstance(v, (tuple, list)) and v and all(isinstance(b, bool) for b in v)):
                 raise TypeError(
                     f"LoraConfig.{name}[{pattern!r}]: expected a non-empty tuple of bools (one per group), got {v!r}"
@@ -97,6 +112,10 @@ class LoraConfig:
       stack: ``{regex: n}``: the number of leading stacked (layer) axes of a kernel (``nn.scan``).
       fused: ``{regex: (True, False, True)}``: the kernel's last axis is ``len(groups)`` equal groups
         and only the ``True`` ones adapt (loralib's ``MergedLinear(enable_lora=...)``).
+      use_dora: DoRA (Liu et al., 2024; PEFT ``use_dora``): each adapted kernel also trains a
+        magnitude ``m`` (one per output unit) and runs with ``m * V / ||V||_in``, ``V = W0 + s A B``.
+      embedding_rows: ``{regex: (row, ...)}``: train only these rows of a table (new tokens; PEFT's
+        ``trainable_token_indices``); the lora tree holds them as ``'rows'`` of shape ``(n_rows, d)``.
       version: schema version of the JSON form.
 
     >>> cfg = LoraConfig(rank=4, alpha=8, targets=r".*/query/kernel", rank_pattern={r".*layer_0.*": 2})
@@ -119,6 +138,8 @@ class LoraConfig:
     axes: tuple[tuple[str, int], ...] = ()
     stack: tuple[tuple[str, int], ...] = ()
     fused: tuple[tuple[str, tuple[bool, ...]], ...] = ()
+    use_dora: bool = False
+    embedding_rows: tuple[tuple[str, tuple[int, ...]], ...] = ()
     version: int = SCHEMA_VERSION
 
     def __post_init__(self) -> None:
@@ -137,6 +158,9 @@ class LoraConfig:
         put("axes", _as_pairs("axes", self.axes, int))
         put("stack", _as_pairs("stack", self.stack, int))
         put("fused", _as_pairs("fused", self.fused, tuple))
+        put("embedding_rows", _as_pairs("embedding_rows", self.embedding_rows, _Rows))
+        if not isinstance(self.use_dora, bool):
+            raise TypeError(f"LoraConfig.use_dora: expected a bool, got {self.use_dora!r}")
         for pattern, r in self.rank_pattern:
             if r <= 0:
                 raise ValueError(f"LoraConfig.rank_pattern[{pattern!r}]: expected a rank > 0, got {r}")
@@ -158,8 +182,10 @@ class LoraConfig:
         if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) or not 0 <= self.dropout < 1:
             raise ValueError(f"LoraConfig.dropout: expected a rate in [0, 1), got {self.dropout!r}")
         put("dropout", float(self.dropout))
-        if self.init not in INITS:
-            raise ValueError(f"LoraConfig.init: expected one of {INITS}, got {self.init!r}")
+        if not isinstance(self.init, str) or (self.init not in INITS and not _PISSA_NITER.fullmatch(self.init)):
+            raise ValueError(
+                f"LoraConfig.init: expected one of {INITS} or 'pissa_niter_K' (K an int), got {self.init!r}"
+            )
         if self.version != SCHEMA_VERSION:
             raise ValueError(
                 f"LoraConfig.version: this jlora reads schema {SCHEMA_VERSION}, got {self.version!r}; "
@@ -194,10 +220,14 @@ class LoraConfig:
         """The stated number of leading stacked axes of the kernel at ``path``, or None."""
         return _first(self.stack, path)
 
+    def rows_for(self, path: str) -> tuple[int, ...] | None:
+        """The trained rows of the table at ``path`` (``embedding_rows``), or None."""
+        return _first(self.embedding_rows, path)
+
     def to_json(self) -> str:
         """The config as a JSON string (``from_json`` inverts it exactly)."""
         body = dataclasses.asdict(self)
-        for name in ("rank_pattern", "alpha_pattern", "axes", "stack", "fused"):
+        for name in ("rank_pattern", "alpha_pattern", "axes", "stack", "fused", "embedding_rows"):
             body[name] = [[p, list(v) if isinstance(v, tuple) else v] for p, v in getattr(self, name)]
         body = {"format": "jlora.LoraConfig", **body}
         return json.dumps(body, sort_keys=True, indent=1)
@@ -225,7 +255,7 @@ class LoraConfig:
             raise ValueError(
                 f"LoraConfig.from_json: unknown keys {unknown}; expected a subset of {sorted(names)}"
             )
-        for name in ("rank_pattern", "alpha_pattern", "axes", "stack", "fused"):
+        for name in ("rank_pattern", "alpha_pattern", "axes", "stack", "fused", "embedding_rows"):
             if name in body:
                 value = body[name]
                 if not isinstance(value, (list, dict)):

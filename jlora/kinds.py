@@ -49,6 +49,7 @@ class Factored:
       scale: s (alpha/r or alpha/sqrt(r)).
       groups: enabled groups of a fused kernel's last axis, or None.
       kernel_shape: the frozen kernel's shape.
+      dora: the lora tree also holds a DoRA magnitude ``'m'`` (shape ``stack + out``) for it.
 
     >>> Factored("params/o/kernel", 0, 2, 8, 2.0, None, (8, 64, 512)).n_out
     1
@@ -61,6 +62,7 @@ class Factored:
     scale: float
     groups: tuple[bool, ...] | None
     kernel_shape: tuple[int, ...]
+    dora: bool = False
 
     @property
     def n_out(self) -> int:

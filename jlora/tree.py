@@ -7,6 +7,7 @@ trained in full (a bias, a new head).
 
 from __future__ import annotations
 
+import dataclasses
 import zlib
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -14,7 +15,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from jlora import kinds, paths
+from jlora import dora, extras, inits, kinds, paths, quant
 from jlora.config import LoraConfig
 from jlora.kinds import Factored, Split
 
@@ -88,9 +89,12 @@ def init(key: jax.Array, params: Any, config: LoraConfig, apply_fn: Callable[...
       dtype: the factors' dtype (default: each kernel's dtype).
 
     Returns:
-      ``(frozen, lora)``: ``frozen`` is ``params`` itself; ``lora`` holds ``{"A", "B"}`` per adapted
-      kernel (A: ``stack + in + (r,)``, B: ``stack + (r,) + out``) and a copy of each leaf matched by
-      ``config.trainable``. The model output is unchanged at init.
+      ``(frozen, lora)``: ``frozen`` is ``params`` itself (for ``init='pissa'``/``'olora'``: ``params``
+      with each adapted kernel replaced by its residual, see :mod:`jlora.inits`); ``lora`` holds
+      ``{"A", "B"}`` per adapted kernel (A: ``stack + in + (r,)``, B: ``stack + (r,) + out``), plus
+      ``"m"`` (``stack + out``) with ``use_dora`` (:mod:`jlora.dora`), ``"rows"`` per
+      ``embedding_rows`` table, and a copy of each leaf matched by ``config.trainable``. The model
+      output is unchanged at init.
 
     >>> params = {"dense": {"kernel": jnp.ones((4, 3)), "bias": jnp.zeros(3)}}
     >>> frozen, lora = init(jax.random.key(0), params, LoraConfig(rank=2, targets=".*kernel"))
@@ -103,6 +107,7 @@ def init(key: jax.Array, params: Any, config: LoraConfig, apply_fn: Callable[...
     chosen = _targets(flat, config)
     splits = _splits(flat, chosen, config, apply_fn, params, args)
     out: dict[str, Any] = {}
+    residual: dict[str, Any] = {}
     for p in chosen:
         leaf, split = flat[p], splits[p]
         rank, groups = config.rank_for(p), config.groups_for(p)
@@ -118,10 +123,25 @@ def init(key: jax.Array, params: Any, config: LoraConfig, apply_fn: Callable[...
                 f"exceeds the largest useful rank {limit}; fix: use rank <= {limit} (rank_pattern for this path)"
             )
         k = jax.random.fold_in(key, zlib.crc32(p.encode()))
-        a, b = kinds.init_factors(k, leaf.shape, split, rank, config.init, dtype or leaf.dtype, groups)
+        scale = config.scale_for(p, rank)
+        if inits.changes_base(config.init):
+            a, b, residual[p] = inits.init_from_kernel(k, leaf, split, rank, scale, config.init,
+                                                       dtype or leaf.dtype, path=p, groups=groups)
+        else:
+            a, b = kinds.init_factors(k, leaf.shape, split, rank, config.init, dtype or leaf.dtype, groups)
         out[p + "/A"], out[p + "/B"] = a, b
+        if config.use_dora:
+            if isinstance(leaf, jax.ShapeDtypeStruct):
+                raise ValueError(
+                    f"LoraConfig.use_dora: the magnitude of {p!r} starts at ||W0||, which needs the kernel's "
+                    "values, got a jax.ShapeDtypeStruct; fix: pass arrays (jax.eval_shape can abstract them)"
+                )
+            f = Factored(p, split.n_stack, split.n_in, rank, scale, groups, tuple(leaf.shape), True)
+            out[p + "/m"] = dora.magnitude(residual.get(p, leaf), a, b, f).astype(dtype or leaf.dtype)
     if config.trainable:
         paths.check_rules_match("trainable", config.trainable, flat)
+    if config.embedding_rows:
+        paths.check_rules_match("embedding_rows", [r for r, _ in config.embedding_rows], flat)
     for p, leaf in flat.items():
         if config.trainable and paths.matches(config.trainable, p):
             if p in chosen:
@@ -130,7 +150,16 @@ def init(key: jax.Array, params: Any, config: LoraConfig, apply_fn: Callable[...
                     "trained whole. Fix: exclude it from one of the two"
                 )
             out[p] = jnp.array(leaf, copy=True)
-    return params, paths.unflatten_dict(out)
+        rows = config.rows_for(p)
+        if rows is not None:
+            if p in out:
+                raise ValueError(
+                    f"LoraConfig.embedding_rows: {p!r} is also trained whole (LoraConfig.trainable); fix: "
+                    "drop one of the two rules"
+                )
+            out[p + "/rows"] = extras.init_rows(residual.get(p, leaf), rows, p)
+    frozen = params if not residual else paths.map_with_path(lambda q, w: residual.get(q, w), params)
+    return frozen, paths.unflatten_dict(out)
 
 
 def _closest_msg(path: str, flat: Mapping[str, Any]) -> str:
@@ -151,6 +180,7 @@ def adapted(frozen: Any, lora: Any, config: LoraConfig) -> dict[str, Factored]:
     base = paths.flatten(frozen)
     flat = paths.flatten(lora)
     out: dict[str, Factored] = {}
+    extra: dict[str, tuple[str, ...]] = {}
     for p, leaf in flat.items():
         if p in base:
             ref = base[p]
@@ -162,6 +192,9 @@ def adapted(frozen: Any, lora: Any, config: LoraConfig) -> dict[str, Factored]:
                 )
             continue
         kernel, _, part = p.rpartition("/")
+        if part in ("m", "rows") and kernel in base:
+            extra[kernel] = extra.get(kernel, ()) + (part,)
+            continue
         if part not in ("A", "B") or kernel not in base:
             raise ValueError(
                 f"lora leaf {p!r} has no counterpart in the frozen tree (expected '<kernel path>/A', "
@@ -174,6 +207,30 @@ def adapted(frozen: Any, lora: Any, config: LoraConfig) -> dict[str, Factored]:
         if other not in flat:
             raise ValueError(f"lora tree: {p!r} has no partner {other!r}; an adapted kernel needs both A and B")
         out[kernel] = _describe(kernel, base[kernel], flat[kernel + "/A"], flat[kernel + "/B"], config)
+    for kernel, parts in extra.items():
+        if "m" in parts:
+            f = out.get(kernel)
+            if f is None:
+                raise ValueError(
+                    f"lora leaf {kernel + '/m'!r}: a DoRA magnitude needs the factors {kernel + '/A'!r} and "
+                    f"{kernel + '/B'!r} beside it; fix: make the lora tree with jlora.init(use_dora=True)"
+                )
+            want, got = dora.magnitude_shape(f), tuple(flat[kernel + "/m"].shape)
+            if got != want:
+                raise ValueError(
+                    f"lora leaf {kernel + '/m'!r}: expected the DoRA magnitude shape {want} (stack + out of the "
+                    f"kernel {f.kernel_shape}), got {got}; fix: make the lora tree with jlora.init and this config"
+                )
+            out[kernel] = dataclasses.replace(f, dora=True)
+        if "rows" in parts:
+            rows, table = config.rows_for(kernel), base[kernel]
+            want = None if rows is None else (len(rows),) + tuple(table.shape[1:])
+            got = tuple(flat[kernel + "/rows"].shape)
+            if got != want:
+                raise ValueError(
+                    f"lora leaf {kernel + '/rows'!r}: expected shape {want} (LoraConfig.embedding_rows of the "
+                    f"table {tuple(table.shape)}), got {got}; fix: make the lora tree with jlora.init and this config"
+                )
     return out
 
 
@@ -212,11 +269,49 @@ def delta(frozen: Any, lora: Any, config: LoraConfig) -> dict[str, jax.Array]:
     return {p: kinds.factors_delta(flat[p + "/A"], flat[p + "/B"], f) for p, f in info.items()}
 
 
-def _combine(frozen: Any, lora: Any, config: LoraConfig, sign: float, whole: bool) -> Any:
-    deltas = delta(frozen, lora, config)
+INTO = (None, "float")
+
+
+def _combine(frozen: Any, lora: Any, config: LoraConfig, sign: float, whole: bool, *, name: str = "merge",
+             into: str | None = None, dtype: Any = None) -> Any:
+    if into not in INTO:
+        raise ValueError(
+            f"jlora.{name}: into must be None or 'float', got {into!r}; a quantized result is never made "
+            "implicitly: fix: jlora.quant.quantize(jlora.merge(frozen, lora, config, into='float'), ...)"
+        )
+    if dtype is not None and into is None:
+        raise TypeError(f"jlora.{name}: dtype= sets the dtype of dequantized kernels; it needs into='float'")
+    quantized = [p for p, x in paths.flatten(frozen).items() if quant.is_quantized(x)]
+    if quantized and into is None:
+        raise ValueError(
+            f"jlora.{name}: frozen leaf {quantized[0]!r} is quantized ({paths.flatten(frozen)[quantized[0]]!r}"
+            f"{f' and {len(quantized) - 1} more' if len(quantized) > 1 else ''}); adding a delta to it would "
+            f"have to re-quantize, which jlora never does silently. Fix: jlora.{name}(..., into='float') for "
+            "float kernels (dequantized W0 + delta, float32 or dtype=), or keep the base quantized and run "
+            "jlora.lora_apply(...)(frozen, lora, x)"
+        )
+    info = adapted(frozen, lora, config)
     flat = paths.flatten(lora)
+    deltas = {p: kinds.factors_delta(flat[p + "/A"], flat[p + "/B"], f) for p, f in info.items()}
+    out_dtype = jnp.float32 if dtype is None else dtype
+    doras = [p for p, f in info.items() if f.dora]
+    if sign < 0 and doras:
+        raise ValueError(
+            f"jlora.unmerge: {doras[0]!r} is a DoRA kernel: the merged kernel m·V/||V|| keeps only V's "
+            "direction, so W0 needs ||V||, which the lora tree does not hold; fix: norms = "
+            "jlora.dora.norms(frozen, lora, config) before merging, then jlora.dora.unmerge(params, lora, config, norms)"
+        )
 
     def one(path: str, w: Any) -> Any:
+        if quant.is_quantized(w):  # dequantized W0 (+ delta) in float32, cast once to out_dtype
+            return plain(path, quant.dequantize(w, jnp.float32)).astype(out_dtype)
+        return plain(path, w)
+
+    def plain(path: str, w: Any) -> Any:
+        if whole and path + "/rows" in flat:
+            w = extras.scatter_rows(w, flat[path + "/rows"], config.rows_for(path), path)
+        if path in info and info[path].dora:
+            return dora.dora_kernel(w, deltas[path], flat[path + "/m"], info[path])
         if path in deltas:
             return (w.astype(jnp.float32) + sign * deltas[path]).astype(w.dtype)
         if whole and path in flat:
@@ -226,24 +321,32 @@ def _combine(frozen: Any, lora: Any, config: LoraConfig, sign: float, whole: boo
     return paths.map_with_path(one, frozen)
 
 
-def merge(frozen: Any, lora: Any, config: LoraConfig) -> Any:
+def merge(frozen: Any, lora: Any, config: LoraConfig, *, into: str | None = None, dtype: Any = None) -> Any:
     """The parameters with LoRA folded in: ``W0 + s * A ⊗ B`` per adapted kernel, summed in float32
     and cast once to W0's dtype; trained-whole leaves take the lora tree's value. Inputs are not
     modified; the result has frozen's type (Linen dict, ``nnx.State``, nested dicts).
+
+    DoRA kernels (an ``'m'`` beside A and B) merge to ``m * V / ||V||_in``, ``V = W0 + s A ⊗ B``
+    (:func:`jlora.dora.dora_kernel`); trained ``'rows'`` are scattered into their table first.
+
+    A quantized base (:func:`jlora.quant.quantize`) needs an explicit target: ``into='float'``
+    dequantizes every quantized kernel and adds its delta, in float32 (or ``dtype``); without it a
+    quantized leaf is a ValueError (jlora never re-quantizes silently).
 
     >>> frozen = {"d": {"kernel": jnp.zeros((2, 2))}}
     >>> lora = {"d": {"kernel": {"A": jnp.ones((2, 1)), "B": jnp.ones((1, 2))}}}
     >>> merge(frozen, lora, LoraConfig(rank=1, alpha=1, targets=".*"))["d"]["kernel"].tolist()
     [[1.0, 1.0], [1.0, 1.0]]
     """
-    return _combine(frozen, lora, config, 1.0, whole=True)
+    return _combine(frozen, lora, config, 1.0, whole=True, into=into, dtype=dtype)
 
 
 def unmerge(params: Any, lora: Any, config: LoraConfig) -> Any:
     """Inverts :func:`merge` on the adapted kernels: ``W - s * A ⊗ B`` (float32, cast to W's dtype).
 
-    Trained-whole leaves are left as they are in ``params``: their originals are not stored in
-    ``lora``. Exact up to one rounding of the kernel dtype (|error| <= ulp(W) for float32).
+    Trained-whole leaves and trained rows are left as they are in ``params``: their originals are not
+    stored in ``lora``. Exact up to one rounding of the kernel dtype (|error| <= ulp(W) for float32).
+    DoRA kernels need the norms merge divided by: use :func:`jlora.dora.unmerge` (this raises).
 
     >>> frozen = {"d": {"kernel": jnp.zeros((2, 2))}}
     >>> lora = {"d": {"kernel": {"A": jnp.ones((2, 1)), "B": jnp.ones((1, 2))}}}
@@ -251,4 +354,4 @@ def unmerge(params: Any, lora: Any, config: LoraConfig) -> Any:
     >>> unmerge(merge(frozen, lora, cfg), lora, cfg)["d"]["kernel"].tolist()
     [[0.0, 0.0], [0.0, 0.0]]
     """
-    return _combine(params, lora, config, -1.0, whole=False)
+    return _combine(params, lora, config, -1.0, whole=False, name="unmerge")

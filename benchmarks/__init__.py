@@ -1,0 +1,1 @@
+"""jlora benchmarks (python benchmarks/run.py)."""
