@@ -14,14 +14,13 @@ works on abstract shapes, so a LoRA adapter for a model that does not fit one de
 be created directly sharded::
 
     abstract = jax.eval_shape(lambda k: jlora.init(k, params, cfg)[1], key)
-    shardings = jlora.lora_shardings(param_shardings, abstract, cfg)
+    shardings = jlora.sharding.lora_shardings(param_shardings, abstract, cfg)
     lora = jax.jit(lambda k, p: jlora.init(k, p, cfg)[1], out_shardings=shardings)(key, params)
 """
 
 from __future__ import annotations
 
-import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -30,32 +29,19 @@ from flax.linen.spmd import LogicallyPartitioned
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jlora import paths
+from jlora.config import LoraConfig
 
 __all__ = ["lora_specs", "lora_shardings", "state_shardings"]
 
 Rules = Sequence[tuple[str, Any]]
 
 
-def _first_match(rules, path: str, default):
-    items = rules.items() if isinstance(rules, Mapping) else (rules or ())
-    for pattern, value in items:
-        if re.fullmatch(pattern, path):
-            return value
-    return default
-
-
 def _n_stack_from_config(config, path: str) -> int:
-    fn = getattr(config, "stack_for", None)
-    if callable(fn):
-        return int(fn(path) or 0)
-    return int(_first_match(getattr(config, "stack", ()), path, 0))
+    return int(config.stack_for(path) or 0) if config is not None else 0
 
 
 def _groups(config, path: str):
-    fn = getattr(config, "groups_for", None)
-    if callable(fn):
-        return fn(path)
-    return _first_match(getattr(config, "fused", ()), path, None)
+    return config.groups_for(path) if config is not None else None
 
 
 def _factor_layout(path: str, a_shape, b_shape, config, kernel_ndim: int | None = None):
@@ -66,13 +52,13 @@ def _factor_layout(path: str, a_shape, b_shape, config, kernel_ndim: int | None 
     (``n_stack = A.ndim + B.ndim - 2 - kernel.ndim``, one less for fused); without it the
     number of stack axes comes from ``config.stack``.
     """
-    groups = _groups(config, path) if config is not None else None
+    groups = _groups(config, path)
     fused = 1 if groups is not None else 0
     a_nd, b_nd = len(a_shape), len(b_shape)
     if kernel_ndim is not None:
         n_stack = a_nd + b_nd - 2 - fused - kernel_ndim
     else:
-        n_stack = _n_stack_from_config(config, path) if config is not None else 0
+        n_stack = _n_stack_from_config(config, path)
     n_in = a_nd - 1 - n_stack
     n_out = b_nd - 1 - fused - n_stack
     if n_stack < 0 or n_in < 1 or n_out < 1:
@@ -221,7 +207,7 @@ def _derive(base_specs, lora, config, frozen, rules, mesh):
     return jax.tree_util.tree_unflatten(treedef, [specs[p] for p in flat]), found_mesh
 
 
-def lora_specs(base_specs: Any, lora: Any, config: Any, *, frozen: Any = None,
+def lora_specs(base_specs: Any, lora: Any, config: LoraConfig | None, *, frozen: Any = None,
                rules: Rules | None = None) -> Any:
     """PartitionSpecs for the lora tree, derived from the base model's partitioning.
 
@@ -233,7 +219,8 @@ def lora_specs(base_specs: Any, lora: Any, config: Any, *, frozen: Any = None,
         ``nn.LogicallyPartitioned``) as returned by ``model.init`` with
         ``nn.with_partitioning`` / ``nn.with_logical_partitioning``.
       lora: the lora tree, concrete or abstract (``jax.eval_shape`` of ``jlora.init``).
-      config: the ``LoraConfig`` used to make ``lora`` (stack axes, fused groups).
+      config: the ``LoraConfig`` used to make ``lora`` (stack axes, fused groups); None for
+        plain unstacked, unfused kernels.
       frozen: optional base params (arrays or ShapeDtypeStructs) giving each kernel's ndim;
         without it the number of stack axes comes from ``config.stack``.
       rules: logical-axis rules ``((logical_name, mesh_axis), ...)`` for logical names.
@@ -258,7 +245,7 @@ def lora_specs(base_specs: Any, lora: Any, config: Any, *, frozen: Any = None,
     return _derive(base_specs, lora, config, frozen, rules, None)[0]
 
 
-def lora_shardings(base_shardings: Any, lora: Any, config: Any, *, mesh: Mesh | None = None,
+def lora_shardings(base_shardings: Any, lora: Any, config: LoraConfig | None, *, mesh: Mesh | None = None,
                    frozen: Any = None, rules: Rules | None = None) -> Any:
     """NamedShardings for the lora tree (see ``lora_specs`` for the rule).
 

@@ -363,8 +363,8 @@ _TWO_HOSTS = textwrap.dedent("""
     assert not lora["up"]["kernel"]["B"].is_fully_addressable
     ckpt.save_adapter(f"{root}/adapter", lora, cfg, {"hosts": 2})
     back, cfg2, meta = ckpt.restore_adapter(f"{root}/adapter", shardings=shard)
-    same = jax.jit(lambda a, b: jax.tree.reduce(lambda x, y: x & y, jax.tree.map(lambda u, v: (u == v).all(), a, b)),
-                   out_shardings=jax.sharding.NamedSharding(mesh, P()))(lora, back)
+    equal = lambda a, b: jax.tree.reduce(lambda x, y: x & y, jax.tree.map(lambda u, v: (u == v).all(), a, b))
+    same = jax.jit(equal, out_shardings=jax.sharding.NamedSharding(mesh, P()))(lora, back)
     assert bool(same) and cfg2 == cfg and meta == {"hosts": 2}
     tx = optax.adam(1e-3)
     opt_sh = sharding.state_shardings(jax.eval_shape(tx.init, abstract), abstract, shard)
