@@ -117,8 +117,8 @@ def scatter_rows(table: jax.Array, values: jax.Array, rows: Sequence[int] | None
     want = (len(rows),) + tuple(table.shape[1:])
     if tuple(values.shape) != want:
         raise ValueError(
-            f"lora leaf {path + '/rows'!r}: expected shape {want} ({len(rows)} rows of the table {tuple(table.shape)}), "
-            f"got {tuple(values.shape)}; fix: make the lora tree with jlora.init and this config"
+            f"lora leaf {path + '/rows'!r}: expected shape {want} ({len(rows)} rows of the table "
+            f"{tuple(table.shape)}), got {tuple(values.shape)}; fix: make the lora tree with jlora.init and this config"
         )
     return table.at[jnp.asarray(rows)].set(values.astype(table.dtype))
 
@@ -137,7 +137,8 @@ def lazy_fallback(frozen: Any, lora: Any, config: Any, *, rng: Any = None) -> tu
     >>> from jlora import LoraConfig
     >>> cfg = LoraConfig(rank=1, targets=r"d/kernel", embedding_rows={"emb": (1,)})
     >>> frozen = {"d": {"kernel": jnp.ones((2, 2))}, "emb": jnp.zeros((3, 2))}
-    >>> lora = {"d": {"kernel": {"A": jnp.ones((2, 1)), "B": jnp.zeros((1, 2))}}, "emb": {"rows": jnp.ones((1, 2))}}
+    >>> lora = {"d": {"kernel": {"A": jnp.ones((2, 1)), "B": jnp.zeros((1, 2))}},
+    ...         "emb": {"rows": jnp.ones((1, 2))}}
     >>> f2, l2 = lazy_fallback(frozen, lora, cfg)
     >>> f2["emb"].tolist(), list(l2)
     ([[0.0, 0.0], [1.0, 1.0], [0.0, 0.0]], ['d'])

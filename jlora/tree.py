@@ -298,8 +298,8 @@ def _combine(frozen: Any, lora: Any, config: LoraConfig, sign: float, whole: boo
     if sign < 0 and doras:
         raise ValueError(
             f"jlora.unmerge: {doras[0]!r} is a DoRA kernel: the merged kernel m·V/||V|| keeps only V's "
-            "direction, so W0 needs ||V||, which the lora tree does not hold; fix: norms = "
-            "jlora.dora.norms(frozen, lora, config) before merging, then jlora.dora.unmerge(params, lora, config, norms)"
+            "direction, so W0 needs ||V||, which the lora tree does not hold; fix: norms = jlora.dora.norms(frozen, "
+            "lora, config) before merging, then jlora.dora.unmerge(params, lora, config, norms)"
         )
 
     def one(path: str, w: Any) -> Any:

@@ -12,13 +12,19 @@ import optax
 import peft
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 import jlora
 from jlora import dora, extras, inits
 
 KEY = jax.random.key(0)
-jax.config.update("jax_default_matmul_precision", "highest")
+
+
+def _randn(seed, shape):
+    """Normal samples from NumPy (jax.random would compile once per shape on the shared CPU)."""
+    return jnp.asarray(np.random.default_rng(seed).normal(size=shape).astype(np.float32))
 
 
 def _np(t):
@@ -64,15 +70,22 @@ def mlp(p, x):
 
 
 def _mlp_params(seed=0, d=8, h=12, o=5):
-    k = jax.random.split(jax.random.key(seed), 4)
-    return {"params": {"l1": {"kernel": jax.random.normal(k[0], (d, h)) / 3, "bias": jax.random.normal(k[1], (h,))},
-                       "l2": {"kernel": jax.random.normal(k[2], (h, o)) / 3, "bias": jax.random.normal(k[3], (o,))}}}
+    return {"params": {"l1": {"kernel": _randn(seed, (d, h)) / 3, "bias": _randn(seed + 1, (h,))},
+                       "l2": {"kernel": _randn(seed + 2, (h, o)) / 3, "bias": _randn(seed + 3, (o,))}}}
+
+
+def _init(params, cfg, **kw):
+    """jlora.init under one jit (fewer eager compiles on the shared CPU)."""
+    return jax.jit(lambda p: jlora.init(KEY, p, cfg, **kw))(params)
+
+
+def _merge(frozen, lora, cfg):
+    return jax.jit(lambda f, l: jlora.merge(f, l, cfg))(frozen, lora)
 
 
 def _perturb(lora, seed=1, size=0.3):
-    leaves, tdef = jax.tree.flatten(lora)
-    keys = jax.random.split(jax.random.key(seed), len(leaves))
-    return jax.tree.unflatten(tdef, [x + size * jax.random.normal(k, x.shape, x.dtype) for x, k in zip(leaves, keys)])
+    rng = np.random.default_rng(seed)  # NumPy: no per-shape compiles
+    return jax.tree.map(lambda x: jnp.asarray(np.asarray(x) + size * rng.normal(size=x.shape).astype(x.dtype)), lora)
 
 
 # --- DoRA ---------------------------------------------------------------------------------------
@@ -120,7 +133,8 @@ def test_dora_conv_matches_peft():
     _, lora = jlora.init(KEY, frozen, cfg, apply_fn=conv, args=(xj,))
     assert lora["conv"]["kernel"]["A"].shape == (3, 3, 3, 2) and lora["conv"]["kernel"]["m"].shape == (5,)
     # init: m = ||W0|| over (kh, kw, cin)
-    _close(lora["conv"]["kernel"]["m"], np.linalg.norm(np.asarray(frozen["conv"]["kernel"]).reshape(27, 5), axis=0), 1e-6)
+    norm = np.linalg.norm(np.asarray(frozen["conv"]["kernel"], np.float64).reshape(27, 5), axis=0)
+    _close(lora["conv"]["kernel"]["m"], norm, 1e-6)
     lora = {"conv": {"kernel": {"A": jnp.asarray(_np(c.lora_A["default"].weight).transpose(2, 3, 1, 0)),
                                 "B": jnp.asarray(_np(c.lora_B["default"].weight)[:, :, 0, 0].T),
                                 "m": jnp.asarray(_np(c.lora_magnitude_vector["default"].weight).reshape(5))}}}
@@ -155,40 +169,44 @@ def _dora_ref(w0, a, b, m, s):
 
 def test_dora_stacked_dense_general_float64_and_lazy_terms():
     shape = (2, 6, 3, 4)  # 2 layers, in 6, out (heads 3, head_dim 4)
-    w = jax.random.normal(KEY, shape)
+    w = _randn(0, shape)
     cfg = jlora.LoraConfig(rank=2, alpha=3, targets="w", use_dora=True, stack={"w": 1}, axes={"w": 1})
-    frozen, lora = jlora.init(KEY, {"w": w}, cfg)
+    frozen, lora = _init({"w": w}, cfg)
     assert lora["w"]["m"].shape == (2, 3, 4)
-    _close(jlora.merge(frozen, lora, cfg)["w"], w, 1e-6)  # output unchanged at init
+    _close(_merge(frozen, lora, cfg)["w"], w, 1e-6)  # output unchanged at init
     lora = _perturb(lora)
     s = 3 / 2
     ref, norm = _dora_ref(w, lora["w"]["A"], lora["w"]["B"], lora["w"]["m"], s)
-    _close(jlora.merge(frozen, lora, cfg)["w"], ref, 1e-5)
+    _close(_merge(frozen, lora, cfg)["w"], ref, 1e-5)
     f = jlora.adapted(frozen, lora, cfg)["w"]
     assert f.dora
-    factor = dora.dora_lazy_terms(w, lora["w"]["A"], lora["w"]["B"], lora["w"]["m"], f,
-                                  w0_sq=dora.kernel_sq_norm(w, f))
+    x = _randn(3, (2, 5, 6))
+
+    @jax.jit
+    def lazy_terms(w, a, b, m):
+        factor = dora.dora_lazy_terms(w, a, b, m, f, w0_sq=dora.kernel_sq_norm(w, f))
+        # the lazy identity: factor * (x W0 + s (x A) B) == x W'
+        y = factor[:, None] * (jnp.einsum("lti,liho->ltho", x, w)
+                               + s * jnp.einsum("ltr,lrho->ltho", jnp.einsum("lti,lir->ltr", x, a), b))
+        # the norm is detached: A and B get no gradient through the factor
+        ga = jax.grad(lambda a: dora.dora_lazy_terms(w, a, b, m, f).sum())(a)
+        return factor, y, ga
+
+    factor, lazy, ga = lazy_terms(w, lora["w"]["A"], lora["w"]["B"], lora["w"]["m"])
     _close(factor, np.asarray(lora["w"]["m"], np.float64) / norm, 1e-5)
-    # the lazy identity: factor * (x W0 + s (x A) B) == x W'
-    x = jax.random.normal(jax.random.key(3), (2, 5, 6))
-    lazy = factor[:, None] * (jnp.einsum("lti,liho->ltho", x, w)
-                              + s * jnp.einsum("ltr,lrho->ltho", jnp.einsum("lti,lir->ltr", x, lora["w"]["A"]),
-                                               lora["w"]["B"]))
     _close(lazy, np.einsum("lti,liho->ltho", np.asarray(x, np.float64), ref), 1e-5)
-    # the norm is detached: A and B get no gradient through the factor
-    ga = jax.grad(lambda a: dora.dora_lazy_terms(w, a, lora["w"]["B"], lora["w"]["m"], f).sum())(lora["w"]["A"])
     assert float(jnp.abs(ga).max()) == 0
 
 
 def test_dora_unmerge_needs_norms():
     params = _mlp_params()
     cfg = jlora.LoraConfig(rank=3, targets=r".*/kernel", use_dora=True)
-    frozen, lora = jlora.init(KEY, params, cfg)
+    frozen, lora = _init(params, cfg)
     lora = _perturb(lora)
-    merged = jlora.merge(frozen, lora, cfg)
+    merged = _merge(frozen, lora, cfg)
     with pytest.raises(ValueError, match="jlora.dora.unmerge"):
         jlora.unmerge(merged, lora, cfg)
-    back = dora.unmerge(merged, lora, cfg, dora.norms(frozen, lora, cfg))
+    back = jax.jit(lambda m, f, l: dora.unmerge(m, l, cfg, dora.norms(f, l, cfg)))(merged, frozen, lora)
     for p in ("l1", "l2"):
         _close(back["params"][p]["kernel"], params["params"][p]["kernel"], 1e-5)
     with pytest.raises(ValueError, match="no norm for the DoRA kernel"):
@@ -198,8 +216,8 @@ def test_dora_unmerge_needs_norms():
 def test_dora_lazy_equals_merged_with_gradients_on_mlp():
     params = _mlp_params()
     cfg = jlora.LoraConfig(rank=3, targets=r".*/kernel", use_dora=True, trainable=jlora.extras.bias_rules("all"))
-    frozen, lora = jlora.init(KEY, params, cfg)
-    x = jax.random.normal(jax.random.key(5), (4, 8))
+    frozen, lora = _init(params, cfg)
+    x = _randn(5, (4, 8))
     _close(jlora.lora_apply(mlp, cfg, "lazy")(frozen, lora, x), mlp(params, x), 1e-5)  # unchanged at init
     lora = _perturb(lora)
     outs, grads = [], []
@@ -228,12 +246,12 @@ def test_base_changing_init_matches_peft_residual(init):
     _close(frozen["lin"]["kernel"], residual_t.T, 1e-4)
     _close(jlora.delta(frozen, lora, cfg)["lin/kernel"], delta_t.T, 1e-4)
     assert params["lin"]["kernel"] is not frozen["lin"]["kernel"]
-    x = jax.random.normal(KEY, (4, 8))
+    x = _randn(0, (4, 8))
     for mode in ("lazy", "merged"):  # output unchanged at init
         _close(jlora.lora_apply(dense, cfg, mode)(frozen, lora, x), dense(params, x), 1e-5)
     lora = _perturb(lora)
-    _close(jlora.lora_apply(dense, cfg, "lazy")(frozen, lora, x), jlora.lora_apply(dense, cfg, "merged")(frozen, lora, x),
-           1e-5)
+    lazy, merged = (jlora.lora_apply(dense, cfg, mode)(frozen, lora, x) for mode in ("lazy", "merged"))
+    _close(lazy, merged, 1e-5)
 
 
 def test_pissa_niter_approximates_exact_pissa():
@@ -250,7 +268,7 @@ def test_pissa_niter_approximates_exact_pissa():
 
 
 def test_pissa_with_dora_and_stacked_kernels():
-    w = jax.random.normal(KEY, (3, 6, 5))
+    w = _randn(0, (3, 6, 5))
     cfg = jlora.LoraConfig(rank=2, targets="w", init="pissa", use_dora=True, stack={"w": 1})
     frozen, lora = jlora.init(KEY, {"w": w}, cfg)
     for i in range(3):  # per layer: the residual has W0's top-2 singular values removed
@@ -296,7 +314,7 @@ def test_base_changing_init_errors():
 # --- fused kernels --------------------------------------------------------------------------------
 
 def test_fused_dora_is_a_clear_error_and_fused_plain_still_works():
-    w = {"qkv": jax.random.normal(KEY, (4, 9))}
+    w = {"qkv": _randn(0, (4, 9))}
     cfg = jlora.LoraConfig(rank=1, targets="qkv", fused={"qkv": (True, False, True)}, use_dora=True)
     with pytest.raises(ValueError, match="DoRA on the fused kernel 'qkv'"):
         jlora.init(KEY, w, cfg)
@@ -360,7 +378,7 @@ def test_new_head_trained_whole_end_to_end():
     frozen, lora = jlora.init(KEY, params, cfg)
     assert set(jlora.paths.flatten(lora)) == {"params/l1/kernel/A", "params/l1/kernel/B", "params/l2/bias",
                                              "params/l2/kernel"}
-    x = jax.random.normal(KEY, (32, 8))
+    x = _randn(0, (32, 8))
     y = jnp.sin(x[:, :3])
     tx = jlora.optimizer(optax.adam(3e-2), lora)
     fn = jlora.lora_apply(mlp, cfg, "lazy")
@@ -388,10 +406,9 @@ def _embed_model(p, ids):
 
 
 def test_embedding_rows_train_only_new_tokens():
-    k = jax.random.split(KEY, 2)
-    params = {"emb": {"embedding": jax.random.normal(k[0], (10, 4))}, "out": {"kernel": jax.random.normal(k[1], (4, 3))}}
+    params = {"emb": {"embedding": _randn(0, (10, 4))}, "out": {"kernel": _randn(1, (4, 3))}}
     cfg = jlora.LoraConfig(rank=2, targets=r"(out/kernel|emb/embedding)", embedding_rows={"emb/embedding": (8, 9)})
-    frozen, lora = jlora.init(KEY, params, cfg)
+    frozen, lora = _init(params, cfg)
     assert lora["emb"]["embedding"]["rows"].shape == (2, 4)
     np.testing.assert_array_equal(lora["emb"]["embedding"]["rows"], params["emb"]["embedding"][8:])
     ids = jnp.array([[1, 8, 9], [2, 3, 9]])
@@ -401,23 +418,24 @@ def test_embedding_rows_train_only_new_tokens():
     e = np.asarray(params["emb"]["embedding"], np.float64).copy()
     e[[8, 9]] = np.asarray(lora["emb"]["embedding"]["rows"])
     s = 16 / 2  # default alpha / rank
-    e += s * np.asarray(lora["emb"]["embedding"]["A"], np.float64) @ np.asarray(lora["emb"]["embedding"]["B"], np.float64)
-    _close(jlora.merge(frozen, lora, cfg)["emb"]["embedding"], e, 1e-5)
+    a64, b64 = (np.asarray(lora["emb"]["embedding"][k], np.float64) for k in ("A", "B"))
+    e += s * a64 @ b64
+    _close(_merge(frozen, lora, cfg)["emb"]["embedding"], e, 1e-5)
     outs, grads = [], []
     for mode in ("lazy", "merged"):
         fn = jlora.lora_apply(_embed_model, cfg, mode)
-        outs.append(fn(frozen, lora, ids))
-        grads.append(jax.grad(lambda l: jnp.sum(fn(frozen, l, ids) ** 2))(lora))
+        outs.append(jax.jit(fn)(frozen, lora, ids))
+        grads.append(jax.jit(jax.grad(lambda l: jnp.sum(fn(frozen, l, ids) ** 2)))(lora))
     _close(outs[0], outs[1], 1e-5)
     for a, b in zip(jax.tree.leaves(grads[0]), jax.tree.leaves(grads[1])):
         _close(a, b, 1e-4)
     assert float(jnp.abs(grads[0]["emb"]["embedding"]["rows"]).min()) > 0
     # an update of the rows leaf moves only rows 8 and 9 of the merged table (LoRA off here)
     cfg2 = cfg.replace(targets=r"out/kernel")
-    frozen2, lora2 = jlora.init(KEY, params, cfg2)
-    lora2 = jax.tree.map(lambda a, g: a - g, lora2, jax.grad(
-        lambda l: jnp.sum(jlora.lora_apply(_embed_model, cfg2)(frozen2, l, ids) ** 2))(lora2))
-    table = jlora.merge(frozen2, lora2, cfg2)["emb"]["embedding"]
+    frozen2, lora2 = _init(params, cfg2)
+    lora2 = jax.tree.map(lambda a, g: a - g, lora2, jax.jit(jax.grad(
+        lambda l: jnp.sum(jlora.lora_apply(_embed_model, cfg2)(frozen2, l, ids) ** 2)))(lora2))
+    table = _merge(frozen2, lora2, cfg2)["emb"]["embedding"]
     np.testing.assert_array_equal(table[:8], params["emb"]["embedding"][:8])
     assert float(jnp.abs(table[8:] - params["emb"]["embedding"][8:]).min()) > 0
 
@@ -452,3 +470,45 @@ def test_dora_magnitude_shape_errors_and_config_round_trip():
     del bad["params"]["l1"]["kernel"]["A"], bad["params"]["l1"]["kernel"]["B"]
     with pytest.raises(ValueError, match="needs the factors|no partner"):
         jlora.merge(frozen, bad, cfg)
+
+
+def test_variant_adapters_round_trip_through_orbax(tmp_path):
+    from jlora import checkpoint
+
+    params = {"emb": {"embedding": _randn(0, (10, 4))}, "out": {"kernel": _randn(1, (4, 3))}}
+    cfg = jlora.LoraConfig(rank=2, targets=r"out/kernel", use_dora=True, init="olora",
+                           embedding_rows={"emb/embedding": (8, 9)})
+    frozen, lora = _init(params, cfg)
+    lora = _perturb(lora)
+    checkpoint.save_adapter(tmp_path / "a", lora, cfg)
+    back, cfg2, _ = checkpoint.restore_adapter(tmp_path / "a", frozen=frozen)
+    assert cfg2 == cfg
+    for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(lora)):
+        np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(jlora.merge(frozen, back, cfg2)["out"]["kernel"],
+                                  jlora.merge(frozen, lora, cfg)["out"]["kernel"])
+
+
+@settings(max_examples=6, deadline=None)
+@given(n_stack=st.integers(0, 1), ins=st.lists(st.integers(1, 4), min_size=1, max_size=2),
+       outs=st.lists(st.integers(1, 4), min_size=1, max_size=2), rank=st.integers(1, 3), seed=st.integers(0, 99))
+def test_property_dora_merge_and_lazy_terms_match_float64(n_stack, ins, outs, rank, seed):
+    shape = (2,) * n_stack + tuple(ins) + tuple(outs)
+    n_in, n_out = int(np.prod(ins)), int(np.prod(outs))
+    w = np.random.default_rng(seed).normal(size=shape).astype(np.float32)
+    a = _randn(seed + 1, (2,) * n_stack + tuple(ins) + (rank,))
+    b = _randn(seed + 2, (2,) * n_stack + (rank,) + tuple(outs))
+    m = jnp.abs(_randn(seed + 3, (2,) * n_stack + tuple(outs))) + 0.1
+    cfg = jlora.LoraConfig(rank=rank, alpha=2.0, targets="w", use_dora=True)
+    frozen, lora = {"w": jnp.asarray(w)}, {"w": {"A": a, "B": b, "m": m}}
+    f = jlora.adapted(frozen, lora, cfg)["w"]
+    assert (f.n_stack, f.n_in, f.dora) == (n_stack, len(ins), True)
+    lead = (2,) * n_stack
+    w64 = w.astype(np.float64).reshape(lead + (n_in, n_out))
+    v = w64 + (2.0 / rank) * np.asarray(a, np.float64).reshape(lead + (n_in, rank)) @ np.asarray(
+        b, np.float64).reshape(lead + (rank, n_out))
+    norm = np.sqrt((v * v).sum(axis=-2))
+    m64 = np.asarray(m, np.float64).reshape(lead + (n_out,))
+    ref = (v * (m64 / norm)[..., None, :]).reshape(shape)
+    _close(dora.dora_kernel(frozen["w"], jlora.delta(frozen, lora, cfg)["w"], m, f), ref, 1e-5)
+    _close(dora.dora_lazy_terms(frozen["w"], a, b, m, f).reshape(lead + (n_out,)), m64 / norm, 1e-4)
