@@ -1,9 +1,15 @@
 """jlora: LoRA for JAX as pure functions over parameter pytrees."""
 
+from jlora import checkpoint, dora, multi, peft, quant, sharding
 from jlora.apply import lora_apply
+from jlora.checkpoint import TrainCheckpointer, restore_adapter, save_adapter
 from jlora.config import LoraConfig
+from jlora.extras import bias_rules
+from jlora.inits import to_plain_adapter
 from jlora.kinds import Factored
 from jlora.optim import optimizer
+from jlora.quant import QuantizedArray, dequantize, quantize
+from jlora.sharding import lora_shardings, lora_specs
 from jlora.summary import Summary, summary
 from jlora.tree import adapted, delta, init, merge, unmerge
 
@@ -12,13 +18,29 @@ __version__ = "0.1.0"
 __all__ = [
     "Factored",
     "LoraConfig",
+    "QuantizedArray",
     "Summary",
+    "TrainCheckpointer",
     "adapted",
+    "bias_rules",
+    "checkpoint",
     "delta",
+    "dequantize",
+    "dora",
     "init",
     "lora_apply",
+    "lora_shardings",
+    "lora_specs",
     "merge",
+    "multi",
     "optimizer",
+    "peft",
+    "quant",
+    "quantize",
+    "restore_adapter",
+    "save_adapter",
+    "sharding",
     "summary",
+    "to_plain_adapter",
     "unmerge",
 ]

@@ -28,16 +28,19 @@ def _find(tree: Any, target: Any, prefix: tuple[Any, ...] = ()) -> tuple[Any, ..
 
 
 def labels(params: Any, lora: Any) -> Any:
-    """Labels each leaf of ``params`` 'A', 'B' (a factor B, for LoRA+) or 'frozen'.
+    """Labels each leaf of ``params`` 'A', 'B' (for LoRA+) or 'frozen'.
+
+    As PEFT's LoRA+ does, 'B' marks the B factors and every 1-D trainable leaf (DoRA magnitudes,
+    biases); everything else in the lora tree is 'A'.
 
     ``params`` is the lora tree itself, or a tree holding it as a subtree (``(frozen, lora)``,
     ``{"frozen": ..., "lora": ...}``); leaves outside that subtree are 'frozen'. Trained-whole
     leaves of the lora tree are 'A'.
 
     >>> import jax.numpy as jnp
-    >>> lora = {"k": {"A": jnp.ones(2), "B": jnp.ones(2)}, "bias": jnp.ones(2)}
+    >>> lora = {"k": {"A": jnp.ones((2, 1)), "B": jnp.ones((1, 2))}, "bias": jnp.ones(2)}
     >>> labels((lora, lora), lora)
-    ({'bias': 'A', 'k': {'A': 'A', 'B': 'B'}}, {'bias': 'frozen', 'k': {'A': 'frozen', 'B': 'frozen'}})
+    ({'bias': 'B', 'k': {'A': 'A', 'B': 'B'}}, {'bias': 'frozen', 'k': {'A': 'frozen', 'B': 'frozen'}})
     """
     target = jax.tree.structure(lora)
     where = _find(params, target)
@@ -49,10 +52,10 @@ def labels(params: Any, lora: Any) -> Any:
         )
     prefix = paths.path_str(where)
 
-    def label(path: str, _: Any) -> str:
+    def label(path: str, leaf: Any) -> str:
         if prefix and not (path == prefix or path.startswith(prefix + "/")):
             return "frozen"
-        return "B" if path.endswith("/B") else "A"
+        return "B" if path.endswith("/B") or leaf.ndim == 1 else "A"
 
     return paths.map_with_path(label, params)
 

@@ -174,6 +174,22 @@ def _derive(base_specs, lora, config, frozen, rules, mesh):
             specs[path] = PartitionSpec(*_pad(spec, len(shape), path))
             continue
         kernel, _, factor = path.rpartition("/")
+        if factor == "rows" and kernel in table:  # trained embedding rows: the table's spec, rows replicated
+            spec, _, _ = table[kernel]
+            specs[path] = PartitionSpec(None, *_pad(spec, len(shape), kernel)[1:])
+            continue
+        if factor == "m" and kernel in table:  # DoRA magnitude: the kernel's stack + output axes
+            a, b = flat.get(f"{kernel}/A"), flat.get(f"{kernel}/B")
+            if a is None or b is None:
+                raise ValueError(f"lora leaf '{path}' (a DoRA magnitude) needs '{kernel}/A' and '{kernel}/B' beside it.")
+            spec, _, spec_ndim = table[kernel]
+            if kernel in described:
+                n_stack, n_in = described[kernel].n_stack, described[kernel].n_in
+            else:
+                n_stack, n_in, _ = _factor_layout(kernel, a.shape, b.shape, config, spec_ndim)
+            parts = _pad(spec, n_stack + n_in + len(shape) - n_stack, kernel)
+            specs[path] = PartitionSpec(*parts[:n_stack], *parts[n_stack + n_in:])
+            continue
         if factor not in ("A", "B") or kernel not in table:
             close = paths.closest(kernel, table, 3)
             raise ValueError(f"lora leaf '{path}' has no base spec: expected '{kernel}' (a factored "

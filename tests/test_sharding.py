@@ -236,3 +236,21 @@ def test_eight_devices_match_one():
         assert got["gathered"] == [], (mode, got["gathered"])
     # ... and the detector does see one when a gather is forced.
     assert res["kernel"] in res["control"], res["control"]
+
+
+def test_dora_magnitude_and_embedding_rows_specs():
+    import jax
+    import jax.numpy as jnp
+    from jax.sharding import PartitionSpec as P
+
+    import jlora
+
+    params = {"emb": {"embedding": jnp.ones((16, 8))}, "q": {"kernel": jnp.ones((8, 2, 4))}}
+    cfg = jlora.LoraConfig(rank=2, targets=r"q/kernel", use_dora=True, axes={"q/kernel": 1},
+                           embedding_rows={"emb/embedding": (14, 15)})
+    frozen, lora = jlora.init(jax.random.key(0), params, cfg)
+    base = {"emb": {"embedding": P("model", "data")}, "q": {"kernel": P("data", "model", None)}}
+    specs = jlora.lora_specs(base, lora, cfg, frozen=frozen)
+    assert specs["q"]["kernel"]["m"] == P("model", None)  # the output axes (heads, head_dim)
+    assert specs["q"]["kernel"]["A"] == P("data", None) and specs["q"]["kernel"]["B"] == P(None, "model", None)
+    assert specs["emb"]["embedding"]["rows"] == P(None, "data")
