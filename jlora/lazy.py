@@ -10,10 +10,13 @@ layer axis) are applied to ``W0`` and mirrored on the tiny factors; the consumer
   transposed roles ``(x·(s·B)ᵀ)·Aᵀ``; stacked kernels must be batched over their stack axes.
   A plain 2-D kernel contracted by the last axis of ``x`` takes a fast path: tokens flattened
   to 2-D and a ``jax.custom_vjp`` low-rank branch (scale folded into B, token-contracting
-  products written row-major behind ``lax.optimization_barrier``, no cotangent for ``W0``).
+  products written row-major behind ``lax.optimization_barrier``, no cotangent for ``W0``);
+  plain dense kernels reading the same input (q, k, v) share one ``x·[A_q|A_k|A_v]`` forward and
+  one ``dAᵀ`` product backward (without dropout: each use needs its own mask).
 - ``conv_general_dilated``: ``conv(x, W0) + conv1x1(conv(x, A), s·B)`` with the same strides,
   padding, dilations and layouts (``feature_group_count == 1``; grouped convs fall back).
-- ``gather`` of table rows (``nn.Embed``, ``jnp.take``): ``W0[ids] + A[ids]·(s·B)``.
+- ``gather`` of table rows (``nn.Embed``, ``jnp.take``): ``W0[ids] + A[ids]·(s·B)``; a gather,
+  slice or dynamic slice along a stacked kernel's layer axes (``W[i]`` in a loop) slices A and B.
 - ``jit``/``pjit``/``closed_call``, ``custom_jvp_call``/``custom_vjp_call`` (the inner jaxpr is
   evaluated; the custom rule is lost only where a LoRA value enters), ``remat`` (re-wrapped with
   ``jax.checkpoint``, same policy and ``prevent_cse``), ``scan`` (a stacked kernel entering as
@@ -52,12 +55,11 @@ from jax.extend import core as jcore
 
 from jlora import paths as jpaths
 
-__all__ = ["LoraValue", "lazy_call", "lazy_eval"]
+__all__ = ["LoraValue", "lazy_call", "lazy_eval", "low_rank_2d"]
 
 _CALLS = frozenset({"jit", "pjit", "closed_call", "core_call"})
 _CUSTOM = frozenset({"custom_jvp_call", "custom_vjp_call", "custom_vjp_call_jaxpr"})
 _REMAT = frozenset({"remat2", "remat", "checkpoint"})
-_RESHAPES = frozenset({"reshape", "squeeze", "broadcast_in_dim", "expand_dims"})
 
 
 # --- the symbolic kernel ------------------------------------------------------------------------
@@ -148,7 +150,7 @@ class _Ctx:
     uses: dict = dataclasses.field(default_factory=dict)
     loops: list = dataclasses.field(default_factory=lambda: [0])
     groups: dict = dataclasses.field(default_factory=dict)  # id(jaxpr) -> {input var: [dot eqns]}
-    shared: dict = dataclasses.field(default_factory=dict)  # dot eqn -> its precomputed low-rank output
+    shared: dict = dataclasses.field(default_factory=dict)  # id(dot eqn) -> its precomputed low-rank output
 
     def child(self, rng: Any) -> _Ctx:
         return _Ctx(self.strict, self.rate, rng, self.warned, {}, self.loops, self.groups, {})
@@ -219,7 +221,7 @@ def _eval(jaxpr: Any, consts: Sequence[Any], args: Sequence[Any], ctx: _Ctx) -> 
     for eqn in jaxpr.eqns:
         invals = [read(v) for v in eqn.invars]
         if any(_is_lora(x) for x in invals):
-            if (eqn.primitive.name == "dot_general" and eqn.invars[0] in groups and eqn not in ctx.shared
+            if (eqn.primitive.name == "dot_general" and eqn.invars[0] in groups and id(eqn) not in ctx.shared
                     and _is_lora(invals[1])):
                 _share_inputs(jaxpr, env, ctx, eqn)
             outs = _rewrite(eqn, invals, ctx)
@@ -243,8 +245,6 @@ def _rewrite(eqn: Any, invals: list[Any], ctx: _Ctx) -> list[Any]:
             return _eval(inner.jaxpr, inner.consts, invals, ctx)
         if name in _REMAT:
             rule = _remat
-        elif name in _RESHAPES:
-            rule = _reshape
     out = rule(eqn, invals, ctx) if rule is not None else None
     if out is None:
         return _fallback(eqn, invals, ctx)
@@ -275,7 +275,10 @@ def _reshape(eqn: Any, invals: list[Any], ctx: _Ctx) -> list[Any] | None:
         return None
     ns, ni = v.n_stack, v.n_in
     n_s, n_si = math.prod(v.shape[:ns]), math.prod(v.shape[: ns + ni])
-    k1 = next((k for k in range(len(new) + 1) if math.prod(new[:k]) == n_s), None)
+    if new[:ns] == v.shape[:ns]:  # the stack axes stay (a size-1 layer axis must not become an input)
+        k1 = ns
+    else:
+        k1 = next((k for k in range(len(new) + 1) if math.prod(new[:k]) == n_s), None)
     if k1 is None:
         return None
     k2 = next((k for k in range(k1 + 1, len(new)) if math.prod(new[:k]) == n_si), None)
@@ -419,14 +422,14 @@ def _share_inputs(jaxpr: Any, env: Mapping[Any, Any], ctx: _Ctx, eqn: Any) -> No
     for e in ctx.groups.get(id(jaxpr), {}).get(x_var, ()):
         w = e.invars[1]
         v = None if isinstance(w, jcore.Literal) else env.get(w)
-        if e not in ctx.shared and _is_lora(v) and _plain_dense(e, v) and v.a.dtype == x.dtype:
+        if id(e) not in ctx.shared and _is_lora(v) and _plain_dense(e, v) and v.a.dtype == x.dtype:
             members.append((e, v))
     if len(members) < 2 or members[0][0] is not eqn:
         return
     a_cat = jnp.concatenate([v.a for _, v in members], axis=1)
     lows = low_rank_2d(x.reshape(-1, x.shape[-1]), a_cat, tuple(v.scaled_b() for _, v in members))
     for (e, _), low in zip(members, lows):
-        ctx.shared[e] = low
+        ctx.shared[id(e)] = low
 
 
 def _dot_general(eqn: Any, invals: list[Any], ctx: _Ctx) -> list[Any] | None:
@@ -449,7 +452,7 @@ def _dot_general(eqn: Any, invals: list[Any], ctx: _Ctx) -> list[Any] | None:
         return None
     base = _bind(eqn, [v.w0, x] if kernel_lhs else [x, v.w0])[0]
     if not transposed and not kernel_lhs and _plain_dense(eqn, v):
-        low = ctx.shared.pop(eqn, None)
+        low = ctx.shared.pop(id(eqn), None)
         if low is None:
             xd = _dropout(x, v, ctx).astype(v.a.dtype)
             low = low_rank_2d(xd.reshape(-1, x.shape[-1]), v.a, (v.scaled_b(),))[0]
@@ -491,11 +494,33 @@ def _conv(eqn: Any, invals: list[Any], ctx: _Ctx) -> list[Any] | None:
     return [_add(base, low)]
 
 
+def _gather_stack(eqn: Any, v: LoraValue, idx: Any) -> list[Any] | None:
+    """A gather that picks along a stacked kernel's layer axes only (``jnp.take(W, i, axis=0)``)."""
+    dn = eqn.params["dimension_numbers"]
+    ns, sizes = v.n_stack, tuple(eqn.params["slice_sizes"])
+    out_nd = len(eqn.outvars[0].aval.shape)
+    n_off = len(v.shape) - len(dn.collapsed_slice_dims)
+    if (dn.operand_batching_dims or not set(dn.start_index_map) | set(dn.collapsed_slice_dims) <= set(range(ns))
+            or sizes[ns:] != v.shape[ns:] or tuple(dn.offset_dims) != tuple(range(out_nd - n_off, out_nd))):
+        return None
+    n_batch = out_nd - n_off
+
+    def pick(x: jax.Array) -> jax.Array:
+        n = x.ndim - len(dn.collapsed_slice_dims)
+        d = dn._replace(offset_dims=tuple(range(n_batch, n_batch + n)))
+        return _bind(eqn, [x, idx], dimension_numbers=d, slice_sizes=sizes[:ns] + x.shape[ns:])[0]
+
+    new_ns = n_batch + ns - len(dn.collapsed_slice_dims)
+    return [v.replace(w0=_bind(eqn, [v.w0, idx])[0], a=pick(v.a), b=pick(v.b), n_stack=new_ns)]
+
+
 def _gather(eqn: Any, invals: list[Any], ctx: _Ctx) -> list[Any] | None:
     v, idx = invals
     if not _is_lora(v) or _is_lora(idx):
         return None
     dn = eqn.params["dimension_numbers"]
+    if v.n_stack:
+        return _gather_stack(eqn, v, idx)
     if (v.n_stack, v.n_in, len(v.shape)) != (0, 1, 2) or tuple(dn.collapsed_slice_dims) != (0,):
         return None
     if tuple(dn.start_index_map) != (0,) or tuple(dn.operand_batching_dims) != ():

@@ -6,6 +6,7 @@ gradient of the merged kernel. Tolerances: float32 lazy vs float64 reference, re
 largest magnitude of the compared array.
 """
 
+import re
 import warnings
 
 import flax.linen as nn
@@ -29,7 +30,14 @@ def randomize(lora, seed=1, scale=0.3):
 
 
 def init(model, *args):
-    return jax.jit(model.init)(jax.random.key(1), *args)
+    """Random parameters of the model's shapes (NumPy: no XLA compile for the initialisers)."""
+    return randomize(jax.eval_shape(model.init, jax.random.key(1), *args), seed=2, scale=0.4)
+
+
+def lora_init(params, cfg, apply_fn=None, args=()):
+    """(frozen, random non-zero lora): the lora tree's layout from jlora.init, on abstract shapes."""
+    shapes = jax.eval_shape(lambda p: jlora.init(jax.random.key(0), p, cfg, apply_fn=apply_fn, args=args)[1], params)
+    return params, randomize(shapes)
 
 
 def _flat3(a, f, part):
@@ -59,8 +67,10 @@ def reference(apply_fn, frozen, lora, cfg, args, cot):
     as64 = lambda x: jnp.asarray(x, jnp.float64) if jnp.issubdtype(x.dtype, jnp.floating) else x  # noqa: E731
     with jax.enable_x64(True):
         params = jpaths.map_with_path(lambda p, w: jnp.asarray(merged(p, w)), frozen)
-        y, g = jax.jit(lambda q, c: _vjp(lambda q: apply_fn(q, *jax.tree.map(as64, args)), q, c))(
-            params, jnp.asarray(cot, jnp.float64))
+        fn = lambda q: apply_fn(q, *jax.tree.map(as64, args))  # noqa: E731
+        if cot is None:  # forward only
+            return np.asarray(jax.jit(fn)(params)), {}
+        y, g = jax.jit(lambda q, c: _vjp(fn, q, c))(params, jnp.asarray(cot, jnp.float64))
         y, gflat = np.asarray(y), {p: np.asarray(x) for p, x in jpaths.flatten(g).items()}
     grads = {}
     for path, f in info.items():
@@ -86,9 +96,7 @@ def close(got, want, rtol=RTOL, what=""):
 def check(apply_fn, params, cfg, args, *, init_args=True, lora=None):
     """lazy == merged == float64 reference, outputs and d/dA, d/dB; no fallback warning."""
     if lora is None:
-        fn, example = (apply_fn, args) if init_args else (None, ())
-        frozen, lora = jax.jit(lambda p: jlora.init(jax.random.key(0), p, cfg, apply_fn=fn, args=example))(params)
-        lora = randomize(lora)
+        frozen, lora = lora_init(params, cfg, *((apply_fn, args) if init_args else ()))
     else:
         frozen = params
     lazy_fn = jlora.lora_apply(apply_fn, cfg, "lazy", strict=True)
@@ -183,8 +191,8 @@ IDS = jnp.array([[1, 2, 12, 4, 5], [0, 9, 8, 7, 6]], jnp.int32)
 
 
 def test_dense():
-    m = nn.Dense(6)
-    check(m.apply, init(m, X), jlora.LoraConfig(rank=3, targets=".*kernel"), (X,))
+    m = nn.Dense(6)  # with a bias trained whole (its value comes from the lora tree)
+    check(m.apply, init(m, X), jlora.LoraConfig(rank=3, targets=".*kernel", trainable=".*bias"), (X,))
 
 
 def test_dense_general_attention():
@@ -232,7 +240,8 @@ def test_nnx_split_merge():
         def __call__(self, ids):
             return self.out(nnx.relu(self.fc(self.emb(ids))))
 
-    graphdef, state = nnx.split(Net(nnx.Rngs(0)))
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: Net(nnx.Rngs(0))))
+    state = randomize(state, seed=2, scale=0.4)
 
     def apply(s, ids):
         return nnx.merge(graphdef, s)(ids)
@@ -241,7 +250,8 @@ def test_nnx_split_merge():
 
 
 def plain(p, x):
-    """A plain function: jit, custom_vjp, fori_loop over a stacked kernel, cond, a transposed use."""
+    """A plain function: jit, custom_vjp, fori_loop over a stacked kernel, take/index of its layer axis,
+    cond, a transposed use."""
 
     @jax.custom_vjp
     def mm(a, w):
@@ -250,6 +260,7 @@ def plain(p, x):
     mm.defvjp(lambda a, w: (a @ w, (a, w)), lambda r, g: (g @ r[1].T, r[0].T @ g))
     h = jax.jit(lambda a, w: jnp.tanh(a @ w))(x, p["w1"])
     h = jax.lax.fori_loop(0, 3, lambda i, h: jnp.tanh(h @ p["stack"][i]), h)
+    h = jnp.tanh(h @ jnp.take(p["stack"], 1, axis=0) + h @ p["stack"][2])  # gather / slice of the layer axis
     h = jax.lax.cond(h.sum() > 0, lambda h: h @ p["w2"], lambda h: h @ p["w2"] * 2.0, h)
     return mm(h, p["w3"]) + h @ p["w1"].T
 
@@ -259,6 +270,42 @@ def test_plain_function_control_flow():
               "w3": 0.3 * normal(13, 8, 8)}
     cfg = jlora.LoraConfig(rank=2, targets=r"(w1|w2|w3|stack)", stack={"stack": 1})
     check(plain, params, cfg, (X[0],), init_args=False)
+
+
+def loops(p, x):
+    """Forward-only control flow (while_loop is not reverse-differentiable): while, switch."""
+    h, _ = jax.lax.while_loop(lambda c: c[1] < 2, lambda c: (jnp.tanh(c[0] @ p["w1"]), c[1] + 1), (x, 0))
+    branches = [lambda h: h @ p["w2"], lambda h: h @ p["w2"].T, lambda h: jnp.tanh(h @ p["w1"])]
+    return jax.lax.switch(jnp.int32(1), branches, h)
+
+
+def test_while_and_switch_forward():
+    frozen = {"w1": 0.3 * normal(20, 8, 8), "w2": 0.3 * normal(21, 8, 8)}
+    lora = randomize({k: {"A": jnp.zeros((8, 2)), "B": jnp.zeros((2, 8))} for k in frozen})
+    cfg = jlora.LoraConfig(rank=2, targets="w1|w2")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        y = jax.jit(jlora.lora_apply(loops, cfg, "lazy", strict=True))(frozen, lora, X[0])
+    y_ref, _ = reference(loops, frozen, lora, cfg, (X[0],), None)
+    close(y, y_ref, what="while/switch")
+
+
+def test_fused_partial_kernel():
+    """loralib MergedLinear: a fused qkv kernel (8, 3*4) with LoRA on q and v only."""
+    frozen = {"qkv": 0.3 * normal(30, 8, 12)}
+    lora = {"qkv": {"A": normal(31, 8, 4), "B": normal(32, 2, 2, 4)}}  # E=2 enabled groups, r=2
+    cfg = jlora.LoraConfig(rank=2, alpha=4.0, targets="qkv", fused={"qkv": (True, False, True)})
+    x = X[0]
+    lazy_fn = jlora.lora_apply(lambda p, x: x @ p["qkv"], cfg, "lazy", strict=True)
+    a, b = np.asarray(lora["qkv"]["A"], np.float64), np.asarray(lora["qkv"]["B"], np.float64)
+    delta = np.concatenate([2.0 * a[:, :2] @ b[0], np.zeros((8, 4)), 2.0 * a[:, 2:] @ b[1]], axis=1)
+    close(lazy_fn(frozen, lora, x), np.asarray(x, np.float64) @ (np.asarray(frozen["qkv"], np.float64) + delta),
+          what="fused lazy")
+    merged_fn = jlora.lora_apply(lambda p, x: x @ p["qkv"], cfg, "merged")
+    g_lazy, g_merged = (jax.grad(lambda l, fn=fn: jnp.sum(jnp.sin(fn(frozen, l, x))))(lora)
+                        for fn in (lazy_fn, merged_fn))
+    for k in ("A", "B"):
+        close(g_lazy["qkv"][k], g_merged["qkv"][k], rtol=1e-5, what=f"fused grad {k}")
 
 
 def test_mixed_precision_bf16_base_f32_factors():
@@ -305,7 +352,8 @@ def _eqns(jaxpr):
 
 def _full_size_products(jaxpr, shapes):
     """Equations computing (not merely viewing) an array of a kernel's shape."""
-    views = {"convert_element_type", "copy", "reshape", "transpose", "broadcast_in_dim", "squeeze", "rev", "pjit", "jit"}
+    views = {"convert_element_type", "copy", "reshape", "transpose", "broadcast_in_dim", "squeeze", "rev", "pjit",
+             "jit"}
     return [(e.primitive.name, tuple(v.aval.shape)) for e in _eqns(jaxpr) if e.primitive.name not in views
             for v in e.outvars if tuple(getattr(v.aval, "shape", ())) in shapes]
 
@@ -324,14 +372,21 @@ def test_no_full_size_delta_or_gradient():
     m = AllKinds()
     params = init(m, IDS)
     cfg = jlora.LoraConfig(rank=2, targets=".*(kernel|embedding)")
-    frozen, lora = jax.jit(lambda p: jlora.init(jax.random.key(0), p, cfg, apply_fn=m.apply, args=(IDS,)))(params)
+    frozen, lora = lora_init(params, cfg, m.apply, (IDS,))
     shapes = {tuple(x.shape) for p, x in jpaths.flatten(frozen).items() if p in jlora.adapted(frozen, lora, cfg)}
     assert shapes == {(13, 16), (16, 24), (3, 24, 20), (20, 13)}
+    alternatives = "|".join(",".join(map(str, x)) for x in shapes)
+    hlo_shape = re.compile(r"=\s*f32\[(" + alternatives + r")\]\{[^}]*\}\s+([\w\-]+)\(")
+    w0_views = {"parameter", "reverse", "bitcast", "copy", "transpose"}  # W0 itself, e.g. flipped for a conv's dX
     for mode, want_none in (("lazy", True), ("merged", False)):
         fn = jlora.lora_apply(m.apply, cfg, mode)
-        grad = jax.grad(lambda l: jnp.sum(fn(frozen, l, IDS) ** 2))
-        found = _full_size_products(jax.make_jaxpr(grad)(lora).jaxpr, shapes)
+        grad = jax.grad(lambda l, f: jnp.sum(fn(f, l, IDS) ** 2))
+        found = _full_size_products(jax.make_jaxpr(grad)(lora, frozen).jaxpr, shapes)
         assert (not found) == want_none, (mode, found)
+        # the compiled train step: kernel-shaped HLO values are W0 parameters (and views), nothing computed
+        text = jax.jit(grad).lower(lora, frozen).compile().as_text()
+        ops = {op for _, op in hlo_shape.findall(text)}
+        assert (ops <= w0_views) == want_none, (mode, sorted(ops))
 
 
 # --- fallback, strict, dropout --------------------------------------------------------------------------
@@ -354,6 +409,36 @@ def test_fallback_warns_once_and_strict_raises():
     close(y, odd(jlora.merge(frozen, lora, cfg), x), rtol=1e-5, what="fallback")
     with pytest.raises(ValueError, match=r"'w'.*'sin'"):
         jlora.lora_apply(odd, cfg, "lazy", strict=True)(frozen, lora, x)
+
+
+def test_dropout_inside_scan_and_remat():
+    class Net(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return Remat(name="r")(Scanned(name="s")(x))
+
+    m = Net()
+    params = init(m, X)
+    cfg = jlora.LoraConfig(rank=2, targets=".*kernel", dropout=0.5)
+    frozen, lora = lora_init(params, cfg, m.apply, (X,))
+    lazy_fn = jlora.lora_apply(m.apply, cfg, "lazy", strict=True)
+    off = jax.jit(lazy_fn)(frozen, lora, X)
+    close(off, jax.jit(jlora.lora_apply(m.apply, cfg, "merged"))(frozen, lora, X), rtol=1e-5, what="dropout off")
+    step = jax.jit(jax.value_and_grad(lambda l, k: jnp.sum(lazy_fn(frozen, l, X, lora_rng=k) ** 2)))
+    (l1, g), (l2, _) = step(lora, jax.random.key(1)), step(lora, jax.random.key(2))
+    assert abs(float(l1) - float(jnp.sum(off**2))) > 1e-3 and abs(float(l1) - float(l2)) > 1e-3
+    assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(g))
+
+
+def test_grouped_conv_falls_back_to_merged():
+    m = nn.Conv(4, (3,), feature_group_count=2)
+    x = normal(6, 2, 7, 4)
+    params = init(m, x)
+    cfg = jlora.LoraConfig(rank=2, targets=".*kernel")
+    frozen, lora = lora_init(params, cfg, m.apply, (x,))
+    with pytest.warns(UserWarning, match="conv_general_dilated"):
+        y = jlora.lora_apply(m.apply, cfg, "lazy")(frozen, lora, x)
+    close(y, jlora.lora_apply(m.apply, cfg, "merged")(frozen, lora, x), rtol=1e-5, what="grouped conv")
 
 
 def test_dropout_off_without_rng_on_with_rng():
