@@ -1,6 +1,6 @@
 """Fine-tune all-MiniLM-L6-v2 with LoRA for code search over the Python standard library, on CPU.
 
-    python examples/finetune_minilm.py            # ~5 min on 2 CPU cores; writes runs/minilm_codesearch/
+    python examples/finetune_minilm.py            # ~5 min on 2 CPU cores; writes runs/minilm_codesearch/run-NNN/
 
 What it does, end to end:
   1. loads the Flax port of all-MiniLM-L6-v2 from the installed wheel (examples/minilm.py) and the
@@ -56,7 +56,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--targets", default="query,value",
                    help="comma-separated kernels to adapt in every layer: short names "
                         f"({', '.join(SHORT_TARGETS)}) or full-path regexes")
-    p.add_argument("--out", default="runs/minilm_codesearch", help="output directory")
+    p.add_argument("--out", default=None,
+                   help="output directory (default: the next free runs/minilm_codesearch/run-NNN, so a "
+                        "second run never touches the first)")
     p.add_argument("--batch-size", type=int, default=32, help="(query, answer) pairs per step")
     p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (warmup + cosine decay)")
     p.add_argument("--seed", type=int, default=0, help="seed for LoRA init and batch order")
@@ -121,6 +123,18 @@ def batches(pairs: Sequence[codesearch.Pair], batch_size: int, steps: int, seed:
         yield [pairs[i] for i in chosen]
 
 
+def next_run_dir(base: Path) -> Path:
+    """The first ``base/run-NNN`` that does not exist yet.
+
+    >>> import tempfile; d = Path(tempfile.mkdtemp()); (d / "run-000").mkdir(); next_run_dir(d).name
+    'run-001'
+    """
+    i = 0
+    while (base / f"run-{i:03d}").exists():
+        i += 1
+    return base / f"run-{i:03d}"
+
+
 def check_out_dir(out: Path, overwrite: bool) -> Path:
     """Refuses an --out that already holds an adapter (unless --overwrite); returns the adapter path."""
     adapter = out / ADAPTER
@@ -137,7 +151,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from jlora.checkpoint import restore_adapter, save_adapter
 
     t_start = time.perf_counter()
-    out = Path(args.out)
+    out = Path(args.out) if args.out is not None else next_run_dir(Path("runs/minilm_codesearch"))
     adapter_dir = check_out_dir(out, args.overwrite)
     config = jlora.LoraConfig(rank=args.rank, alpha=args.alpha if args.alpha is not None else 2.0 * args.rank,
                               targets=target_regexes(args.targets))
