@@ -80,6 +80,12 @@ def _scaled_factors(frozen: Any, lora: Any, config: LoraConfig) -> tuple[dict[st
     info = adapted(frozen, lora, config)
     flat = dict(paths.flatten(lora))
     for p, f in info.items():
+        if f.dora or p + "/rows" in flat:
+            what = "a DoRA magnitude" if f.dora else "trained embedding rows"
+            raise ValueError(
+                f"jlora.multi: {p!r} carries {what}, which stacking and combination do not support (they "
+                "assume delta = s·A⊗B); fix: merge that adapter with jlora.merge and serve it alone"
+            )
         flat[p + "/B"] = (flat[p + "/B"].astype(jnp.float32) * f.scale).astype(flat[p + "/B"].dtype)
     return {p: dataclasses.replace(f, scale=1.0) for p, f in info.items()}, flat
 

@@ -130,3 +130,13 @@ def test_bad_input():
     s = multi.Stack({}, jlora.LoraConfig(targets=".*"), ("a",))
     with pytest.raises(ValueError, match=r"no adapter named 'b'; the stack holds \['a'\]"):
         s.id("b")
+
+
+def test_dora_adapters_are_refused_not_dropped(setup):
+    _, _, params, adapters = setup
+    cfg = jlora.LoraConfig(rank=2, targets=r".*/fc1/kernel", use_dora=True)
+    _, lora = jlora.init(KEY, params, cfg)
+    with pytest.raises(ValueError, match="carries a DoRA magnitude"):
+        multi.stack(params, {"dora": (lora, cfg), **adapters})
+    with pytest.raises(ValueError, match="carries a DoRA magnitude"):
+        multi.combine(params, [(lora, cfg)], [1.0], "cat")
