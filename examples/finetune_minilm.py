@@ -67,6 +67,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--eval-size", type=int, default=None, help="held-out pairs to evaluate on (default: all)")
     p.add_argument("--mode", choices=("lazy", "merged"), default="lazy",
                    help="how the LoRA model runs in training (lazy: low-rank path, no full-size delta)")
+    p.add_argument("--base", choices=("float", "nf4"), default="float",
+                   help="frozen base during training and evaluation: float32, or QLoRA's NF4 (double-quantized "
+                        "4-bit codes of every encoder kernel, dequantized inside each step)")
     p.add_argument("--overwrite", action="store_true", help="replace an adapter already in --out")
     p.add_argument("--no-plot", action="store_true", help="skip the PNG")
     args = p.parse_args(argv)
@@ -135,6 +138,11 @@ def next_run_dir(base: Path) -> Path:
     return base / f"run-{i:03d}"
 
 
+def quantize_base(params: Any) -> Any:
+    """QLoRA's frozen base: every encoder kernel as double-quantized NF4 (block 64)."""
+    return jlora.quantize(params, r"params/encoder/layer_\d+/.*/kernel", scheme="nf4", double_quant=True)
+
+
 def check_out_dir(out: Path, overwrite: bool) -> Path:
     """Refuses an --out that already holds an adapter (unless --overwrite); returns the adapter path."""
     adapter = out / ADAPTER
@@ -169,6 +177,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                                   args=(example, example))
     except ValueError as e:  # e.g. a target that matches no kernel: jlora names the closest paths
         raise UsageError(f"--targets {args.targets!r}: {e}") from None
+
+    float_bytes = jlora.summary(frozen, lora).frozen_bytes
+    if args.base == "nf4":  # QLoRA: the frozen base lives as 4-bit codes; only the factors are float
+        frozen = quantize_base(frozen)
+    base_bytes = jlora.summary(frozen, lora).frozen_bytes
+    print(f"frozen base: {args.base}, {base_bytes / 2**20:.1f} MiB ({base_bytes / float_bytes:.3f}x float32)")
 
     def evaluate(apply_fn: Any, p: Any) -> dict[str, float]:
         return codesearch.evaluate(lambda texts: minilm.encode(model, p, tokenizer, texts, apply_fn=apply_fn), test)
@@ -224,7 +238,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     model2, params2, _ = minilm.load_minilm(max_length=64)  # a fresh base model
     lora2, config2, _ = restore_adapter(adapter_dir, frozen=params2)
-    merged = jlora.merge(params2, lora2, config2)
+    if args.base == "nf4":  # the same deterministic quantization of the fresh base; merge into float for serving
+        params2 = quantize_base(params2)
+        merged = jlora.merge(params2, lora2, config2, into="float")
+    else:
+        merged = jlora.merge(params2, lora2, config2)
     t0 = time.perf_counter()
     after = evaluate(jax.jit(model2.apply), merged)
     t_eval_after = time.perf_counter() - t0
@@ -238,6 +256,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "adapter_bytes_on_disk": adapter_bytes, "train_seconds": t_train, "total_seconds": total,
         "steps": args.steps, "rank": args.rank, "targets": list(config.targets), "mode": args.mode,
         "held_out_pairs": len(test), "train_pairs": len(train), "losses": losses,
+        "base": args.base, "frozen_base_bytes": base_bytes, "float_base_bytes": float_bytes,
     }
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(results, indent=1))
@@ -257,6 +276,8 @@ def print_table(r: dict[str, Any]) -> None:
         ("trainable params", f"{r['trainable_params']:,} of {r['total_params']:,} ({100 * r['trainable_share']:.3f}%)"),
         ("LoRA", f"rank {r['rank']}, {len(r['targets'])} target rule(s), training mode {r['mode']}"),
         ("adapter on disk", f"{r['adapter_bytes_on_disk'] / 1024:.0f} KiB"),
+        ("frozen base", f"{r['base']}: {r['frozen_base_bytes'] / 2**20:.1f} MiB "
+                        f"({r['frozen_base_bytes'] / r['float_base_bytes']:.3f}x float32)"),
         ("training", f"{r['steps']} steps in {r['train_seconds']:.0f} s "
                      f"({r['steps'] / max(r['train_seconds'], 1e-9):.2f} steps/s)"),
         ("total wall time", f"{r['total_seconds']:.0f} s"),
