@@ -59,7 +59,8 @@ def randomise(model, seed=1):
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if "lora_" in name or "modules_to_save" in name or (p.requires_grad and name.endswith("bias")):
+            if ("lora_" in name or "modules_to_save" in name or "trainable_tokens_delta" in name
+                    or (p.requires_grad and name.endswith("bias"))):
                 p.add_(torch.randn(p.shape, generator=g) * 0.1)
 
 
@@ -86,6 +87,9 @@ PEFT_CONFIGS = {
     "lora_only_bias_layers": dict(r=2, lora_alpha=2, target_modules=["q_proj", "v_proj", "k_proj"], bias="lora_only",
                                   layers_to_transform=[1], exclude_modules=["model.layers.1.self_attn.k_proj"]),
     "regex_targets": dict(r=2, lora_alpha=3, target_modules=r"model\.layers\.\d+\.(self_attn\.o_proj|mlp\.gate_proj)"),
+    "dora": dict(r=4, lora_alpha=8, use_dora=True, target_modules=["embed_tokens", "q_proj", "v_proj", "down_proj"],
+                 rank_pattern={"down_proj": 2}),
+    "trainable_tokens": dict(r=2, lora_alpha=4, target_modules=["q_proj"], trainable_token_indices=[3, 5, 7]),
 }
 
 
@@ -139,6 +143,11 @@ JLORA_CONFIGS = {
         rank=2, alpha=4, targets=r".*/(q_proj|v_proj)/kernel",
         trainable=(r"params/lm_head/kernel", r".*/(q_proj|o_proj)/bias")),
     "lora_only_bias": jlora.LoraConfig(rank=3, alpha=3, targets=r".*/q_proj/kernel", trainable=r".*/q_proj/bias"),
+    "dora": jlora.LoraConfig(
+        rank=3, alpha=5, use_dora=True,
+        targets=r"params/(embed_tokens/embedding|layers_\d+/(attn/(q|k)_proj|mlp/up_proj)/kernel)"),
+    "embedding_rows": jlora.LoraConfig(rank=2, alpha=4, targets=r".*/v_proj/kernel",
+                                       embedding_rows={r"params/embed_tokens/embedding": (9, 2, 4)}),
 }
 
 
@@ -228,7 +237,8 @@ def net_params(net):
                               "bias": jnp.asarray(sd["fc.bias"].reshape(2, 3))}}}
 
 
-def test_conv_and_multi_axis_both_ways(tmp_path):
+@pytest.mark.parametrize("use_dora", [False, True])
+def test_conv_and_multi_axis_both_ways(tmp_path, use_dora):
     torch.manual_seed(0)
     net = TorchNet().eval()
     params = net_params(net)
@@ -236,7 +246,8 @@ def test_conv_and_multi_axis_both_ways(tmp_path):
     np.testing.assert_allclose(np.asarray(flax_net(params, x.transpose(0, 2, 3, 1))).reshape(2, 6),
                                net(torch.tensor(x)).detach().numpy(), **TOL)
 
-    pm = peft.get_peft_model(net, peft.LoraConfig(r=2, lora_alpha=3, target_modules=["conv", "fc"]))
+    pm = peft.get_peft_model(net, peft.LoraConfig(r=2, lora_alpha=3, target_modules=["conv", "fc"],
+                                                  use_dora=use_dora))
     randomise(pm)
     pm.eval()
     pm.save_pretrained(tmp_path / "peft")
@@ -245,6 +256,9 @@ def test_conv_and_multi_axis_both_ways(tmp_path):
     lora, cfg = jpeft.load(tmp_path / "peft", params, NET_MAP)
     assert lora["params"]["conv"]["kernel"]["A"].shape == (3, 3, 3, 2)
     assert lora["params"]["fc"]["kernel"]["B"].shape == (2, 2, 3)
+    if use_dora:  # PEFT's conv magnitude is (1, cout, 1, 1), its linear one (out,)
+        m_conv, m_fc = lora["params"]["conv"]["kernel"]["m"], lora["params"]["fc"]["kernel"]["m"]
+        assert (m_conv.shape, m_fc.shape) == ((5,), (2, 3))
     ours = flax_net(jlora.merge(params, lora, cfg), x.transpose(0, 2, 3, 1))
     np.testing.assert_allclose(np.asarray(ours).reshape(2, 6), ref, **TOL)
 
@@ -343,10 +357,10 @@ def test_shape_mismatch_names_key_path_shapes(base, peft_dir):
         jpeft.load(peft_dir, params, jpeft.LLAMA_KEY_MAP)
 
 
-def test_dora_and_unsupported_refused_unknown_keys_warned(base, peft_dir, tmp_path):
+def test_unsupported_refused_unknown_keys_warned(base, peft_dir, tmp_path):
     params = base[2]
     d = copy_adapter(peft_dir, tmp_path / "dora", lambda b: b.update(use_dora=True))
-    with pytest.raises(ValueError, match="use_dora=True.*DoRA.*not supported yet"):
+    with pytest.raises(ValueError, match="has no lora_magnitude_vector but adapter_config.json has use_dora=True"):
         jpeft.load(d, params, jpeft.LLAMA_KEY_MAP)
     d = copy_adapter(peft_dir, tmp_path / "bias", lambda b: b.update(lora_bias=True, target_parameters=["w"]))
     with pytest.raises(ValueError, match="lora_bias=True.*target_parameters"):
@@ -459,11 +473,12 @@ def test_bert_both_ways(bert, tmp_path):
     np.testing.assert_allclose(run_torch(pm2), run_flax(jlora.merge(params, mine_lora, mine)), **TOL)
 
 
-def test_save_refuses_dora_and_residual_inits(base, tmp_path):
+def test_save_refuses_mismatched_dora_and_residual_inits(base, tmp_path):
     params = base[2]
     lora = jlora_adapter(params, jlora.LoraConfig(rank=2, targets=r".*/q_proj/kernel"))
-    for change, match in [({"use_dora": True}, "use_dora=True.*DoRA export is not supported yet"),
-                          ({"init": "pissa"}, "init='pissa'.*to_plain_adapter")]:
+    for change, match in [({"use_dora": True}, "use_dora is True but the lora tree has no DoRA magnitude 'm'"),
+                          ({"init": "pissa"}, r"init='pissa'.*convert it first with jlora\.to_plain_adapter"),
+                          ({"init": "olora"}, r"init='olora'.*convert it first with jlora\.to_plain_adapter")]:
         cfg = jlora.LoraConfig(rank=2, targets=r".*/q_proj/kernel", **change)
         with pytest.raises(ValueError, match=match):
             jpeft.save(tmp_path / "x", lora, cfg, jpeft.LLAMA_KEY_MAP)
