@@ -60,7 +60,7 @@ def lora_apply(apply_fn: Callable[..., Any], config: LoraConfig, mode: str = "la
 
         def fn(frozen: Any, lora: Any, *args: Any, lora_rng: Any = None, **kwargs: Any) -> Any:
             frozen = dequantize_tree_for_apply(frozen)  # a quantized base: float kernels inside the trace
-            frozen, lora = lazy_fallback(frozen, lora, config, rng=lora_rng)  # DoRA kernels, trained rows: merged
+            frozen, lora = lazy_fallback(frozen, lora, config)  # tables with trained rows: merged
             return lazy.lazy_call(apply_fn, frozen, lora, config, args, kwargs, strict=strict, rng=lora_rng)
 
     functools.update_wrapper(fn, apply_fn, assigned=("__module__", "__name__", "__qualname__"), updated=())

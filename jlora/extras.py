@@ -123,16 +123,15 @@ def scatter_rows(table: jax.Array, values: jax.Array, rows: Sequence[int] | None
     return table.at[jnp.asarray(rows)].set(values.astype(table.dtype))
 
 
-def lazy_fallback(frozen: Any, lora: Any, config: Any, *, rng: Any = None) -> tuple[Any, dict[str, Any]]:
-    """Folds the kernels the lazy rewrite cannot run factored into ``frozen``: DoRA kernels and tables
-    with trained rows (the merged fallback, correct and differentiable, not lazy).
+def lazy_fallback(frozen: Any, lora: Any, config: Any) -> tuple[Any, dict[str, Any]]:
+    """Folds the tables with trained rows into ``frozen``: the kernels the lazy rewrite cannot run
+    factored (the merged fallback, correct and differentiable, not lazy).
 
-    Returns ``(frozen2, lora2)``: ``frozen2`` is ``merge(frozen, part, config)`` for ``part`` = the
-    DoRA kernels' ``{A, B, m}`` and the tables' ``{rows, A, B}``; ``lora2`` is the rest of the lora tree.
+    Returns ``(frozen2, lora2)``: ``frozen2`` is ``merge(frozen, part, config)`` for ``part`` = each
+    such table's ``{rows, A, B}`` (and ``m`` for DoRA); ``lora2`` is the rest of the lora tree.
     ``lazy_call(apply_fn, frozen2, lora2, ...)`` then equals the merged model, and gradients reach the
-    folded leaves through the merge. Trees without DoRA or rows are returned as they are. With
-    ``rng`` (training with LoRA dropout) a DoRA kernel is an error: the merged kernel cannot drop
-    the input of A.
+    folded leaves through the merge. Trees without rows are returned as they are (DoRA kernels run
+    factored in :mod:`jlora.lazy`).
 
     >>> from jlora import LoraConfig
     >>> cfg = LoraConfig(rank=1, targets=r"d/kernel", embedding_rows={"emb": (1,)})
@@ -146,16 +145,9 @@ def lazy_fallback(frozen: Any, lora: Any, config: Any, *, rng: Any = None) -> tu
     from jlora.tree import merge
 
     flat = paths.flatten(lora)
-    folded = {p.rpartition("/")[0] for p in flat if p.endswith(("/m", "/rows"))}
+    folded = {p.rpartition("/")[0] for p in flat if p.endswith("/rows")}
     if not folded:
         return frozen, lora
-    doras = sorted(p.rpartition("/")[0] for p in flat if p.endswith("/m"))
-    if rng is not None and getattr(config, "dropout", 0.0) > 0 and doras:
-        raise ValueError(
-            f"lora_apply(mode='lazy'): LoRA dropout on the DoRA kernel {doras[0]!r} is not supported yet (DoRA runs "
-            "through the merged kernel, which cannot drop the input of A); fix: LoraConfig(dropout=0.0), or call "
-            "without lora_rng"
-        )
     part = {p: v for p, v in flat.items() if p.rpartition("/")[0] in folded}
     rest = {p: v for p, v in flat.items() if p not in part}
     return merge(frozen, paths.unflatten_dict(part), config), paths.unflatten_dict(rest)

@@ -37,6 +37,15 @@ and the use's count (and, inside ``scan``, a per-iteration key). Embedding looku
 
 Fused partial kernels (``config.fused``) run as one rank ``E·r`` pair whose B is block-sparse
 (zero blocks for disabled groups): lazy, at E times the low-rank FLOPs.
+
+DoRA kernels (an ``'m'`` in the lora tree) run factored too: ``y = factor ⊙ (x·W0 + s·(x·A)·B)``
+with ``factor = m / stop_gradient(||W0 + s·A⊗B||_in)`` from :func:`jlora.dora.dora_lazy_terms`
+(low-rank identities, no ``(in, out)`` product), applied along each use's output axes before any
+bias add (dense, einsum, conv, embedding lookup; a contraction over the output axes falls back).
+With dropout, PEFT's form: ``x·W0 + (factor - 1) ⊙ (drop(x)·W0) + factor ⊙ s·(drop(x)·A)·B``.
+
+This module is the interpreter (control flow, the entry point); the per-primitive rules and
+:class:`LoraValue` live in :mod:`jlora.lazy_rules`.
 """
 
 from __future__ import annotations
@@ -53,15 +62,55 @@ import numpy as np
 from jax import lax
 from jax.extend import core as jcore
 
+from jlora import dora
 from jlora import paths as jpaths
 from jlora.lazy_rules import (LoraValue, _bind, _conv, _dot_general, _dtype_view, _dynamic_slice, _gather,
-                              _is_lora, _reshape, _share_inputs, _slice, _transpose, _unfuse, low_rank_2d)
+                              _is_lora, _plain_dense, _reshape, _slice, _transpose, low_rank_2d)
 
 __all__ = ["LoraValue", "lazy_call", "lazy_eval", "low_rank_2d"]
 
 _CALLS = frozenset({"jit", "pjit", "closed_call", "core_call"})
 _CUSTOM = frozenset({"custom_jvp_call", "custom_vjp_call", "custom_vjp_call_jaxpr"})
 _REMAT = frozenset({"remat2", "remat", "checkpoint"})
+
+
+# --- helpers of the entry point and the interpreter --------------------------------------------
+
+def _unfuse(b: jax.Array, n_stack: int, groups: tuple[bool, ...]) -> jax.Array:
+    """Turns a fused partial B (stack + (E, r) + out[:-1] + (out_g,)) into a block-sparse rank-E·r B."""
+    n_enabled = b.shape[n_stack]
+    rows = []
+    for e in range(n_enabled):
+        block = jnp.take(b, e, axis=n_stack)  # stack + (r,) + out[:-1] + (out_g,)
+        zeros = jnp.zeros_like(block)
+        cols, seen = [], 0
+        for on in groups:
+            cols.append(block if on and seen == e else zeros)
+            seen += on
+        rows.append(jnp.concatenate(cols, axis=-1))
+    return jnp.concatenate(rows, axis=n_stack)
+
+
+def _share_inputs(jaxpr: Any, env: Mapping[Any, Any], ctx: Any, eqn: Any) -> None:
+    """Computes one ``x·[A_1|...|A_k]`` for all plain dense LoRA kernels reading ``eqn``'s input.
+
+    Runs when the first such dot of a jaxpr is reached; the low-rank outputs of the others are
+    left in ``ctx.shared`` for their own equations (only without dropout: each use needs its mask).
+    """
+    x_var = eqn.invars[0]
+    x = env[x_var]
+    members = []
+    for e in ctx.groups.get(id(jaxpr), {}).get(x_var, ()):
+        w = e.invars[1]
+        v = None if isinstance(w, jcore.Literal) else env.get(w)
+        if id(e) not in ctx.shared and _is_lora(v) and _plain_dense(e, v) and v.a.dtype == x.dtype:
+            members.append((e, v))
+    if len(members) < 2 or members[0][0] is not eqn:
+        return
+    a_cat = jnp.concatenate([v.a for _, v in members], axis=1)
+    lows = low_rank_2d(x.reshape(-1, x.shape[-1]), a_cat, tuple(v.scaled_b() for _, v in members))
+    for (e, _), low in zip(members, lows):
+        ctx.shared[id(e)] = low
 
 
 # --- interpreter state --------------------------------------------------------------------------
@@ -186,8 +235,9 @@ def _scan(eqn: Any, invals: list[Any], ctx: _Ctx) -> list[Any] | None:
     if any(_is_lora(c) for c in carry) or any(_is_lora(x) and x.n_stack == 0 for x in xs):
         return None
     closed = p["jaxpr"]
-    packed = [(x.w0, x.a, x.b) if _is_lora(x) else x for x in xs]
-    metas = [x.replace(w0=None, a=None, b=None, n_stack=x.n_stack - 1) if _is_lora(x) else None for x in xs]
+    packed = [(x.w0, x.a, x.b, x.factor) if _is_lora(x) else x for x in xs]
+    metas = [x.replace(w0=None, a=None, b=None, factor=None, n_stack=x.n_stack - 1) if _is_lora(x) else None
+             for x in xs]
     keys = None
     if ctx.rng is not None and ctx.rate > 0.0:
         ctx.loops[0] += 1
@@ -195,7 +245,8 @@ def _scan(eqn: Any, invals: list[Any], ctx: _Ctx) -> list[Any] | None:
 
     def body(c: list[Any], xk: tuple[list[Any], Any]) -> tuple[list[Any], list[Any]]:
         xs_in, key = xk
-        xs_in = [m.replace(w0=x[0], a=x[1], b=x[2]) if m is not None else x for m, x in zip(metas, xs_in)]
+        xs_in = [m.replace(w0=x[0], a=x[1], b=x[2], factor=x[3]) if m is not None else x
+                 for m, x in zip(metas, xs_in)]
         sub = ctx.child(key) if key is not None else ctx
         outs = _eval(closed.jaxpr, closed.consts, list(consts) + list(c) + xs_in, sub)
         outs = [o.materialise() if _is_lora(o) else o for o in outs]
@@ -264,6 +315,15 @@ def _leaf_paths(params: Any) -> list[str]:
     return out
 
 
+def _sq_norm(w0: jax.Array, f: Any) -> jax.Array:
+    """``||W0||_in²`` per output unit as one contraction (no kernel-sized ``W0 * W0`` array), no gradient."""
+    ns = f.n_stack
+    stack, n_in = f.kernel_shape[:ns], math.prod(f.kernel_shape[ns : ns + f.n_in])
+    w = lax.stop_gradient(w0).astype(jnp.float32).reshape(stack + (n_in, -1))
+    batch = tuple(range(ns)) + (ns + 1,)
+    return lax.dot_general(w, w, (((ns,), (ns,)), (batch, batch)), precision=lax.Precision.HIGHEST)
+
+
 def lazy_call(apply_fn: Callable[..., Any], frozen: Any, lora: Any, config: Any, args: Sequence[Any],
               kwargs: Mapping[str, Any], *, strict: bool = False, rng: Any = None,
               factored: Mapping[str, Any] | None = None) -> Any:
@@ -323,7 +383,10 @@ def lazy_call(apply_fn: Callable[..., Any], frozen: Any, lora: Any, config: Any,
         a, b = lflat[p + "/A"], lflat[p + "/B"]
         if f.groups is not None:
             b = _unfuse(b, f.n_stack, tuple(f.groups))
-        vals[i] = LoraValue(vals[i], a, b, p, index[p], f.n_stack, f.n_in, float(f.scale))
+        factor = None
+        if f.dora:
+            factor = dora.dora_lazy_terms(vals[i], a, b, lflat[p + "/m"], f, w0_sq=_sq_norm(vals[i], f))
+        vals[i] = LoraValue(vals[i], a, b, p, index[p], f.n_stack, f.n_in, float(f.scale), factor)
     rate = float(getattr(config, "dropout", 0.0) or 0.0)
     outs = lazy_eval(closed.jaxpr, closed.consts, vals + dyn, strict=strict, rate=rate, rng=rng)
     outs = [o.materialise() if _is_lora(o) else o for o in outs]

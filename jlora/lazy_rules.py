@@ -12,13 +12,12 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 from jax import lax
-from jax.extend import core as jcore
 
 __all__ = ["LoraValue", "low_rank_2d"]
 
@@ -97,21 +96,6 @@ class LoraValue:
         if self.factor is not None:
             w = w * self.out_factor(tuple(range(ns, ns + self.n_in))).astype(acc)
         return w.astype(self.w0.dtype)
-
-
-def _unfuse(b: jax.Array, n_stack: int, groups: tuple[bool, ...]) -> jax.Array:
-    """Turns a fused partial B (stack + (E, r) + out[:-1] + (out_g,)) into a block-sparse rank-E·r B."""
-    n_enabled = b.shape[n_stack]
-    rows = []
-    for e in range(n_enabled):
-        block = jnp.take(b, e, axis=n_stack)  # stack + (r,) + out[:-1] + (out_g,)
-        zeros = jnp.zeros_like(block)
-        cols, seen = [], 0
-        for on in groups:
-            cols.append(block if on and seen == e else zeros)
-            seen += on
-        rows.append(jnp.concatenate(cols, axis=-1))
-    return jnp.concatenate(rows, axis=n_stack)
 
 
 def _is_lora(x: Any) -> bool:
@@ -235,6 +219,40 @@ def _add(base: jax.Array, low: jax.Array) -> jax.Array:
     return (base.astype(acc) + low.astype(acc)).astype(base.dtype)
 
 
+def _finish(base: jax.Array, low: jax.Array, factor: Any, base_dropped: Any = None) -> jax.Array:
+    """The output of one use: ``base + low``; DoRA: ``factor ⊙ (base + low)`` (``factor`` broadcast).
+
+    With LoRA dropout (``base_dropped``: the base product of the dropped input) DoRA follows PEFT:
+    ``base + (factor - 1) ⊙ base_dropped + factor ⊙ low``.
+    """
+    if factor is None:
+        return _add(base, low)
+    acc = jnp.promote_types(jnp.float32, jnp.promote_types(base.dtype, low.dtype))
+    f, y, low = factor.astype(acc), base.astype(acc), low.astype(acc)
+    if base_dropped is None:
+        return (f * (y + low)).astype(base.dtype)
+    return (y + (f - 1) * base_dropped.astype(acc) + f * low).astype(base.dtype)
+
+
+def _shaped_factor(v: LoraValue, ndim: int, axes: Sequence[int]) -> Any:
+    """``v.factor`` (``stack + out``) broadcast to ``ndim`` axes, its axes landing at ``axes``."""
+    if v.factor is None:
+        return None
+    order = sorted(range(len(axes)), key=lambda i: axes[i])
+    f = jnp.transpose(v.factor, order)
+    shape = [1] * ndim
+    for i, ax in enumerate(sorted(axes)):
+        shape[ax] = f.shape[i]
+    return f.reshape(shape)
+
+
+def _dropped(x: jax.Array, v: LoraValue, ctx: Any, base_of: Callable[[jax.Array], jax.Array]) -> tuple[Any, Any]:
+    """(the input of A in A's dtype, the base product of the dropped input for DoRA with dropout, or None)."""
+    xd = _dropout(x, v, ctx)
+    base_dropped = base_of(xd) if v.factor is not None and xd is not x else None
+    return xd.astype(v.a.dtype), base_dropped
+
+
 @jax.custom_vjp
 def low_rank_2d(x: jax.Array, a_cat: jax.Array, bss: tuple[jax.Array, ...]) -> tuple[jax.Array, ...]:
     """``(x·A_i)·Bs_i`` for k kernels reading one input: ``x`` (T, in), ``A_cat = [A_1|...|A_k]``
@@ -289,28 +307,6 @@ def _plain_dense(eqn: Any, v: Any) -> bool:
             and not lb and not rb and tuple(lc) == (len(lhs.aval.shape) - 1,))
 
 
-def _share_inputs(jaxpr: Any, env: Mapping[Any, Any], ctx: Any, eqn: Any) -> None:
-    """Computes one ``x·[A_1|...|A_k]`` for all plain dense LoRA kernels reading ``eqn``'s input.
-
-    Runs when the first such dot of a jaxpr is reached; the low-rank outputs of the others are
-    left in ``ctx.shared`` for their own equations (only without dropout: each use needs its mask).
-    """
-    x_var = eqn.invars[0]
-    x = env[x_var]
-    members = []
-    for e in ctx.groups.get(id(jaxpr), {}).get(x_var, ()):
-        w = e.invars[1]
-        v = None if isinstance(w, jcore.Literal) else env.get(w)
-        if id(e) not in ctx.shared and _is_lora(v) and _plain_dense(e, v) and v.a.dtype == x.dtype:
-            members.append((e, v))
-    if len(members) < 2 or members[0][0] is not eqn:
-        return
-    a_cat = jnp.concatenate([v.a for _, v in members], axis=1)
-    lows = low_rank_2d(x.reshape(-1, x.shape[-1]), a_cat, tuple(v.scaled_b() for _, v in members))
-    for (e, _), low in zip(members, lows):
-        ctx.shared[id(e)] = low
-
-
 def _dot_general(eqn: Any, invals: list[Any], ctx: Any) -> list[Any] | None:
     lhs, rhs = invals
     if _is_lora(lhs) and _is_lora(rhs):
@@ -329,16 +325,24 @@ def _dot_general(eqn: Any, invals: list[Any], ctx: Any) -> list[Any] | None:
         transposed = True
     else:
         return None
-    base = _bind(eqn, [v.w0, x] if kernel_lhs else [x, v.w0])[0]
+    if transposed and v.factor is not None:
+        return None  # DoRA contracted over its output axes (a tied attend): the merged kernel
+    base_of = lambda xx: _bind(eqn, [v.w0, xx] if kernel_lhs else [xx, v.w0])[0]  # noqa: E731
+    base = base_of(x)
+    nb, n_out = len(wb), nd - ns - ni
+    n_free_x = x.ndim - len(xc) - len(xb)
+    # output = batch (in wb's order) + x free + out (kernel lhs: batch + out + x free)
+    first_out = nb + (0 if kernel_lhs else n_free_x)
+    factor = _shaped_factor(v, base.ndim, [list(wb).index(i) for i in range(ns)]
+                            + list(range(first_out, first_out + n_out)))
     if not transposed and not kernel_lhs and _plain_dense(eqn, v):
-        low = ctx.shared.pop(id(eqn), None)
+        low, base_dropped = ctx.shared.pop(id(eqn), None), None
         if low is None:
-            xd = _dropout(x, v, ctx).astype(v.a.dtype)
+            xd, base_dropped = _dropped(x, v, ctx, base_of)
             low = low_rank_2d(xd.reshape(-1, x.shape[-1]), v.a, (v.scaled_b(),))[0]
-        return [_add(base, low.reshape(x.shape[:-1] + (v.shape[-1],)))]
-    xd = _dropout(x, v, ctx).astype(v.a.dtype)
+        return [_finish(base, low.reshape(x.shape[:-1] + (v.shape[-1],)), factor, base_dropped)]
+    xd, base_dropped = _dropped(x, v, ctx, base_of)
     bs = v.scaled_b()
-    nb = len(wb)
     if not transposed:  # (x·A)·Bs
         first, second = v.a, bs
         first_c, second_c = tuple(wc), ns
@@ -348,10 +352,9 @@ def _dot_general(eqn: Any, invals: list[Any], ctx: Any) -> list[Any] | None:
     low = lax.dot_general(xd, first, ((tuple(xc), first_c), (tuple(xb), tuple(wb))))
     low = lax.dot_general(low, second, (((low.ndim - 1,), (second_c,)), (tuple(range(nb)), tuple(wb))))
     if kernel_lhs:  # dot_general puts lhs free axes first: batch + kernel free + x free
-        n_free_x = low.ndim - nb - (nd - ns - len(wc))
         perm = (list(range(nb)) + list(range(nb + n_free_x, low.ndim)) + list(range(nb, nb + n_free_x)))
         low = jnp.transpose(low, perm)
-    return [_add(base, low)]
+    return [_finish(base, low, factor, base_dropped)]
 
 
 def _conv(eqn: Any, invals: list[Any], ctx: Any) -> list[Any] | None:
@@ -365,12 +368,13 @@ def _conv(eqn: Any, invals: list[Any], ctx: Any) -> list[Any] | None:
         return None
     if p["feature_group_count"] != 1 or p["batch_group_count"] != 1:
         return None
-    base = _bind(eqn, [x, v.w0])[0]
-    xd = _dropout(x, v, ctx).astype(v.a.dtype)
+    base_of = lambda xx: _bind(eqn, [xx, v.w0])[0]  # noqa: E731
+    base = base_of(x)
+    xd, base_dropped = _dropped(x, v, ctx, base_of)
     low = _bind(eqn, [xd, v.a], preferred_element_type=None)[0]  # a conv to r channels
     feat = dn.out_spec[1]
     low = jnp.moveaxis(jnp.tensordot(low, v.scaled_b(), axes=[[feat], [0]]), -1, feat)  # 1x1 conv
-    return [_add(base, low)]
+    return [_finish(base, low, _shaped_factor(v, base.ndim, [feat]), base_dropped)]
 
 
 def _gather_stack(eqn: Any, v: LoraValue, idx: Any) -> list[Any] | None:
@@ -411,4 +415,4 @@ def _gather(eqn: Any, invals: list[Any], ctx: Any) -> list[Any] | None:
     low = _bind(eqn, [v.a, idx], slice_sizes=(1, v.rank))[0]  # A[ids]
     feat = dn.offset_dims[0]
     low = jnp.moveaxis(jnp.tensordot(low, v.scaled_b(), axes=[[feat], [0]]), -1, feat)
-    return [_add(base, low)]
+    return [_finish(base, low, _shaped_factor(v, base.ndim, [feat]))]  # no dropout on lookups (PEFT)

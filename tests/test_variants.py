@@ -5,6 +5,8 @@ References: PEFT 0.21 on PyTorch (same weights copied across: jlora's A is ``lor
 scale), gradients 1e-4, residual bases 1e-4.
 """
 
+import warnings
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -83,6 +85,20 @@ def _merge(frozen, lora, cfg):
     return jax.jit(lambda f, l: jlora.merge(f, l, cfg))(frozen, lora)
 
 
+def _apply(fn, cfg, mode):
+    """lora_apply; lazy mode strict (the factored path, no merged fallback) with warnings as errors."""
+    if mode == "merged":
+        return jlora.lora_apply(fn, cfg, mode)
+    lazy_fn = jlora.lora_apply(fn, cfg, mode, strict=True)
+
+    def strict(*args, **kw):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            return lazy_fn(*args, **kw)
+
+    return strict
+
+
 def _perturb(lora, seed=1, size=0.3):
     rng = np.random.default_rng(seed)  # NumPy: no per-shape compiles
     return jax.tree.map(lambda x: jnp.asarray(np.asarray(x) + size * rng.normal(size=x.shape).astype(x.dtype)), lora)
@@ -111,7 +127,7 @@ def test_dora_dense_matches_peft_outputs_and_gradients():
     y_t = lin(xt)
     (y_t * torch.tensor(g)).sum().backward()
     for mode in ("merged", "lazy"):
-        fn = jlora.lora_apply(dense, cfg, mode)
+        fn = _apply(dense, cfg, mode)
         _close(fn(frozen, lora, jnp.asarray(x)), _np(y_t), 1e-5)
         grads = jax.grad(lambda l: jnp.sum(fn(frozen, l, jnp.asarray(x)) * g))(lora)["lin"]["kernel"]
         _close(grads["A"], _np(a_t.grad).T, 1e-4)
@@ -138,8 +154,18 @@ def test_dora_conv_matches_peft():
     lora = {"conv": {"kernel": {"A": jnp.asarray(_np(c.lora_A["default"].weight).transpose(2, 3, 1, 0)),
                                 "B": jnp.asarray(_np(c.lora_B["default"].weight)[:, :, 0, 0].T),
                                 "m": jnp.asarray(_np(c.lora_magnitude_vector["default"].weight).reshape(5))}}}
+    g = np.random.default_rng(1).normal(size=y_t.shape).astype(np.float32)
+    y_c = c(torch.tensor(x))
+    (y_c * torch.tensor(g.transpose(0, 3, 1, 2))).sum().backward()
+    want = {"A": _np(c.lora_A["default"].weight.grad).transpose(2, 3, 1, 0),
+            "B": _np(c.lora_B["default"].weight.grad)[:, :, 0, 0].T,
+            "m": _np(c.lora_magnitude_vector["default"].weight.grad).reshape(5)}
     for mode in ("merged", "lazy"):
-        _close(jlora.lora_apply(conv, cfg, mode)(frozen, lora, xj), y_t, 1e-5)
+        fn = _apply(conv, cfg, mode)
+        _close(fn(frozen, lora, xj), y_t, 1e-5)
+        grads = jax.grad(lambda l: jnp.sum(fn(frozen, l, xj) * g))(lora)["conv"]["kernel"]
+        for k in ("A", "B", "m"):
+            _close(grads[k], want[k], 1e-4)
 
 
 def test_dora_embedding_matches_peft():
@@ -156,7 +182,7 @@ def test_dora_embedding_matches_peft():
                                   "m": jnp.asarray(_np(e.lora_magnitude_vector["default"].weight))}}}
     fn = lambda p, i: p["emb"]["embedding"][i]  # noqa: E731
     for mode in ("merged", "lazy"):
-        _close(jlora.lora_apply(fn, cfg, mode)(frozen, lora, jnp.asarray(ids)), y_t, 1e-5)
+        _close(_apply(fn, cfg, mode)(frozen, lora, jnp.asarray(ids)), y_t, 1e-5)
 
 
 def _dora_ref(w0, a, b, m, s):
@@ -222,15 +248,21 @@ def test_dora_lazy_equals_merged_with_gradients_on_mlp():
     lora = _perturb(lora)
     outs, grads = [], []
     for mode in ("lazy", "merged"):
-        fn = jax.jit(jlora.lora_apply(mlp, cfg, mode))
+        fn = jax.jit(_apply(mlp, cfg, mode))
         outs.append(fn(frozen, lora, x))
         grads.append(jax.grad(lambda l: jnp.sum(fn(frozen, l, x) ** 2))(lora))
     _close(outs[0], outs[1], 1e-5)
     for a, b in zip(jax.tree.leaves(grads[0]), jax.tree.leaves(grads[1])):
         _close(a, b, 1e-4)
     assert jlora.summary(frozen, lora).trainable == (8 * 3 + 3 * 12 + 12) + (12 * 3 + 3 * 5 + 5) + 12 + 5
-    with pytest.raises(ValueError, match="dropout on the DoRA kernel"):
-        jlora.lora_apply(mlp, cfg.replace(dropout=0.1), "lazy")(frozen, lora, x, lora_rng=KEY)
+    # dropout (PEFT: base(x) + (factor - 1)·base(drop(x)) + factor·s·B(A(drop(x))))
+    drop = _apply(mlp, cfg.replace(dropout=0.5), "lazy")
+    init_lora = _init(params, cfg)[1]  # B = 0, m = ||W0||: factor 1, so the output is the base model's
+    _close(drop(frozen, init_lora, x, lora_rng=KEY), mlp(params, x), 1e-5)
+    y1, y2 = drop(frozen, lora, x, lora_rng=KEY), drop(frozen, lora, x, lora_rng=jax.random.key(1))
+    assert float(jnp.abs(y1 - y2).max()) > 1e-3 and float(jnp.abs(y1 - outs[0]).max()) > 1e-3
+    g = jax.grad(lambda l: jnp.sum(drop(frozen, l, x, lora_rng=KEY) ** 2))(lora)
+    assert all(np.isfinite(np.asarray(t)).all() for t in jax.tree.leaves(g))
 
 
 # --- PiSSA / OLoRA --------------------------------------------------------------------------------
@@ -512,3 +544,25 @@ def test_property_dora_merge_and_lazy_terms_match_float64(n_stack, ins, outs, ra
     ref = (v * (m64 / norm)[..., None, :]).reshape(shape)
     _close(dora.dora_kernel(frozen["w"], jlora.delta(frozen, lora, cfg)["w"], m, f), ref, 1e-5)
     _close(dora.dora_lazy_terms(frozen["w"], a, b, m, f).reshape(lead + (n_out,)), m64 / norm, 1e-4)
+
+
+def test_dora_lazy_scan_and_shared_input_match_merged():
+    """Stacked DoRA kernels sliced per layer inside lax.scan (A, B and the factor), and q/k sharing x·[A_q|A_k]."""
+    cfg = jlora.LoraConfig(rank=2, alpha=3, targets="(w|q|k)", use_dora=True, stack={"w": 1})
+    params = {"w": _randn(0, (3, 6, 6)) / 3, "q": _randn(1, (6, 4)), "k": _randn(2, (6, 4))}
+
+    def net(p, x):
+        h, _ = jax.lax.scan(lambda h, w: (jnp.tanh(h @ w), None), x, p["w"])
+        return h @ p["q"] + jnp.sin(h @ p["k"])
+
+    frozen, lora = _init(params, cfg)
+    lora = _perturb(lora)
+    x = _randn(4, (5, 6))
+    outs, grads = [], []
+    for mode in ("lazy", "merged"):
+        fn = jax.jit(_apply(net, cfg, mode))
+        outs.append(fn(frozen, lora, x))
+        grads.append(jax.grad(lambda l: jnp.sum(fn(frozen, l, x) ** 2))(lora))
+    _close(outs[0], outs[1], 1e-5)
+    for a, b in zip(jax.tree.leaves(grads[0]), jax.tree.leaves(grads[1])):
+        _close(a, b, 1e-4)
