@@ -6,8 +6,9 @@ import functools
 from collections.abc import Callable
 from typing import Any
 
+from jlora import lazy, paths
 from jlora.config import LoraConfig
-from jlora.extras import lazy_fallback
+from jlora.describe import kernel_layouts, nest
 from jlora.quant import dequantize_tree_for_apply
 from jlora.tree import merge
 
@@ -56,8 +57,6 @@ def lora_apply(apply_fn: Callable[..., Any], config: LoraConfig, mode: str = "la
                 )
             return apply_fn(merge(dequantize_tree_for_apply(frozen), lora, config), *args, **kwargs)
     else:
-        from jlora import lazy
-
         def fn(frozen: Any, lora: Any, *args: Any, lora_rng: Any = None, **kwargs: Any) -> Any:
             frozen = dequantize_tree_for_apply(frozen)  # a quantized base: float kernels inside the trace
             frozen, lora = lazy_fallback(frozen, lora, config)  # tables with trained rows: merged
@@ -65,3 +64,32 @@ def lora_apply(apply_fn: Callable[..., Any], config: LoraConfig, mode: str = "la
 
     functools.update_wrapper(fn, apply_fn, assigned=("__module__", "__name__", "__qualname__"), updated=())
     return fn
+
+
+def lazy_fallback(frozen: Any, lora: Any, config: Any) -> tuple[Any, dict[str, Any]]:
+    """Folds the tables with trained rows into ``frozen``: the kernels the lazy rewrite cannot run
+    factored (the merged fallback, correct and differentiable, not lazy).
+
+    Returns ``(frozen2, lora2)``: ``frozen2`` is ``merge(frozen, part, config)`` for ``part`` = each
+    such table's ``{rows, A, B}`` (and ``m`` for DoRA); ``lora2`` is the rest of the lora tree.
+    ``lazy_call(apply_fn, frozen2, lora2, ...)`` then equals the merged model, and gradients reach the
+    folded leaves through the merge. Trees without rows are returned as they are (DoRA kernels run
+    factored in :mod:`jlora.lazy`).
+
+    >>> from jlora import LoraConfig
+    >>> cfg = LoraConfig(rank=1, targets=r"d/kernel", embedding_rows={"emb": (1,)})
+    >>> frozen = {"d": {"kernel": jnp.ones((2, 2))}, "emb": jnp.zeros((3, 2))}
+    >>> lora = {"d": {"kernel": {"A": jnp.ones((2, 1)), "B": jnp.zeros((1, 2))}},
+    ...         "emb": {"rows": jnp.ones((1, 2))}}
+    >>> f2, l2 = lazy_fallback(frozen, lora, cfg)
+    >>> f2["emb"].tolist(), list(l2)
+    ([[0.0, 0.0], [1.0, 1.0], [0.0, 0.0]], ['d'])
+    """
+    flat = paths.flatten(lora)
+    folded = {p.rpartition("/")[0] for p in flat if p.endswith("/rows")}
+    if not folded:
+        return frozen, lora
+    layouts = kernel_layouts(lora)
+    part = {p: v for p, v in flat.items() if p.rpartition("/")[0] in folded}
+    rest = {p: v for p, v in flat.items() if p not in part}
+    return merge(frozen, nest(part, layouts), config), nest(rest, layouts)

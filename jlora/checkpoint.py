@@ -30,6 +30,7 @@ import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
 from jlora import paths
+from jlora.describe import adapted
 from jlora.config import LoraConfig
 
 __all__ = ["save_adapter", "restore_adapter", "read_adapter_header", "validate_adapter",
@@ -327,9 +328,8 @@ def validate_adapter(lora: Any, *, like: Any = None, frozen: Any = None,
     if frozen is not None:
         if config is None:
             raise ValueError("validate_adapter: pass config= with frozen=.")
-        from jlora import tree  # pylint: disable=g-import-not-at-top
         try:
-            tree.adapted(frozen, lora, config)
+            adapted(frozen, lora, config)
         except ValueError as e:
             raise ValueError(f"{where} does not fit the frozen model: {e}") from e
 

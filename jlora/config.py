@@ -77,6 +77,9 @@ def _as_pairs(name: str, value: Mapping[str, Any] | Sequence[tuple[str, Any]], k
             if isinstance(v, bool) or not isinstance(v, (int, float)):
                 raise TypeError(f"LoraConfig.{name}[{pattern!r}]: expected a number, got {v!r}")
             v = float(v)
+        elif kind is str:
+            if not isinstance(v, str):
+                raise TypeError(f"LoraConfig.{name}[{pattern!r}]: expected a string, got {v!r}")
         else:
             if isinstance(v, bool) or not isinstance(v, int):
                 raise TypeError(f"LoraConfig.{name}[{pattern!r}]: expected an int, got {v!r}")
@@ -110,6 +113,9 @@ class LoraConfig:
       axes: ``{regex: n_in}``: the number of input axes of a kernel (after its stack axes), for
         kernels whose split ``init`` cannot read from a trace.
       stack: ``{regex: n}``: the number of leading stacked (layer) axes of a kernel (``nn.scan``).
+      layout: ``{regex: roles}``: the role of every axis of a kernel, one letter per stored axis:
+        ``'s'`` stack, ``'i'`` input, ``'o'`` output (``'oi'`` for a PyTorch-style ``(out, in)``
+        kernel, ``'oio'`` for Gemma's ``q_einsum`` ``(N, D, H)``); overrides the trace.
       fused: ``{regex: (True, False, True)}``: the kernel's last axis is ``len(groups)`` equal groups
         and only the ``True`` ones adapt (loralib's ``MergedLinear(enable_lora=...)``).
       use_dora: DoRA (Liu et al., 2024; PEFT ``use_dora``): each adapted kernel also trains a
@@ -137,6 +143,7 @@ class LoraConfig:
     trainable: tuple[str, ...] = ()
     axes: tuple[tuple[str, int], ...] = ()
     stack: tuple[tuple[str, int], ...] = ()
+    layout: tuple[tuple[str, str], ...] = ()
     fused: tuple[tuple[str, tuple[bool, ...]], ...] = ()
     use_dora: bool = False
     embedding_rows: tuple[tuple[str, tuple[int, ...]], ...] = ()
@@ -157,6 +164,13 @@ class LoraConfig:
         put("alpha_pattern", _as_pairs("alpha_pattern", self.alpha_pattern, float))
         put("axes", _as_pairs("axes", self.axes, int))
         put("stack", _as_pairs("stack", self.stack, int))
+        put("layout", _as_pairs("layout", self.layout, str))
+        for pattern, roles in self.layout:
+            if not roles or set(roles) - set("sio"):
+                raise ValueError(
+                    f"LoraConfig.layout[{pattern!r}]: expected one letter per kernel axis from 's' (stack), "
+                    f"'i' (input), 'o' (output), got {roles!r}; fix: e.g. 'oi' for an (out, in) kernel"
+                )
         put("fused", _as_pairs("fused", self.fused, tuple))
         put("embedding_rows", _as_pairs("embedding_rows", self.embedding_rows, _Rows))
         if not isinstance(self.use_dora, bool):
@@ -216,6 +230,10 @@ class LoraConfig:
         """The stated number of input axes of the kernel at ``path``, or None."""
         return _first(self.axes, path)
 
+    def layout_for(self, path: str) -> str | None:
+        """The stated axis roles of the kernel at ``path`` (``layout``), or None."""
+        return _first(self.layout, path)
+
     def stack_for(self, path: str) -> int | None:
         """The stated number of leading stacked axes of the kernel at ``path``, or None."""
         return _first(self.stack, path)
@@ -227,7 +245,7 @@ class LoraConfig:
     def to_json(self) -> str:
         """The config as a JSON string (``from_json`` inverts it exactly)."""
         body = dataclasses.asdict(self)
-        for name in ("rank_pattern", "alpha_pattern", "axes", "stack", "fused", "embedding_rows"):
+        for name in ("rank_pattern", "alpha_pattern", "axes", "stack", "layout", "fused", "embedding_rows"):
             body[name] = [[p, list(v) if isinstance(v, tuple) else v] for p, v in getattr(self, name)]
         body = {"format": "jlora.LoraConfig", **body}
         return json.dumps(body, sort_keys=True, indent=1)
@@ -255,7 +273,7 @@ class LoraConfig:
             raise ValueError(
                 f"LoraConfig.from_json: unknown keys {unknown}; expected a subset of {sorted(names)}"
             )
-        for name in ("rank_pattern", "alpha_pattern", "axes", "stack", "fused", "embedding_rows"):
+        for name in ("rank_pattern", "alpha_pattern", "axes", "stack", "layout", "fused", "embedding_rows"):
             if name in body:
                 value = body[name]
                 if not isinstance(value, (list, dict)):

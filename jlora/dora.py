@@ -28,7 +28,9 @@ import jax.numpy as jnp
 
 from jlora import paths
 from jlora.config import LoraConfig
-from jlora.kinds import Factored
+from jlora.describe import adapted
+from jlora.extras import scatter_rows
+from jlora.kinds import Factored, factors_delta
 
 _HI = jax.lax.Precision.HIGHEST
 
@@ -43,45 +45,48 @@ def _check_plain(f: Factored, what: str) -> None:
 
 
 def _in_axes(f: Factored) -> tuple[int, ...]:
+    """The input axes in the canonical order ``stack + in + out``."""
     return tuple(range(f.n_stack, f.n_stack + f.n_in))
 
 
 def _expand(v: jax.Array, f: Factored) -> jax.Array:
-    """``stack + out`` -> ``stack + (1,)*n_in + out`` so that it broadcasts against the kernel."""
-    shape = tuple(v.shape)
-    return v.reshape(shape[: f.n_stack] + (1,) * f.n_in + shape[f.n_stack :])
+    """``stack + out`` (canonical) -> an array of the kernel's stored shape, constant along the inputs."""
+    lay = f.layout
+    c = v.reshape(lay.stack_shape + (1,) * f.n_in + lay.out_shape)
+    return lay.from_canonical(jnp.broadcast_to(c, lay.canonical_shape))
 
 
 def magnitude_shape(f: Factored) -> tuple[int, ...]:
-    """The shape of DoRA's magnitude ``m`` for a kernel: ``stack + out``.
+    """The shape of DoRA's magnitude ``m`` for a kernel: ``stack + out`` (canonical order).
 
-    >>> magnitude_shape(Factored("conv/kernel", 0, 3, 4, 1.0, None, (3, 3, 16, 32)))
+    >>> from jlora.layout import Layout
+    >>> magnitude_shape(Factored("conv/kernel", Layout((3, 3, 16, 32), "iiio", kind="conv"), 4, 1.0))
     (32,)
     """
-    shape = f.kernel_shape
-    return shape[: f.n_stack] + shape[f.n_stack + f.n_in :]
+    return f.layout.stack_shape + f.layout.out_shape
 
 
 def column_norm(v: jax.Array, f: Factored) -> jax.Array:
-    """The L2 norm of a kernel-shaped array over its input axes, in float32 (shape ``stack + out``).
+    """The L2 norm of a kernel-shaped (stored order) array over its input axes, in float32
+    (shape ``stack + out``, canonical order).
 
-    >>> f = Factored("d/kernel", 0, 1, 1, 1.0, None, (2, 2))
+    >>> from jlora.layout import Layout
+    >>> f = Factored("d/kernel", Layout((2, 2), "io"), 1, 1.0)
     >>> column_norm(jnp.array([[3.0, 0.0], [4.0, 1.0]]), f).tolist()
     [5.0, 1.0]
     """
-    v = v.astype(jnp.float32)
+    v = f.layout.to_canonical(v.astype(jnp.float32))
     return jnp.sqrt(jnp.sum(v * v, axis=_in_axes(f)))
 
 
 def magnitude(w0: jax.Array, A: jax.Array, B: jax.Array, f: Factored) -> jax.Array:
     """DoRA's initial magnitude ``m = ||W0 + s A ⊗ B||_in`` (float32; ``||W0||_in`` when B = 0).
 
-    >>> f = Factored("d/kernel", 0, 1, 1, 1.0, None, (2, 2))
+    >>> from jlora.layout import Layout
+    >>> f = Factored("d/kernel", Layout((2, 2), "io"), 1, 1.0)
     >>> magnitude(jnp.array([[3.0, 0.0], [4.0, 1.0]]), jnp.zeros((2, 1)), jnp.zeros((1, 2)), f).tolist()
     [5.0, 1.0]
     """
-    from jlora.kinds import factors_delta
-
     _check_plain(f, "jlora.dora.magnitude")
     return column_norm(w0.astype(jnp.float32) + factors_delta(A, B, f), f)
 
@@ -97,7 +102,8 @@ def dora_kernel(w0: jax.Array, delta: jax.Array, m: jax.Array, f: Factored) -> j
     ``delta`` is ``s * A ⊗ B`` (from :func:`jlora.kinds.factors_delta`). The norm is detached, as in
     PEFT, so gradients through this kernel (merged-mode training) match PEFT's.
 
-    >>> f = Factored("d/kernel", 0, 1, 1, 1.0, None, (2, 2))
+    >>> from jlora.layout import Layout
+    >>> f = Factored("d/kernel", Layout((2, 2), "io"), 1, 1.0)
     >>> w0 = jnp.array([[3.0, 0.0], [4.0, 2.0]])
     >>> dora_kernel(w0, jnp.zeros((2, 2)), jnp.array([10.0, 1.0]), f).tolist()
     [[6.0, 0.0], [8.0, 1.0]]
@@ -114,11 +120,12 @@ def kernel_sq_norm(w0: jax.Array, f: Factored) -> jax.Array:
 
     Compute it once per step (or once per run: W0 is frozen) and pass it to :func:`dora_lazy_terms`.
 
-    >>> f = Factored("d/kernel", 0, 1, 1, 1.0, None, (2, 2))
+    >>> from jlora.layout import Layout
+    >>> f = Factored("d/kernel", Layout((2, 2), "io"), 1, 1.0)
     >>> kernel_sq_norm(jnp.array([[3.0, 0.0], [4.0, 1.0]]), f).tolist()
     [25.0, 1.0]
     """
-    w = jax.lax.stop_gradient(w0).astype(jnp.float32)
+    w = f.layout.to_canonical(jax.lax.stop_gradient(w0).astype(jnp.float32))
     return jnp.sum(w * w, axis=_in_axes(f))
 
 
@@ -137,28 +144,27 @@ def dora_lazy_terms(w0: jax.Array, A: jax.Array, B: jax.Array, m: jax.Array, f: 
     lookup (factor per embedding feature); the factor multiplies the output axes of that use.
 
     Args:
-      w0: the frozen kernel, ``stack + in + out``.
+      w0: the frozen kernel (stored order; read through ``f.layout``).
       A: ``stack + in + (r,)``.
       B: ``stack + (r,) + out``.
       m: the magnitude, ``stack + out``.
-      f: the kernel's :class:`jlora.Factored` (from :func:`jlora.adapted`; for a per-layer slice inside a
-        scan, pass a ``Factored`` with ``n_stack`` reduced accordingly, and sliced arrays).
+      f: the kernel's :class:`jlora.Factored` (from :func:`jlora.adapted`).
       w0_sq: ``||W0||_in²`` from :func:`kernel_sq_norm`, if already computed.
 
     Returns:
       ``factor``, float32, ``stack + out``; gradients reach ``m`` only (the norm is detached).
 
-    >>> f = Factored("d/kernel", 0, 1, 1, 1.0, None, (2, 2))
+    >>> from jlora.layout import Layout
+    >>> f = Factored("d/kernel", Layout((2, 2), "io"), 1, 1.0)
     >>> w0 = jnp.array([[3.0, 0.0], [4.0, 2.0]])
     >>> dora_lazy_terms(w0, jnp.zeros((2, 1)), jnp.zeros((1, 2)), jnp.array([10.0, 1.0]), f).tolist()
     [2.0, 0.5]
     """
     _check_plain(f, "jlora.dora.dora_lazy_terms")
-    stack = f.kernel_shape[: f.n_stack]
-    n_in = math.prod(f.kernel_shape[f.n_stack : f.n_stack + f.n_in])
-    out = f.kernel_shape[f.n_stack + f.n_in :]
+    lay = f.layout
+    stack, n_in, out = lay.stack_shape, lay.fan_in, lay.out_shape
     r = A.shape[-1]
-    w = jax.lax.stop_gradient(w0).astype(jnp.float32).reshape(stack + (n_in, -1))
+    w = lay.to_canonical(jax.lax.stop_gradient(w0).astype(jnp.float32)).reshape(stack + (n_in, -1))
     a = jax.lax.stop_gradient(A).astype(jnp.float32).reshape(stack + (n_in, r))
     b = jax.lax.stop_gradient(B).astype(jnp.float32).reshape(stack + (r, -1))
     if w0_sq is None:
@@ -176,8 +182,6 @@ def dora_lazy_terms(w0: jax.Array, A: jax.Array, B: jax.Array, m: jax.Array, f: 
 
 
 def _dora_kernels(frozen: Any, lora: Any, config: LoraConfig) -> tuple[dict[str, Factored], dict[str, Any]]:
-    from jlora.tree import adapted
-
     info = adapted(frozen, lora, config)
     flat = paths.flatten(lora)
     return {p: f for p, f in info.items() if p + "/m" in flat}, flat
@@ -194,8 +198,6 @@ def norms(frozen: Any, lora: Any, config: LoraConfig) -> dict[str, jax.Array]:
     >>> norms(frozen, lora, LoraConfig(rank=1, targets=".*", use_dora=True))["d/kernel"].tolist()
     [5.0, 1.0]
     """
-    from jlora.kinds import factors_delta
-
     info, flat = _dora_kernels(frozen, lora, config)
     base = paths.flatten(frozen)
     out = {}
@@ -203,8 +205,6 @@ def norms(frozen: Any, lora: Any, config: LoraConfig) -> dict[str, jax.Array]:
         rows = flat.get(p + "/rows")
         w0 = base[p]
         if rows is not None:
-            from jlora.extras import scatter_rows
-
             w0 = scatter_rows(w0, rows, config.rows_for(p), p)
         out[p] = column_norm(w0.astype(jnp.float32) + factors_delta(flat[p + "/A"], flat[p + "/B"], f), f)
     return out
@@ -230,9 +230,6 @@ def unmerge(params: Any, lora: Any, config: LoraConfig, norms: Mapping[str, jax.
     >>> unmerge(merged, lora, cfg, norms(frozen, lora, cfg))["d"]["kernel"].round(5).tolist()
     [[3.0, 0.0], [4.0, 1.0]]
     """
-    from jlora.kinds import factors_delta
-    from jlora.tree import adapted
-
     info = adapted(params, lora, config)
     flat = paths.flatten(lora)
     for p in info:

@@ -121,33 +121,3 @@ def scatter_rows(table: jax.Array, values: jax.Array, rows: Sequence[int] | None
             f"{tuple(table.shape)}), got {tuple(values.shape)}; fix: make the lora tree with jlora.init and this config"
         )
     return table.at[jnp.asarray(rows)].set(values.astype(table.dtype))
-
-
-def lazy_fallback(frozen: Any, lora: Any, config: Any) -> tuple[Any, dict[str, Any]]:
-    """Folds the tables with trained rows into ``frozen``: the kernels the lazy rewrite cannot run
-    factored (the merged fallback, correct and differentiable, not lazy).
-
-    Returns ``(frozen2, lora2)``: ``frozen2`` is ``merge(frozen, part, config)`` for ``part`` = each
-    such table's ``{rows, A, B}`` (and ``m`` for DoRA); ``lora2`` is the rest of the lora tree.
-    ``lazy_call(apply_fn, frozen2, lora2, ...)`` then equals the merged model, and gradients reach the
-    folded leaves through the merge. Trees without rows are returned as they are (DoRA kernels run
-    factored in :mod:`jlora.lazy`).
-
-    >>> from jlora import LoraConfig
-    >>> cfg = LoraConfig(rank=1, targets=r"d/kernel", embedding_rows={"emb": (1,)})
-    >>> frozen = {"d": {"kernel": jnp.ones((2, 2))}, "emb": jnp.zeros((3, 2))}
-    >>> lora = {"d": {"kernel": {"A": jnp.ones((2, 1)), "B": jnp.zeros((1, 2))}},
-    ...         "emb": {"rows": jnp.ones((1, 2))}}
-    >>> f2, l2 = lazy_fallback(frozen, lora, cfg)
-    >>> f2["emb"].tolist(), list(l2)
-    ([[0.0, 0.0], [1.0, 1.0], [0.0, 0.0]], ['d'])
-    """
-    from jlora.tree import merge
-
-    flat = paths.flatten(lora)
-    folded = {p.rpartition("/")[0] for p in flat if p.endswith("/rows")}
-    if not folded:
-        return frozen, lora
-    part = {p: v for p, v in flat.items() if p.rpartition("/")[0] in folded}
-    rest = {p: v for p, v in flat.items() if p not in part}
-    return merge(frozen, paths.unflatten_dict(part), config), paths.unflatten_dict(rest)

@@ -27,7 +27,8 @@ import jax.numpy as jnp
 
 from jlora import paths
 from jlora.config import LoraConfig
-from jlora.kinds import Split
+from jlora.describe import adapted, nest
+from jlora.layout import Layout
 
 _NITER = re.compile(r"pissa_niter_(\d+)")
 _HI = jax.lax.Precision.HIGHEST
@@ -58,15 +59,14 @@ def _svd_lowrank(key: jax.Array, w: jax.Array, rank: int, niter: int) -> tuple[j
     return jnp.matmul(q, u, precision=_HI), s, vh
 
 
-def _matrix(w: Any, split: Split) -> tuple[jax.Array, tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
-    shape = tuple(w.shape)
-    stack = shape[: split.n_stack]
-    ins = shape[split.n_stack : split.n_stack + split.n_in]
-    outs = shape[split.n_stack + split.n_in :]
-    return jnp.asarray(w, jnp.float32).reshape(stack + (math.prod(ins), math.prod(outs))), stack, ins, outs
+def _matrix(w: Any, layout: Layout) -> tuple[jax.Array, tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
+    """The kernel as ``stack + (prod(in), prod(out))`` float32 matrices, and the three shapes."""
+    stack, ins, outs = layout.stack_shape, layout.in_shape, layout.out_shape
+    c = layout.to_canonical(jnp.asarray(w, jnp.float32))
+    return c.reshape(stack + (math.prod(ins), math.prod(outs))), stack, ins, outs
 
 
-def init_from_kernel(key: jax.Array, w0: jax.Array, split: Split, rank: int, scale: float, init: str,
+def init_from_kernel(key: jax.Array, w0: jax.Array, layout: Layout, rank: int, scale: float, init: str,
                      dtype: Any, *, path: str = "kernel", groups: tuple[bool, ...] | None = None
                      ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """A, B and the residual kernel for a base-changing init, with ``W_res + s·A⊗B = W0``.
@@ -78,7 +78,7 @@ def init_from_kernel(key: jax.Array, w0: jax.Array, split: Split, rank: int, sca
     Args:
       key: PRNG key (used by ``pissa_niter_K`` only).
       w0: the kernel, ``stack + in + out`` (values needed: not a ShapeDtypeStruct).
-      split: its :class:`jlora.kinds.Split`.
+      layout: its :class:`jlora.layout.Layout`.
       rank: r. scale: s. init: ``'pissa'``, ``'pissa_niter_K'`` or ``'olora'``.
       dtype: the factors' dtype. path: for errors.
       groups: fused groups (not supported: raises).
@@ -88,7 +88,7 @@ def init_from_kernel(key: jax.Array, w0: jax.Array, split: Split, rank: int, sca
       W0's dtype, computed in float32 from the cast factors.
 
     >>> w = jnp.diag(jnp.array([3.0, 2.0, 1.0]))
-    >>> A, B, res = init_from_kernel(jax.random.key(0), w, Split("dense", 0, 1), 1, 1.0, "pissa", jnp.float32)
+    >>> A, B, res = init_from_kernel(jax.random.key(0), w, Layout((3, 3), "io"), 1, 1.0, "pissa", jnp.float32)
     >>> res.round(5).tolist()
     [[0.0, 0.0, 0.0], [0.0, 2.0, 0.0], [0.0, 0.0, 1.0]]
     """
@@ -107,7 +107,7 @@ def init_from_kernel(key: jax.Array, w0: jax.Array, split: Split, rank: int, sca
         )
     if not jnp.issubdtype(w0.dtype, jnp.floating):
         raise TypeError(f"LoraConfig.init={init!r}: kernel {path!r} has dtype {w0.dtype}, expected a float dtype")
-    w, stack, ins, outs = _matrix(w0, split)
+    w, stack, ins, outs = _matrix(w0, layout)
     t = lambda x: jnp.swapaxes(x, -1, -2)  # noqa: E731
     if init == "olora":
         q, r_ = jnp.linalg.qr(t(w))  # (out, k), (k, in)
@@ -124,7 +124,7 @@ def init_from_kernel(key: jax.Array, w0: jax.Array, split: Split, rank: int, sca
         b = root[..., :, None] * vh[..., :rank, :]
     a, b = a.astype(dtype), b.astype(dtype)
     low = jnp.matmul(a.astype(jnp.float32), b.astype(jnp.float32), precision=_HI)
-    residual = (w - scale * low).reshape(tuple(w0.shape)).astype(w0.dtype)
+    residual = layout.from_canonical((w - scale * low).reshape(layout.canonical_shape)).astype(w0.dtype)
     return a.reshape(stack + ins + (rank,)), b.reshape(stack + (rank,) + outs), residual
 
 
@@ -160,8 +160,6 @@ def to_plain_adapter(original_frozen: Any, frozen_residual: Any, lora: Any, conf
     >>> plain["d"]["kernel"]["A"].shape, cfg2.rank, cfg2.alpha, cfg2.init
     ((3, 2), 2, 2.0, 'kaiming')
     """
-    from jlora.tree import adapted
-
     if config.use_dora:
         raise ValueError(
             "to_plain_adapter: a DoRA adapter is not linear in its factors (W' = m·V/||V||), so it has no plain "
@@ -181,9 +179,8 @@ def to_plain_adapter(original_frozen: Any, frozen_residual: Any, lora: Any, conf
                 f"to_plain_adapter: original_frozen[{p!r}] is {got}, expected shape {tuple(res[p].shape)} (the "
                 "residual's); fix: pass the params given to jlora.init as original_frozen"
             )
-        split = Split("dense", f.n_stack, f.n_in)
-        diff, stack, ins, outs = _matrix(orig[p], split)
-        diff = diff - _matrix(res[p], split)[0]
+        diff, stack, ins, outs = _matrix(orig[p], f.layout)
+        diff = diff - _matrix(res[p], f.layout)[0]
         u, s, vh = jnp.linalg.svd(diff, full_matrices=False)
         root = jnp.sqrt(s[..., : f.rank] / f.scale)
         a0 = (u[..., :, : f.rank] * root[..., None, :]).reshape(stack + ins + (f.rank,))
@@ -198,4 +195,4 @@ def to_plain_adapter(original_frozen: Any, frozen_residual: Any, lora: Any, conf
         alpha_pattern=tuple((k, _scaled(v, config.rslora)) for k, v in config.alpha_pattern),
         init="kaiming",
     )
-    return paths.unflatten_dict(out), new
+    return nest(out, {p: f.layout for p, f in info.items()}), new

@@ -63,9 +63,14 @@ from jax import lax
 from jax.extend import core as jcore
 
 from jlora import dora
+from jlora.describe import adapted
 from jlora import paths as jpaths
-from jlora.lazy_rules import (LoraValue, _bind, _conv, _dot_general, _dtype_view, _dynamic_slice, _gather,
-                              _is_lora, _plain_dense, _reshape, _slice, _transpose, low_rank_2d)
+from jlora.lazy_rules import conv, dot_general, gather_rows, low_rank_2d, plain_dense
+from jlora.lazy_value import (LoraValue, dtype_view, dynamic_slice, gather_stack, is_lora, reshape, rev,
+                              slice_, transpose)
+from jlora.lazy_value import bind as _bind
+
+_is_lora = is_lora
 
 __all__ = ["LoraValue", "lazy_call", "lazy_eval", "low_rank_2d"]
 
@@ -103,7 +108,7 @@ def _share_inputs(jaxpr: Any, env: Mapping[Any, Any], ctx: Any, eqn: Any) -> Non
     for e in ctx.groups.get(id(jaxpr), {}).get(x_var, ()):
         w = e.invars[1]
         v = None if isinstance(w, jcore.Literal) else env.get(w)
-        if id(e) not in ctx.shared and _is_lora(v) and _plain_dense(e, v) and v.a.dtype == x.dtype:
+        if id(e) not in ctx.shared and _is_lora(v) and plain_dense(e, v) and v.a.dtype == x.dtype:
             members.append((e, v))
     if len(members) < 2 or members[0][0] is not eqn:
         return
@@ -157,7 +162,7 @@ def lazy_eval(jaxpr: Any, consts: Sequence[Any], args: Sequence[Any], *, strict:
     The seam under :func:`lazy_call`, usable directly on any jaxpr.
 
     >>> jp = jax.make_jaxpr(lambda w, x: x @ w)(jnp.zeros((2, 2)), jnp.ones((1, 2)))
-    >>> v = LoraValue(jnp.eye(2), jnp.ones((2, 1)), jnp.ones((1, 2)), "w", 0, 0, 1, 1.0)
+    >>> v = LoraValue(jnp.eye(2), jnp.ones((2, 1)), jnp.ones((1, 2)), "w", 0, 0, 1, ((0,), (1,)), 1.0)
     >>> lazy_eval(jp.jaxpr, jp.consts, [v, jnp.ones((1, 2))])[0].tolist()
     [[3.0, 3.0]]
     """
@@ -232,12 +237,23 @@ def _scan(eqn: Any, invals: list[Any], ctx: _Ctx) -> list[Any] | None:
     p = eqn.params
     nc, ncar = p["num_consts"], p["num_carry"]
     consts, carry, xs = invals[:nc], invals[nc : nc + ncar], invals[nc + ncar :]
-    if any(_is_lora(c) for c in carry) or any(_is_lora(x) and x.n_stack == 0 for x in xs):
+    if any(_is_lora(c) for c in carry):
         return None
+    metas, packed = [], []
+    for x in xs:  # a stacked kernel scanned over its leading view axis: slice W0, A, B per step
+        if not _is_lora(x):
+            metas.append(None)
+            packed.append(x)
+            continue
+        lead = x.view[0]
+        if len(lead) != 1 or x.role(lead[0]) != "s":
+            return None
+        c = lead[0]
+        moved = x.map_axis(c, lambda arr, ax: jnp.moveaxis(arr, ax, 0))
+        packed.append((x.w0, moved.a, moved.b, moved.factor))
+        view = tuple(tuple(q - (q > c) for q in axis) for axis in x.view[1:])
+        metas.append(x.replace(w0=None, a=None, b=None, factor=None, ns=x.ns - 1, view=view))
     closed = p["jaxpr"]
-    packed = [(x.w0, x.a, x.b, x.factor) if _is_lora(x) else x for x in xs]
-    metas = [x.replace(w0=None, a=None, b=None, factor=None, n_stack=x.n_stack - 1) if _is_lora(x) else None
-             for x in xs]
     keys = None
     if ctx.rng is not None and ctx.rate > 0.0:
         ctx.loops[0] += 1
@@ -282,18 +298,21 @@ def _while(eqn: Any, invals: list[Any], ctx: _Ctx) -> list[Any] | None:
 
 
 _RULES: dict[str, Callable[..., list[Any] | None]] = {
-    "convert_element_type": _dtype_view,
-    "copy": _dtype_view,
-    "copy_p": _dtype_view,
-    "reshape": _reshape,
-    "squeeze": _reshape,
-    "broadcast_in_dim": _reshape,
-    "transpose": _transpose,
-    "slice": _slice,
-    "dynamic_slice": _dynamic_slice,
-    "dot_general": _dot_general,
-    "conv_general_dilated": _conv,
-    "gather": _gather,
+    "convert_element_type": dtype_view,
+    "copy": dtype_view,
+    "copy_p": dtype_view,
+    "reduce_precision": dtype_view,
+    "reshape": reshape,
+    "squeeze": reshape,
+    "expand_dims": reshape,
+    "broadcast_in_dim": reshape,
+    "transpose": transpose,
+    "rev": rev,
+    "slice": slice_,
+    "dynamic_slice": dynamic_slice,
+    "dot_general": dot_general,
+    "conv_general_dilated": conv,
+    "gather": lambda eqn, invals, ctx: gather_rows(eqn, invals, ctx) or gather_stack(eqn, invals, ctx),
     "scan": _scan,
     "cond": _cond,
     "while": _while,
@@ -318,8 +337,8 @@ def _leaf_paths(params: Any) -> list[str]:
 def _sq_norm(w0: jax.Array, f: Any) -> jax.Array:
     """``||W0||_in²`` per output unit as one contraction (no kernel-sized ``W0 * W0`` array), no gradient."""
     ns = f.n_stack
-    stack, n_in = f.kernel_shape[:ns], math.prod(f.kernel_shape[ns : ns + f.n_in])
-    w = lax.stop_gradient(w0).astype(jnp.float32).reshape(stack + (n_in, -1))
+    stack, n_in = f.layout.stack_shape, f.layout.fan_in
+    w = f.layout.to_canonical(lax.stop_gradient(w0).astype(jnp.float32)).reshape(stack + (n_in, -1))
     batch = tuple(range(ns)) + (ns + 1,)
     return lax.dot_general(w, w, (((ns,), (ns,)), (batch, batch)), precision=lax.Precision.HIGHEST)
 
@@ -351,9 +370,7 @@ def lazy_call(apply_fn: Callable[..., Any], frozen: Any, lora: Any, config: Any,
     [3.0, 3.0]
     """
     if factored is None:
-        from jlora import tree
-
-        factored = tree.adapted(frozen, lora, config)
+        factored = adapted(frozen, lora, config)
     lflat = jpaths.flatten(lora)
     params = jpaths.map_with_path(lambda p, w: lflat[p] if p in lflat else w, frozen)
     leaves, treedef = jax.tree_util.tree_flatten(params)
@@ -386,7 +403,8 @@ def lazy_call(apply_fn: Callable[..., Any], frozen: Any, lora: Any, config: Any,
         factor = None
         if f.dora:
             factor = dora.dora_lazy_terms(vals[i], a, b, lflat[p + "/m"], f, w0_sq=_sq_norm(vals[i], f))
-        vals[i] = LoraValue(vals[i], a, b, p, index[p], f.n_stack, f.n_in, float(f.scale), factor)
+        view = tuple(f.layout.canonical_axes(k) for k in range(len(f.kernel_shape)))
+        vals[i] = LoraValue(vals[i], a, b, p, index[p], f.n_stack, f.n_in, view, float(f.scale), factor)
     rate = float(getattr(config, "dropout", 0.0) or 0.0)
     outs = lazy_eval(closed.jaxpr, closed.consts, vals + dyn, strict=strict, rate=rate, rng=rng)
     outs = [o.materialise() if _is_lora(o) else o for o in outs]

@@ -1,16 +1,15 @@
-"""The rules of the lazy low-rank rewrite (:mod:`jlora.lazy`): the symbolic kernel and its uses.
+"""The consumers of the lazy rewrite (:mod:`jlora.lazy`): ``dot_general``, ``conv_general_dilated``
+and the embedding ``gather``, each computing ``base + low-rank`` for a :class:`~jlora.lazy_value.LoraValue`.
 
-:class:`LoraValue` is an adapted kernel kept as ``W0``, ``A``, ``B`` (and, for DoRA, the per-output
-factor ``m / ||W0 + s·A⊗B||_in``). Each rule takes a jaxpr equation whose inputs include a
-``LoraValue`` and returns its outputs, or ``None`` when it does not apply (the interpreter then
-falls back to the merged kernel): views of the kernel (casts, reshapes, transposes, stack slices)
-and its consumers (``dot_general`` with the custom-VJP dense fast path :func:`low_rank_2d`,
-``conv_general_dilated``, ``gather``).
+Every consumer reads the kernel's roles from the value's ``view`` (which canonical axes each axis
+of the used kernel holds), so one rule serves any dimension numbers: contracted axes holding the
+input axes give ``(x·A)·(s·B)``, contracted output axes the transposed roles ``(x·(s·B)ᵀ)·Aᵀ``,
+kernel batch axes and free stack axes batch both products. A plain 2-D use takes the fast
+custom-VJP path :func:`low_rank_2d`. Each rule returns ``None`` when it does not apply.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -19,184 +18,9 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-__all__ = ["LoraValue", "low_rank_2d"]
+from jlora.lazy_value import LoraValue, bind, is_lora
 
-
-# --- the symbolic kernel ------------------------------------------------------------------------
-
-@jax.tree_util.register_pytree_node_class
-@dataclasses.dataclass(frozen=True)
-class LoraValue:
-    """A kernel ``W0 + scale * A ⊗ B`` kept in factored form (DoRA: ``factor ⊙ (W0 + scale * A ⊗ B)``).
-
-    ``w0`` has shape ``stack + in + out``; ``a`` is ``stack + in + (r,)`` and ``b`` is
-    ``stack + (r,) + out`` (rank contracted, batched over the stack axes). For a DoRA kernel
-    ``factor`` is ``m / stop_gradient(||W0 + s·A⊗B||_in)`` (float32, ``stack + out``, from
-    :func:`jlora.dora.dora_lazy_terms`), applied to the output axes of every use; else ``None``.
-    A pytree whose leaves are these arrays, so it passes through ``jax.checkpoint``/``lax.cond``.
-
-    >>> v = LoraValue(jnp.zeros((3, 2)), jnp.ones((3, 1)), jnp.ones((1, 2)), "w", 0, 0, 1, 2.0)
-    >>> v.materialise().tolist()
-    [[2.0, 2.0], [2.0, 2.0], [2.0, 2.0]]
-    """
-
-    w0: Any
-    a: Any
-    b: Any
-    path: str
-    index: int
-    n_stack: int
-    n_in: int
-    scale: float
-    factor: Any = None
-
-    def tree_flatten(self):  # noqa: D102
-        return (self.w0, self.a, self.b, self.factor), (self.path, self.index, self.n_stack, self.n_in, self.scale)
-
-    @classmethod
-    def tree_unflatten(cls, aux, children):  # noqa: D102
-        w0, a, b, factor = children
-        return cls(w0, a, b, *aux, factor=factor)
-
-    @property
-    def shape(self) -> tuple[int, ...]:
-        """The kernel's (current view's) shape."""
-        return tuple(self.w0.shape)
-
-    @property
-    def rank(self) -> int:
-        """The (possibly block-fused) rank r."""
-        return int(self.a.shape[-1])
-
-    def replace(self, **kw: Any) -> LoraValue:
-        """A copy with some fields changed."""
-        return dataclasses.replace(self, **kw)
-
-    def scaled_b(self) -> jax.Array:
-        """``scale * B`` in B's dtype (the scale is applied to the tiny factor, not the output)."""
-        return self.b * jnp.asarray(self.scale, self.b.dtype)
-
-    def out_factor(self, expand: tuple[int, ...]) -> jax.Array:
-        """The DoRA factor (``stack + out``) with size-1 axes inserted at ``expand`` positions."""
-        f = self.factor
-        for ax in sorted(expand):
-            f = jnp.expand_dims(f, ax)
-        return f
-
-    def materialise(self) -> jax.Array:
-        """``W0 + scale * A ⊗ B`` (times the DoRA factor), summed in float32 (or wider), cast to ``w0``'s dtype."""
-        ns = self.n_stack
-        stack, shape = self.shape[:ns], self.shape
-        n_in = math.prod(shape[ns : ns + self.n_in])
-        acc = jnp.promote_types(jnp.float32, jnp.promote_types(self.w0.dtype, self.a.dtype))
-        a = self.a.astype(acc).reshape(stack + (n_in, self.rank))
-        b = self.b.astype(acc).reshape(stack + (self.rank, -1))
-        d = jnp.matmul(a, b, precision=lax.Precision.HIGHEST) * jnp.asarray(self.scale, acc)
-        w = self.w0.astype(acc) + d.reshape(shape)
-        if self.factor is not None:
-            w = w * self.out_factor(tuple(range(ns, ns + self.n_in))).astype(acc)
-        return w.astype(self.w0.dtype)
-
-
-def _is_lora(x: Any) -> bool:
-    return isinstance(x, LoraValue)
-
-
-def _bind(eqn: Any, invals: Sequence[Any], **overrides: Any) -> list[Any]:
-    params = eqn.primitive.get_bind_params(dict(eqn.params, **overrides))
-    with eqn.ctx.manager:
-        out = eqn.primitive.bind(*invals, **params)
-    return list(out) if eqn.primitive.multiple_results else [out]
-
-
-# --- views ---------------------------------------------------------------------------------------
-
-def _view(v: LoraValue, eqn: Any, a: Any, b: Any, n_stack: int, n_in: int, factor: Any = None) -> list[Any]:
-    w0 = _bind(eqn, [v.w0])[0]
-    return [v.replace(w0=w0, a=a, b=b, n_stack=n_stack, n_in=n_in, factor=factor)]
-
-
-def _map_factor(v: LoraValue, fn: Callable[[jax.Array], jax.Array]) -> Any:
-    return None if v.factor is None else fn(v.factor)
-
-
-def _dtype_view(eqn: Any, invals: list[Any], ctx: Any) -> list[Any] | None:
-    v = invals[0]
-    return _view(v, eqn, v.a, v.b, v.n_stack, v.n_in, v.factor)
-
-
-def _reshape(eqn: Any, invals: list[Any], ctx: Any) -> list[Any] | None:
-    v = invals[0]
-    if len(invals) != 1 or (eqn.primitive.name == "reshape" and eqn.params.get("dimensions") is not None):
-        return None
-    new = tuple(eqn.outvars[0].aval.shape)
-    if math.prod(new) != math.prod(v.shape):
-        return None  # a real broadcast
-    if eqn.primitive.name == "broadcast_in_dim" and list(eqn.params["broadcast_dimensions"]) != sorted(
-            eqn.params["broadcast_dimensions"]):
-        return None
-    ns, ni = v.n_stack, v.n_in
-    n_s, n_si = math.prod(v.shape[:ns]), math.prod(v.shape[: ns + ni])
-    if new[:ns] == v.shape[:ns]:  # the stack axes stay (a size-1 layer axis must not become an input)
-        k1 = ns
-    else:
-        k1 = next((k for k in range(len(new) + 1) if math.prod(new[:k]) == n_s), None)
-    if k1 is None:
-        return None
-    k2 = next((k for k in range(k1 + 1, len(new)) if math.prod(new[:k]) == n_si), None)
-    if k2 is None:
-        return None
-    r = v.rank
-    a = v.a.reshape(new[:k2] + (r,))
-    b = v.b.reshape(new[:k1] + (r,) + new[k2:])
-    return _view(v, eqn, a, b, k1, k2 - k1, _map_factor(v, lambda f: f.reshape(new[:k1] + new[k2:])))
-
-
-def _transpose(eqn: Any, invals: list[Any], ctx: Any) -> list[Any] | None:
-    v = invals[0]
-    perm = tuple(eqn.params["permutation"])
-    ns, ni = v.n_stack, v.n_in
-    no = len(perm) - ns - ni
-    stack, rest = list(perm[:ns]), perm[ns:]
-    if sorted(stack) != list(range(ns)):
-        return None
-    ins = lambda p: ns <= p < ns + ni  # noqa: E731
-    b_out = lambda ps: [p - ni + 1 for p in ps]  # noqa: E731  (kernel out axis -> position in B)
-    if all(ins(p) for p in rest[:ni]):  # stack + in + out, each permuted within
-        a = jnp.transpose(v.a, stack + list(rest[:ni]) + [v.a.ndim - 1])
-        b = jnp.transpose(v.b, stack + [ns] + b_out(rest[ni:]))
-        factor = _map_factor(v, lambda f: jnp.transpose(f, stack + [p - ni for p in rest[ni:]]))
-        return _view(v, eqn, a, b, ns, ni, factor)
-    if all(not ins(p) for p in rest[:no]) and v.factor is None:  # stack + out + in: the roles of A and B swap
-        a = jnp.transpose(v.b, stack + b_out(rest[:no]) + [ns])
-        b = jnp.transpose(v.a, stack + [v.a.ndim - 1] + list(rest[no:]))
-        return _view(v, eqn, a, b, ns, no)
-    return None
-
-
-def _slice(eqn: Any, invals: list[Any], ctx: Any) -> list[Any] | None:
-    v = invals[0]
-    ns, shape = v.n_stack, v.shape
-    start, limit = eqn.params["start_indices"], eqn.params["limit_indices"]
-    strides = eqn.params["strides"] or (1,) * len(shape)
-    if ns == 0 or any((start[i], limit[i], strides[i]) != (0, shape[i], 1) for i in range(ns, len(shape))):
-        return None
-    cut = lambda x: lax.slice(x, tuple(start[:ns]) + (0,) * (x.ndim - ns),  # noqa: E731
-                              tuple(limit[:ns]) + x.shape[ns:], tuple(strides[:ns]) + (1,) * (x.ndim - ns))
-    return _view(v, eqn, cut(v.a), cut(v.b), ns, v.n_in, _map_factor(v, cut))
-
-
-def _dynamic_slice(eqn: Any, invals: list[Any], ctx: Any) -> list[Any] | None:
-    v, starts = invals[0], invals[1:]
-    ns, shape = v.n_stack, v.shape
-    sizes = eqn.params["slice_sizes"]
-    if ns == 0 or any(_is_lora(s) for s in starts) or any(sizes[i] != shape[i] for i in range(ns, len(shape))):
-        return None
-    zero = jnp.zeros((), jnp.asarray(starts[0]).dtype)
-    cut = lambda x: lax.dynamic_slice(x, list(starts[:ns]) + [zero] * (x.ndim - ns),  # noqa: E731
-                                      tuple(sizes[:ns]) + x.shape[ns:])
-    w0 = _bind(eqn, [v.w0, *starts])[0]
-    return [v.replace(w0=w0, a=cut(v.a), b=cut(v.b), factor=_map_factor(v, cut))]
+__all__ = ["low_rank_2d", "dot_general", "conv", "gather_rows", "plain_dense"]
 
 
 # --- consumers -----------------------------------------------------------------------------------
@@ -232,18 +56,6 @@ def _finish(base: jax.Array, low: jax.Array, factor: Any, base_dropped: Any = No
     if base_dropped is None:
         return (f * (y + low)).astype(base.dtype)
     return (y + (f - 1) * base_dropped.astype(acc) + f * low).astype(base.dtype)
-
-
-def _shaped_factor(v: LoraValue, ndim: int, axes: Sequence[int]) -> Any:
-    """``v.factor`` (``stack + out``) broadcast to ``ndim`` axes, its axes landing at ``axes``."""
-    if v.factor is None:
-        return None
-    order = sorted(range(len(axes)), key=lambda i: axes[i])
-    f = jnp.transpose(v.factor, order)
-    shape = [1] * ndim
-    for i, ax in enumerate(sorted(axes)):
-        shape[ax] = f.shape[i]
-    return f.reshape(shape)
 
 
 def _dropped(x: jax.Array, v: LoraValue, ctx: Any, base_of: Callable[[jax.Array], jax.Array]) -> tuple[Any, Any]:
@@ -299,120 +111,190 @@ def _low_bwd(res: tuple[Any, ...], dys: tuple[jax.Array, ...]) -> tuple[Any, ...
 low_rank_2d.defvjp(_low_fwd, _low_bwd)
 
 
-def _plain_dense(eqn: Any, v: Any) -> bool:
-    """A 2-D kernel on the rhs of a dot contracting its first axis with the lhs's last axis."""
+def plain_dense(eqn: Any, v: Any) -> bool:
+    """A 2-D kernel (``(in, out)`` or ``(out, in)`` stored) on the rhs of a dot contracting its input
+    axis with the lhs's last axis: the fast path."""
+    if not is_lora(v) or v.ns or (v.ni, v.no) != (1, 1) or len(v.shape) != 2:
+        return False
     (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
     lhs = eqn.invars[0]
-    return (_is_lora(v) and (v.n_stack, v.n_in, len(v.shape)) == (0, 1, 2) and tuple(rc) == (0,)
-            and not lb and not rb and tuple(lc) == (len(lhs.aval.shape) - 1,))
+    if lb or rb or len(rc) != 1 or tuple(lc) != (len(lhs.aval.shape) - 1,):
+        return False
+    return v.view[rc[0]] == (0,) and v.view[1 - rc[0]] == (1,)
 
 
-def _dot_general(eqn: Any, invals: list[Any], ctx: Any) -> list[Any] | None:
-    lhs, rhs = invals
-    if _is_lora(lhs) and _is_lora(rhs):
+Label = tuple[str, int]
+
+
+def _factor_like(v: LoraValue, labels: Sequence[Label], target: Sequence[Sequence[Label]]) -> Any:
+    """The DoRA factor (``stack + out``) laid out like an output whose axes carry ``labels``
+    (then transposed to ``target`` groups and reshaped to ``shape``; x axes become size 1)."""
+    if v.factor is None:
         return None
+    mine = [("c", c) for c in range(v.ns)] + [("c", c) for c in range(v.ns + v.ni, v.ns + v.ni + v.no)]
+    present = [lab for lab in labels if lab in mine]
+    f = v.factor.transpose([mine.index(lab) for lab in present])
+    f = f.reshape([f.shape[present.index(lab)] if lab in present else 1 for lab in labels])
+    order = [labels.index(lab) for group in target for lab in group]
+    f = f.transpose(order)
+    bounds = [0]
+    for group in target:
+        bounds.append(bounds[-1] + len(group))
+    return f.reshape([math.prod(f.shape[bounds[i] : bounds[i + 1]]) for i in range(len(target))])
+
+
+def _general_dot(eqn: Any, v: LoraValue, x: jax.Array, kernel_lhs: bool, ctx: Any) -> list[Any] | None:
     (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
-    kernel_lhs = _is_lora(lhs)
-    v, x = (lhs, rhs) if kernel_lhs else (rhs, lhs)
-    xc, wc, xb, wb = (rc, lc, rb, lb) if kernel_lhs else (lc, rc, lb, rb)
-    ns, ni = v.n_stack, v.n_in
-    nd = len(v.shape)
-    if sorted(wb) != list(range(ns)):
-        return None
-    if sorted(wc) == list(range(ns, ns + ni)):
-        transposed = False
-    elif sorted(wc) == list(range(ns + ni, nd)):
-        transposed = True
+    kc, kb = (lc, lb) if kernel_lhs else (rc, rb)
+    xc, xb = (rc, rb) if kernel_lhs else (lc, lb)
+    w = v.squeeze_units()
+    view, nd = w.view, len(w.shape)
+    contracted = [c for j in kc for c in view[j]]
+    roles = {w.role(c) for c in contracted}
+    if roles <= {"i"}:
+        group, other, transposed = "i", "o", False
+    elif roles == {"o"}:
+        group, other, transposed = "o", "i", True
     else:
         return None
-    if transposed and v.factor is not None:
+    if transposed and w.factor is not None:
         return None  # DoRA contracted over its output axes (a tied attend): the merged kernel
-    base_of = lambda xx: _bind(eqn, [v.w0, xx] if kernel_lhs else [xx, v.w0])[0]  # noqa: E731
+    n_canon = len(w.sizes)
+    if set(contracted) != {c for c in range(n_canon) if w.role(c) == group}:
+        return None
+    batched = [c for j in kb for c in view[j]]
+    free_k = [j for j in range(nd) if j not in kc and j not in kb]
+    if any(w.role(c) != "s" for c in batched) or any(w.role(c) == group for j in free_k for c in view[j]):
+        return None
+    free_stack = [c for c in range(w.ns) if c not in batched]
+
+    base_of = lambda xx: bind(eqn, [w.w0, xx] if kernel_lhs else [xx, w.w0])[0]  # noqa: E731
     base = base_of(x)
-    nb, n_out = len(wb), nd - ns - ni
-    n_free_x = x.ndim - len(xc) - len(xb)
-    # output = batch (in wb's order) + x free + out (kernel lhs: batch + out + x free)
-    first_out = nb + (0 if kernel_lhs else n_free_x)
-    factor = _shaped_factor(v, base.ndim, [list(wb).index(i) for i in range(ns)]
-                            + list(range(first_out, first_out + n_out)))
-    if not transposed and not kernel_lhs and _plain_dense(eqn, v):
+    xd, base_dropped = _dropped(x, w, ctx, base_of)
+    # x with each paired axis split into the canonical axes it meets
+    shape, labels = [], []
+    pair = {i: view[kc[k]] for k, i in enumerate(xc)} | {i: view[kb[k]] for k, i in enumerate(xb)}
+    for i, n in enumerate(x.shape):
+        if i in pair:
+            shape += [w.sizes[c] for c in pair[i]]
+            labels += [("c", c) for c in pair[i]]
+        else:
+            shape.append(n)
+            labels.append(("x", i))
+    xe = xd.reshape(shape)
+    bs = w.scaled_b()
+    f1, f2 = (bs, w.a) if transposed else (w.a, bs)
+    ax1 = w.b_axis if transposed else w.a_axis
+    ax2 = w.a_axis if transposed else w.b_axis
+    r2 = w.a.ndim - 1 if transposed else w.ns  # the rank axis of the second factor
+    x_con = [k for k, lab in enumerate(labels) if lab[0] == "c" and w.role(lab[1]) == group]
+    x_bat = [k for k, lab in enumerate(labels) if lab[0] == "c" and w.role(lab[1]) == "s"]
+    low = lax.dot_general(xe, f1, ((tuple(x_con), tuple(ax1(labels[k][1]) for k in x_con)),
+                                   (tuple(x_bat), tuple(ax1(labels[k][1]) for k in x_bat))))
+    x_free = [lab for lab in labels if lab[0] == "x"]
+    stack_order = [labels[k] for k in x_bat] + [("c", c) for c in free_stack]
+    n_b = len(x_bat)
+    low_bat = list(range(n_b)) + [low.ndim - 1 - len(free_stack) + k for k in range(len(free_stack))]
+    out = lax.dot_general(low, f2, (((low.ndim - 1,), (r2,)),
+                                    (tuple(low_bat), tuple(ax2(lab[1]) for lab in stack_order))))
+    rest = [("c", c) for c in range(n_canon) if w.role(c) == other]
+    out_labels = stack_order + x_free + rest
+    k_batch = [[("c", c) for c in view[j]] for j in kb]
+    k_free = [[("c", c) for c in view[j]] for j in free_k]
+    x_groups = [[lab] for lab in x_free]
+    target = k_batch + (k_free + x_groups if kernel_lhs else x_groups + k_free)
+    out = out.transpose([out_labels.index(lab) for g in target for lab in g]).reshape(base.shape)
+    factor = _factor_like(w, out_labels, target)
+    return [_finish(base, out, factor, base_dropped)]
+
+
+def dot_general(eqn: Any, invals: list[Any], ctx: Any) -> list[Any] | None:
+    """``dot_general`` with the kernel on either side, any dimension numbers."""
+    lhs, rhs = invals
+    if is_lora(lhs) and is_lora(rhs):
+        return None
+    kernel_lhs = is_lora(lhs)
+    v, x = (lhs, rhs) if kernel_lhs else (rhs, lhs)
+    if not kernel_lhs and plain_dense(eqn, v):
+        base_of = lambda xx: bind(eqn, [xx, v.w0])[0]  # noqa: E731
+        base = base_of(x)
         low, base_dropped = ctx.shared.pop(id(eqn), None), None
         if low is None:
             xd, base_dropped = _dropped(x, v, ctx, base_of)
             low = low_rank_2d(xd.reshape(-1, x.shape[-1]), v.a, (v.scaled_b(),))[0]
-        return [_finish(base, low.reshape(x.shape[:-1] + (v.shape[-1],)), factor, base_dropped)]
-    xd, base_dropped = _dropped(x, v, ctx, base_of)
-    bs = v.scaled_b()
-    if not transposed:  # (x·A)·Bs
-        first, second = v.a, bs
-        first_c, second_c = tuple(wc), ns
-    else:  # (x·Bsᵀ)·Aᵀ
-        first, second = bs, v.a
-        first_c, second_c = tuple(p - ni + 1 for p in wc), v.a.ndim - 1
-    low = lax.dot_general(xd, first, ((tuple(xc), first_c), (tuple(xb), tuple(wb))))
-    low = lax.dot_general(low, second, (((low.ndim - 1,), (second_c,)), (tuple(range(nb)), tuple(wb))))
-    if kernel_lhs:  # dot_general puts lhs free axes first: batch + kernel free + x free
-        perm = (list(range(nb)) + list(range(nb + n_free_x, low.ndim)) + list(range(nb, nb + n_free_x)))
-        low = jnp.transpose(low, perm)
-    return [_finish(base, low, factor, base_dropped)]
+        factor = None if v.factor is None else v.factor.reshape((1,) * (base.ndim - 1) + (-1,))
+        return [_finish(base, low.reshape(base.shape), factor, base_dropped)]
+    return _general_dot(eqn, v, x, kernel_lhs, ctx)
 
 
-def _conv(eqn: Any, invals: list[Any], ctx: Any) -> list[Any] | None:
+def conv(eqn: Any, invals: list[Any], ctx: Any) -> list[Any] | None:
+    """``conv_general_dilated``: ``conv(x, W0) + B·conv(x, A)`` with the conv's own strides, padding,
+    dilations (incl. transposed convs' ``lhs_dilation``), layout and feature groups."""
     x, v = invals
-    if _is_lora(x) or not _is_lora(v):
+    if is_lora(x) or not is_lora(v):
         return None
     p = eqn.params
-    dn = p["dimension_numbers"]
-    nd = len(v.shape)
-    if (v.n_stack, v.n_in) != (0, nd - 1) or dn.rhs_spec[0] != nd - 1:
+    if p["batch_group_count"] != 1:
         return None
-    if p["feature_group_count"] != 1 or p["batch_group_count"] != 1:
+    spec, g = p["dimension_numbers"].rhs_spec, p["feature_group_count"]
+    w = v.squeeze_units()
+    view = w.view
+    outs = [c for c in view[spec[0]]]
+    if g > 1:
+        if w.ns != 1 or not outs or outs[0] != 0 or w.sizes[0] != g:
+            return None
+        outs = outs[1:]
+    elif w.ns:
         return None
-    base_of = lambda xx: _bind(eqn, [xx, v.w0])[0]  # noqa: E731
+    ins = [c for j in spec[1:] for c in view[j]]
+    if sorted(outs) != list(range(w.ns + w.ni, w.ns + w.ni + w.no)) or sorted(ins) != list(range(w.ns, w.ns + w.ni)):
+        return None
+    r = w.rank
+    order, a_shape = [], []
+    for j in range(len(w.shape)):
+        if j == spec[0]:
+            order += ([0] if g > 1 else []) + [w.a.ndim - 1]
+            a_shape.append(g * r)
+        else:
+            order += list(view[j])
+            a_shape.append(math.prod(w.sizes[c] for c in view[j]))
+    a_conv = w.a.transpose(order).reshape(a_shape)
+    base_of = lambda xx: bind(eqn, [xx, w.w0])[0]  # noqa: E731
     base = base_of(x)
-    xd, base_dropped = _dropped(x, v, ctx, base_of)
-    low = _bind(eqn, [xd, v.a], preferred_element_type=None)[0]  # a conv to r channels
-    feat = dn.out_spec[1]
-    low = jnp.moveaxis(jnp.tensordot(low, v.scaled_b(), axes=[[feat], [0]]), -1, feat)  # 1x1 conv
-    return [_finish(base, low, _shaped_factor(v, base.ndim, [feat]), base_dropped)]
+    xd, base_dropped = _dropped(x, w, ctx, base_of)
+    low = bind(eqn, [xd, a_conv], preferred_element_type=None)[0]  # a conv to g·r channels
+    feat = p["dimension_numbers"].out_spec[1]
+    low = jnp.moveaxis(low, feat, -1)
+    bs = w.scaled_b()  # (g?) + (r,) + out
+    lead = [0] if g > 1 else []
+    bs = bs.transpose(lead + [w.ns] + [w.b_axis(c) for c in outs]).reshape((g, r, -1) if g > 1 else (r, -1))
+    if g > 1:
+        y = jnp.einsum("...gr,gro->...go", low.reshape(low.shape[:-1] + (g, r)), bs).reshape(low.shape[:-1] + (-1,))
+    else:
+        y = jnp.tensordot(low, bs, axes=[[low.ndim - 1], [0]])
+    y = jnp.moveaxis(y, -1, feat)
+    factor = None
+    if w.factor is not None:
+        f = w.factor.transpose(lead + [w.factor_axis(c) for c in outs]).reshape(-1)
+        factor = f.reshape([-1 if k == feat else 1 for k in range(base.ndim)])
+    return [_finish(base, y, factor, base_dropped)]
 
 
-def _gather_stack(eqn: Any, v: LoraValue, idx: Any) -> list[Any] | None:
-    """A gather that picks along a stacked kernel's layer axes only (``jnp.take(W, i, axis=0)``)."""
-    dn = eqn.params["dimension_numbers"]
-    ns, sizes = v.n_stack, tuple(eqn.params["slice_sizes"])
-    out_nd = len(eqn.outvars[0].aval.shape)
-    n_off = len(v.shape) - len(dn.collapsed_slice_dims)
-    if (dn.operand_batching_dims or not set(dn.start_index_map) | set(dn.collapsed_slice_dims) <= set(range(ns))
-            or sizes[ns:] != v.shape[ns:] or tuple(dn.offset_dims) != tuple(range(out_nd - n_off, out_nd))):
-        return None
-    n_batch = out_nd - n_off
-
-    def pick(x: jax.Array) -> jax.Array:
-        n = x.ndim - len(dn.collapsed_slice_dims)
-        d = dn._replace(offset_dims=tuple(range(n_batch, n_batch + n)))
-        return _bind(eqn, [x, idx], dimension_numbers=d, slice_sizes=sizes[:ns] + x.shape[ns:])[0]
-
-    new_ns = n_batch + ns - len(dn.collapsed_slice_dims)
-    return [v.replace(w0=_bind(eqn, [v.w0, idx])[0], a=pick(v.a), b=pick(v.b), n_stack=new_ns,
-                      factor=_map_factor(v, pick))]
-
-
-def _gather(eqn: Any, invals: list[Any], ctx: Any) -> list[Any] | None:
+def gather_rows(eqn: Any, invals: list[Any], ctx: Any) -> list[Any] | None:
+    """An embedding lookup ``W0[ids] + A[ids]·(s·B)`` of a 2-D ``(vocab, features)`` table."""
     v, idx = invals
-    if not _is_lora(v) or _is_lora(idx):
+    if not is_lora(v) or is_lora(idx):
         return None
     dn = eqn.params["dimension_numbers"]
-    if v.n_stack:
-        return _gather_stack(eqn, v, idx)
-    if (v.n_stack, v.n_in, len(v.shape)) != (0, 1, 2) or tuple(dn.collapsed_slice_dims) != (0,):
+    if v.ns or len(v.shape) != 2 or v.view != ((0,), (1,)) or tuple(dn.collapsed_slice_dims) != (0,):
         return None
     if tuple(dn.start_index_map) != (0,) or tuple(dn.operand_batching_dims) != ():
         return None
     if tuple(eqn.params["slice_sizes"]) != (1, v.shape[1]) or len(dn.offset_dims) != 1:
         return None
-    base = _bind(eqn, [v.w0, idx])[0]
-    low = _bind(eqn, [v.a, idx], slice_sizes=(1, v.rank))[0]  # A[ids]
+    base = bind(eqn, [v.w0, idx])[0]
+    low = bind(eqn, [v.a, idx], slice_sizes=(1, v.rank))[0]  # A[ids]
     feat = dn.offset_dims[0]
     low = jnp.moveaxis(jnp.tensordot(low, v.scaled_b(), axes=[[feat], [0]]), -1, feat)
-    return [_finish(base, low, _shaped_factor(v, base.ndim, [feat]))]  # no dropout on lookups (PEFT)
+    factor = None if v.factor is None else v.factor.reshape([-1 if k == feat else 1 for k in range(base.ndim)])
+    return [_finish(base, low, factor)]  # no dropout on lookups (PEFT)

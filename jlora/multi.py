@@ -22,8 +22,9 @@ import numpy as np
 from jlora import paths
 from jlora.apply import lora_apply
 from jlora.config import LoraConfig
-from jlora.kinds import Factored
-from jlora.tree import adapted
+from jlora.describe import adapted, nest
+from jlora.kinds import Factored, canonical_delta
+from jlora.layout import Layout
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,8 +57,9 @@ class Stack:
         return self.names.index(name)
 
 
-def _unit_config(ranks: Mapping[str, int], trainable: Sequence[str], groups: Mapping[str, Any]) -> LoraConfig:
-    exact = {re.escape(p): r for p, r in ranks.items()}
+def _unit_config(ranks: Mapping[str, int], trainable: Sequence[str], groups: Mapping[str, Any],
+                 layouts: Mapping[str, Layout]) -> LoraConfig:
+    exact = {re.escape(p): r * layouts[p].groups for p, r in ranks.items()}  # grouped convs: total rank
     return LoraConfig(
         rank=max(ranks.values()) if ranks else 1,
         alpha=float(max(ranks.values()) if ranks else 1),
@@ -117,8 +119,12 @@ def stack(frozen: Any, adapters: Mapping[str, tuple[Any, LoraConfig]]) -> Stack:
         fs = [info[p] for info, _ in described.values() if p in info]
         ranks[p] = max(f.rank for f in fs)
         groups[p] = fs[0].groups
-        if any(f.groups != fs[0].groups or f.n_stack != fs[0].n_stack or f.n_in != fs[0].n_in for f in fs):
-            raise ValueError(f"jlora.multi.stack: adapters disagree on the split or groups of {p!r}: {fs}")
+        if any(f.groups != fs[0].groups or f.layout != fs[0].layout for f in fs):
+            raise ValueError(
+                f"jlora.multi.stack: adapters disagree on the axis roles or fused groups of {p!r}: "
+                f"{sorted({(f.layout.describe(), f.groups) for f in fs}, key=str)}; fix: make every adapter with "
+                "jlora.init on this frozen tree and the same layout/fused rules"
+            )
     out: dict[str, Any] = {}
     for p in kernels:
         ref = next(info[p] for info, _ in described.values() if p in info)
@@ -155,7 +161,8 @@ def stack(frozen: Any, adapters: Mapping[str, tuple[Any, LoraConfig]]) -> Stack:
                 "fix: train it in all adapters or in none"
             )
         out[p] = jnp.stack([described[n][1][p] for n in names] + [base[p]])
-    return Stack(paths.unflatten_dict(out), _unit_config(ranks, whole, groups), names)
+    layouts = {p: next(info[p] for info, _ in described.values() if p in info).layout for p in kernels}
+    return Stack(nest(out, layouts), _unit_config(ranks, whole, groups, layouts), names)
 
 
 def select(s: Stack, index: jax.Array | int) -> Any:
@@ -209,9 +216,8 @@ def mixed_apply(apply_fn: Callable[..., Any], s_config: LoraConfig, mode: str = 
 
 
 def _flat2d(d: np.ndarray, f: Factored) -> np.ndarray:
-    stack = f.kernel_shape[: f.n_stack]
-    n_in = int(np.prod(f.kernel_shape[f.n_stack : f.n_stack + f.n_in]))
-    return d.reshape(stack + (n_in, -1))
+    """A canonical delta as ``stack + (prod(in), prod(out))`` matrices."""
+    return d.reshape(f.layout.stack_shape + (f.layout.fan_in, -1))
 
 
 def combine(frozen: Any, adapters: Sequence[tuple[Any, LoraConfig]], weights: Sequence[float],
@@ -291,9 +297,9 @@ def combine(frozen: Any, adapters: Sequence[tuple[Any, LoraConfig]], weights: Se
             a = u[..., :, :k] * root[..., None, :]
             b = root[..., :, None] * vt[..., :k, :]
             dtype = present[0][2][p + "/A"].dtype
-            shape = f0.kernel_shape
-            out[p + "/A"] = jnp.asarray(a.reshape(shape[: f0.n_stack + f0.n_in] + (k,)), dtype)
-            out[p + "/B"] = jnp.asarray(b.reshape(shape[: f0.n_stack] + (k,) + shape[f0.n_stack + f0.n_in :]), dtype)
+            lay = f0.layout
+            out[p + "/A"] = jnp.asarray(a.reshape(lay.stack_shape + lay.in_shape + (k,)), dtype)
+            out[p + "/B"] = jnp.asarray(b.reshape(lay.stack_shape + (k,) + lay.out_shape), dtype)
             ranks[p] = k
             errors[p] = float(np.sqrt(np.sum(sv[..., k:] ** 2)))
     whole = sorted({p for _, flat in described for p in flat if p.rsplit("/", 1)[0] not in kernels})
@@ -302,10 +308,11 @@ def combine(frozen: Any, adapters: Sequence[tuple[Any, LoraConfig]], weights: Se
         if len(vals) != len(adapters):
             raise ValueError(f"combine: trained-whole leaf {p!r} is not in every adapter; fix: train it in all or none")
         out[p] = sum(w * v for w, v in vals) / sum(w for w, _ in vals)
-    return paths.unflatten_dict(out), _unit_config(ranks, whole, groups), errors
+    layouts = {p: next(info[p] for info, _ in described if p in info).layout for p in kernels}
+    return nest(out, layouts), _unit_config(ranks, whole, groups, layouts), errors
 
 
 def _np_delta(a: Any, b: Any, f: Factored) -> np.ndarray:
-    from jlora.kinds import factors_delta
-
-    return np.asarray(factors_delta(a, b, dataclasses.replace(f, rank=a.shape[-1] if f.groups is None else f.rank)), np.float64)
+    """``s·A⊗B`` in float64, canonical order."""
+    g = dataclasses.replace(f, rank=a.shape[-1] if f.groups is None else f.rank)
+    return np.asarray(canonical_delta(a, b, g), np.float64)

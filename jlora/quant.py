@@ -48,7 +48,7 @@ import dataclasses
 import functools
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
@@ -57,6 +57,7 @@ import numpy as np
 
 from jlora import paths
 from jlora.config import LoraConfig
+from jlora.layout import Layout
 
 __all__ = [
     "NF4_CODE",
@@ -261,7 +262,15 @@ def _nf4_dequant(q: QuantizedArray) -> jax.Array:
 
 # --- int8 ----------------------------------------------------------------------------------------
 
-def _in_axes(path: str, shape: tuple[int, ...], config: LoraConfig | None) -> tuple[int, ...]:
+def _in_axes(path: str, shape: tuple[int, ...], config: LoraConfig | None,
+             layouts: Mapping[str, Layout] | None = None) -> tuple[int, ...]:
+    """The stored axes that are inputs only (the int8 scale is one per everything else)."""
+    lay = (layouts or {}).get(path)
+    roles = lay.stored_roles() if lay is not None else (config.layout_for(path) if config is not None else None)
+    if roles is not None:
+        if len(roles) != len(shape):
+            raise ValueError(f"jlora.quant.quantize: layout roles {roles!r} of {path!r} do not fit shape {shape}")
+        return tuple(k for k, r in enumerate(roles) if set(r) == {"i"})
     n_stack = (config.stack_for(path) if config is not None else None) or 0
     n_in = config.axes_for(path) if config is not None else None
     if n_in is None:
@@ -324,7 +333,7 @@ def _check_leaf(path: str, leaf: Any) -> None:
 
 
 def quantize(frozen: Any, rules_or_config: LoraConfig | str | Sequence[str], *, scheme: str = "nf4",
-             block_size: int = 64, double_quant: bool = False) -> Any:
+             block_size: int = 64, double_quant: bool = False, layouts: Mapping[str, Layout] | None = None) -> Any:
     """Quantizes the chosen kernels of a frozen tree; every other leaf is returned as is.
 
     Pure and jit-able (the settings are static) and works on ``jax.ShapeDtypeStruct`` trees
@@ -341,6 +350,9 @@ def quantize(frozen: Any, rules_or_config: LoraConfig | str | Sequence[str], *, 
       block_size: nf4 block size, a positive even number (bitsandbytes: 64). If it does not divide
         the kernel's size the flattened kernel is zero-padded to whole blocks.
       double_quant: nf4 only: quantize the absmax scales to 8 bits (blocks of 256, mean removed).
+      layouts: int8 only: ``{path: Layout}`` (e.g. ``jlora.tree.kernel_layouts(lora)``): the scale is one
+        per stack/output position, reduced over the kernel's input axes in whatever order it stores them
+        (default: the config's ``layout``/``stack``/``axes`` rules, else all axes but the last).
 
     Returns:
       ``frozen`` with a :class:`QuantizedArray` at each chosen kernel's path.
@@ -385,7 +397,7 @@ def quantize(frozen: Any, rules_or_config: LoraConfig | str | Sequence[str], *, 
         if scheme == "nf4":
             q = _nf4(jnp.asarray(w), shape, block_size, double_quant, dtype)
         else:
-            q = _int8(jnp.asarray(w), shape, _in_axes(path, shape, config), dtype)
+            q = _int8(jnp.asarray(w), shape, _in_axes(path, shape, config, layouts), dtype)
         sharding = getattr(w, "sharding", None)
         if isinstance(w, jax.Array) and not isinstance(w, jax.core.Tracer) and isinstance(
                 sharding, jax.sharding.NamedSharding):

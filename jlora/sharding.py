@@ -29,6 +29,8 @@ from flax.linen.spmd import LogicallyPartitioned
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jlora import paths
+from jlora.describe import adapted, kernel_layouts
+from jlora.layout import Layout
 from jlora.config import LoraConfig
 
 __all__ = ["lora_specs", "lora_shardings", "state_shardings"]
@@ -153,14 +155,31 @@ def _base_table(base_specs, rules):
     return table
 
 
+def _plain_layout(path: str, a_shape, b_shape, config, kernel_ndim) -> Layout:
+    """The stored ``stack + in + out`` layout a plain dict node's factor shapes imply."""
+    n_stack, n_in, groups = _factor_layout(path, a_shape, b_shape, config, kernel_ndim)
+    out = tuple(b_shape[n_stack + 1 + (1 if groups is not None else 0):])
+    if groups is not None:
+        out = out[:-1] + (out[-1] * groups,)
+    return Layout.plain(tuple(a_shape[:-1]) + out, n_stack, n_in)
+
+
+def _canonical_spec(spec, layout: Layout, path: str) -> list[Any]:
+    """The kernel's per-axis spec in the canonical order ``stack + in + out`` (a split axis' spec
+    goes to its major sub-axis)."""
+    stored = _pad(spec, len(layout.shape), path)
+    sub = []
+    for part, roles in zip(stored, layout.stored_roles()):
+        sub += [part] + [None] * (len(roles) - 1)
+    return [sub[k] for k in layout.perm]
+
+
 def _derive(base_specs, lora, config, frozen, rules, mesh):
     """Shared core: returns (tree of PartitionSpec like lora, mesh or None)."""
     table = _base_table(base_specs, rules)
+    layouts = kernel_layouts(lora)
     if frozen is not None:  # validates lora against frozen; the contract's shape rule
-        from jlora import tree  # pylint: disable=g-import-not-at-top
-        described = tree.adapted(frozen, lora, config)
-    else:
-        described = {}
+        layouts.update({p: f.layout for p, f in adapted(frozen, lora, config).items()})
     flat = paths.flatten(lora)
     found_mesh = mesh
     for _, m, _ in table.values():
@@ -183,12 +202,9 @@ def _derive(base_specs, lora, config, frozen, rules, mesh):
             if a is None or b is None:
                 raise ValueError(f"lora leaf '{path}' (a DoRA magnitude) needs '{kernel}/A' and '{kernel}/B' beside it.")
             spec, _, spec_ndim = table[kernel]
-            if kernel in described:
-                n_stack, n_in = described[kernel].n_stack, described[kernel].n_in
-            else:
-                n_stack, n_in, _ = _factor_layout(kernel, a.shape, b.shape, config, spec_ndim)
-            parts = _pad(spec, n_stack + n_in + len(shape) - n_stack, kernel)
-            specs[path] = PartitionSpec(*parts[:n_stack], *parts[n_stack + n_in:])
+            lay = layouts.get(kernel) or _plain_layout(kernel, a.shape, b.shape, config, spec_ndim)
+            parts = _canonical_spec(spec, lay, kernel)
+            specs[path] = PartitionSpec(*parts[: lay.n_stack], *parts[lay.n_stack + lay.n_in :])
             continue
         if factor not in ("A", "B") or kernel not in table:
             close = paths.closest(kernel, table, 3)
@@ -201,14 +217,10 @@ def _derive(base_specs, lora, config, frozen, rules, mesh):
             raise ValueError(f"lora leaf '{path}' has no partner '{kernel}/{'B' if factor == 'A' else 'A'}'.")
         a_shape, b_shape = (shape, other.shape) if factor == "A" else (other.shape, shape)
         spec, _, spec_ndim = table[kernel]
-        if kernel in described:
-            f = described[kernel]
-            n_stack, n_in = f.n_stack, f.n_in
-            groups = len(f.groups) if f.groups is not None else None
-        else:
-            n_stack, n_in, groups = _factor_layout(kernel, a_shape, b_shape, config, spec_ndim)
-        n_out = len(b_shape) - 1 - n_stack - (1 if groups is not None else 0)
-        parts = _pad(spec, n_stack + n_in + n_out, kernel)
+        lay = layouts.get(kernel) or _plain_layout(kernel, a_shape, b_shape, config, spec_ndim)
+        groups = config.groups_for(kernel) if config is not None else None
+        n_stack, n_in = lay.n_stack, lay.n_in
+        parts = _canonical_spec(spec, lay, kernel)
         if factor == "A":
             specs[path] = PartitionSpec(*parts[:n_stack + n_in], None)
         else:

@@ -15,9 +15,13 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from jlora import dora, extras, inits, kinds, paths, quant
+from jlora import analysis, dora, extras, inits, kinds, paths, quant
 from jlora.config import LoraConfig
-from jlora.kinds import Factored, Split
+from jlora.describe import adapted, kernel_layouts, nest
+from jlora.kinds import Factored
+from jlora.layout import Layout
+
+__all__ = ["init", "adapted", "delta", "merge", "unmerge", "kernel_layouts"]
 
 
 def _is_float(x: Any) -> bool:
@@ -45,32 +49,46 @@ def _targets(flat: Mapping[str, Any], config: LoraConfig) -> list[str]:
     return chosen
 
 
-def _splits(flat: Mapping[str, Any], chosen: Sequence[str], config: LoraConfig,
-            apply_fn: Callable[..., Any] | None, params: Any, args: Sequence[Any]) -> dict[str, Split]:
-    stated = {p: (config.stack_for(p), config.axes_for(p)) for p in chosen}
-    traced: dict[str, Split | str] = {}
+def _layouts(flat: Mapping[str, Any], chosen: Sequence[str], config: LoraConfig,
+             apply_fn: Callable[..., Any] | None, params: Any, args: Sequence[Any]) -> dict[str, Layout]:
+    traced: dict[str, Layout | str] = {}
     if apply_fn is not None:
-        traced = kinds.read_splits(apply_fn, params, args, [p for p in chosen], list(flat))
-    out: dict[str, Split] = {}
+        traced = analysis.read_layouts(apply_fn, params, args, list(chosen), list(flat))
+    out: dict[str, Layout] = {}
     for p in chosen:
         shape = tuple(flat[p].shape)
-        n_stack, n_in = stated[p]
         found = traced.get(p)
-        if isinstance(found, Split):
-            split = kinds.Split(found.kind, n_stack if n_stack is not None else found.n_stack,
-                                n_in if n_in is not None else found.n_in)
-        else:
-            split = kinds.split_without_trace(p, shape, n_stack, n_in)
-            if isinstance(split, str):
-                why = f"{split}; the trace says {found}" if found else split
+        roles = config.layout_for(p)
+        n_stack, n_in = config.stack_for(p), config.axes_for(p)
+        kind = found.kind if isinstance(found, Layout) else ("embed" if p.endswith("/embedding") else "dense")
+        if roles is not None:
+            if len(roles) != len(shape):
                 raise ValueError(
-                    f"jlora.init: cannot tell the input axes of {p!r}: {why}. Fix: pass "
-                    "apply_fn=model.apply and args=(example inputs or jax.ShapeDtypeStructs) so init reads "
-                    f"the split from the model, or state it: LoraConfig(axes={{{p!r}: n_input_axes}}, "
-                    "stack={...} for leading layer axes)"
+                    f"LoraConfig.layout: roles {roles!r} for {p!r} give {len(roles)} axes, the kernel has shape "
+                    f"{shape}; fix: one letter per axis ('s' stack, 'i' input, 'o' output)"
                 )
-        kinds.check_split(p, shape, split)
-        out[p] = split
+            lay: Layout | str = analysis.parse_roles(p, shape, roles, kind if kind != "conv" else "dense")
+        elif n_stack is not None or n_in is not None:
+            base = found if isinstance(found, Layout) and found.is_plain else None
+            stack = n_stack if n_stack is not None else (base.n_stack if base else 0)
+            ins = n_in if n_in is not None else (base.n_in if base else len(shape) - stack - 1)
+            try:
+                lay = Layout.plain(shape, stack, ins, kind if kind != "conv" else "dense")
+            except ValueError as err:
+                raise ValueError(f"{err}; fix the LoraConfig.axes/stack rule for {p!r}") from None
+        elif isinstance(found, Layout):
+            lay = found
+        else:
+            lay = kinds.layout_without_trace(p, shape, None, None) if found is None else f"the trace says {found}"
+            if isinstance(lay, str):
+                why = lay
+                raise ValueError(
+                    f"jlora.init: cannot tell the axis roles of {p!r}: {why}. Fix: pass "
+                    "apply_fn=model.apply and args=(example inputs or jax.ShapeDtypeStructs) so init reads "
+                    f"the roles from the model, or state them: LoraConfig(layout={{{p!r}: 'io...'}}) with one "
+                    "letter per axis: 's' stack, 'i' input, 'o' output"
+                )
+        out[p] = lay
     return out
 
 
@@ -105,30 +123,39 @@ def init(key: jax.Array, params: Any, config: LoraConfig, apply_fn: Callable[...
         raise TypeError(f"jlora.init: config must be a jlora.LoraConfig, got {type(config).__name__}")
     flat = paths.flatten(params)
     chosen = _targets(flat, config)
-    splits = _splits(flat, chosen, config, apply_fn, params, args)
+    layouts = _layouts(flat, chosen, config, apply_fn, params, args)
     out: dict[str, Any] = {}
     residual: dict[str, Any] = {}
     for p in chosen:
-        leaf, split = flat[p], splits[p]
-        rank, groups = config.rank_for(p), config.groups_for(p)
-        if groups is not None and leaf.shape[-1] % len(groups):
+        leaf, lay = flat[p], layouts[p]
+        configured, groups = config.rank_for(p), config.groups_for(p)
+        if groups is not None and lay.out_shape[-1] % len(groups):
             raise ValueError(
-                f"LoraConfig.fused: kernel {p!r} has last axis {leaf.shape[-1]}, not divisible into "
+                f"LoraConfig.fused: kernel {p!r} has last output axis {lay.out_shape[-1]}, not divisible into "
                 f"{len(groups)} groups; fix the fused rule for it"
             )
-        limit = kinds.max_rank(leaf.shape, split, groups)
-        if rank > limit:
+        if configured % lay.groups:
             raise ValueError(
-                f"LoraConfig.rank: rank {rank} for {p!r} (shape {tuple(leaf.shape)}, {split.n_in} input axes) "
-                f"exceeds the largest useful rank {limit}; fix: use rank <= {limit} (rank_pattern for this path)"
+                f"LoraConfig.rank: {p!r} is a grouped conv with {lay.groups} feature groups; its rank is the total "
+                f"over the groups (PEFT's convention), so it must be a multiple of {lay.groups}, got {configured}; "
+                f"fix: rank_pattern={{{p!r}: {lay.groups * max(1, configured // lay.groups)}}}"
+            )
+        rank = configured // lay.groups
+        limit = kinds.max_rank(lay, groups)
+        if rank > limit:
+            per = f" per group ({configured} over {lay.groups} groups)" if lay.groups > 1 else ""
+            raise ValueError(
+                f"LoraConfig.rank: rank {rank}{per} for {p!r} (shape {tuple(leaf.shape)}, axis roles "
+                f"{lay.describe()}) exceeds the largest useful rank {limit}; fix: use rank <= "
+                f"{limit * lay.groups} (rank_pattern for this path)"
             )
         k = jax.random.fold_in(key, zlib.crc32(p.encode()))
-        scale = config.scale_for(p, rank)
+        scale = config.scale_for(p, configured)
         if inits.changes_base(config.init):
-            a, b, residual[p] = inits.init_from_kernel(k, leaf, split, rank, scale, config.init,
+            a, b, residual[p] = inits.init_from_kernel(k, leaf, lay, rank, scale, config.init,
                                                        dtype or leaf.dtype, path=p, groups=groups)
         else:
-            a, b = kinds.init_factors(k, leaf.shape, split, rank, config.init, dtype or leaf.dtype, groups)
+            a, b = kinds.init_factors(k, lay, rank, config.init, dtype or leaf.dtype, groups)
         out[p + "/A"], out[p + "/B"] = a, b
         if config.use_dora:
             if isinstance(leaf, jax.ShapeDtypeStruct):
@@ -136,7 +163,7 @@ def init(key: jax.Array, params: Any, config: LoraConfig, apply_fn: Callable[...
                     f"LoraConfig.use_dora: the magnitude of {p!r} starts at ||W0||, which needs the kernel's "
                     "values, got a jax.ShapeDtypeStruct; fix: pass arrays (jax.eval_shape can abstract them)"
                 )
-            f = Factored(p, split.n_stack, split.n_in, rank, scale, groups, tuple(leaf.shape), True)
+            f = Factored(p, lay, rank, scale, groups, True)
             out[p + "/m"] = dora.magnitude(residual.get(p, leaf), a, b, f).astype(dtype or leaf.dtype)
     if config.trainable:
         paths.check_rules_match("trainable", config.trainable, flat)
@@ -159,101 +186,7 @@ def init(key: jax.Array, params: Any, config: LoraConfig, apply_fn: Callable[...
                 )
             out[p + "/rows"] = extras.init_rows(residual.get(p, leaf), rows, p)
     frozen = params if not residual else paths.map_with_path(lambda q, w: residual.get(q, w), params)
-    return frozen, paths.unflatten_dict(out)
-
-
-def _closest_msg(path: str, flat: Mapping[str, Any]) -> str:
-    return ", ".join(paths.closest(path, flat, 3))
-
-
-def adapted(frozen: Any, lora: Any, config: LoraConfig) -> dict[str, Factored]:
-    """Checks that ``lora`` fits ``frozen`` and describes each adapted kernel.
-
-    Raises a ValueError naming the path and both shapes for a missing or extra path, a factor of
-    the wrong shape or a trained-whole leaf of the wrong shape or dtype.
-
-    >>> frozen = {"d": {"kernel": jnp.ones((4, 3))}}
-    >>> lora = {"d": {"kernel": {"A": jnp.ones((4, 2)), "B": jnp.zeros((2, 3))}}}
-    >>> adapted(frozen, lora, LoraConfig(rank=2, alpha=4, targets=".*"))["d/kernel"].scale
-    2.0
-    """
-    base = paths.flatten(frozen)
-    flat = paths.flatten(lora)
-    out: dict[str, Factored] = {}
-    extra: dict[str, tuple[str, ...]] = {}
-    for p, leaf in flat.items():
-        if p in base:
-            ref = base[p]
-            if tuple(leaf.shape) != tuple(ref.shape) or leaf.dtype != ref.dtype:
-                raise ValueError(
-                    f"lora leaf {p!r}: expected shape {tuple(ref.shape)} dtype {ref.dtype} (the frozen leaf it "
-                    f"replaces), got shape {tuple(leaf.shape)} dtype {leaf.dtype}; fix: make the lora tree with "
-                    "jlora.init on this frozen tree"
-                )
-            continue
-        kernel, _, part = p.rpartition("/")
-        if part in ("m", "rows") and kernel in base:
-            extra[kernel] = extra.get(kernel, ()) + (part,)
-            continue
-        if part not in ("A", "B") or kernel not in base:
-            raise ValueError(
-                f"lora leaf {p!r} has no counterpart in the frozen tree (expected '<kernel path>/A', "
-                f"'<kernel path>/B' or a frozen leaf's path); closest frozen paths: {_closest_msg(kernel, base)}. "
-                "Fix: the lora tree must come from jlora.init on this frozen tree"
-            )
-        if kernel in out:
-            continue
-        other = kernel + ("/B" if part == "A" else "/A")
-        if other not in flat:
-            raise ValueError(f"lora tree: {p!r} has no partner {other!r}; an adapted kernel needs both A and B")
-        out[kernel] = _describe(kernel, base[kernel], flat[kernel + "/A"], flat[kernel + "/B"], config)
-    for kernel, parts in extra.items():
-        if "m" in parts:
-            f = out.get(kernel)
-            if f is None:
-                raise ValueError(
-                    f"lora leaf {kernel + '/m'!r}: a DoRA magnitude needs the factors {kernel + '/A'!r} and "
-                    f"{kernel + '/B'!r} beside it; fix: make the lora tree with jlora.init(use_dora=True)"
-                )
-            want, got = dora.magnitude_shape(f), tuple(flat[kernel + "/m"].shape)
-            if got != want:
-                raise ValueError(
-                    f"lora leaf {kernel + '/m'!r}: expected the DoRA magnitude shape {want} (stack + out of the "
-                    f"kernel {f.kernel_shape}), got {got}; fix: make the lora tree with jlora.init and this config"
-                )
-            out[kernel] = dataclasses.replace(f, dora=True)
-        if "rows" in parts:
-            rows, table = config.rows_for(kernel), base[kernel]
-            want = None if rows is None else (len(rows),) + tuple(table.shape[1:])
-            got = tuple(flat[kernel + "/rows"].shape)
-            if got != want:
-                raise ValueError(
-                    f"lora leaf {kernel + '/rows'!r}: expected shape {want} (LoraConfig.embedding_rows of the "
-                    f"table {tuple(table.shape)}), got {got}; fix: make the lora tree with jlora.init and this config"
-                )
-    return out
-
-
-def _describe(path: str, kernel: Any, A: Any, B: Any, config: LoraConfig) -> Factored:
-    shape = tuple(kernel.shape)
-    groups = config.groups_for(path)
-    extra = 1 if groups is not None else 0
-    n_stack = A.ndim + B.ndim - 2 - extra - len(shape)
-    n_in = A.ndim - 1 - n_stack
-    bad = n_stack < 0 or n_in < 1 or n_stack + n_in >= len(shape)
-    rank = B.shape[n_stack + extra] if not bad else 0
-    if not bad:
-        split = Split("dense", n_stack, n_in)
-        want_a, want_b = kinds.factor_shapes(shape, split, rank, groups)
-        bad = (tuple(A.shape), tuple(B.shape)) != (want_a, want_b)
-    if bad:
-        raise ValueError(
-            f"lora factors of {path!r}: A {tuple(A.shape)} and B {tuple(B.shape)} do not factor the frozen "
-            f"kernel of shape {shape} (expected A = stack + in + (r,), B = stack + (r,) + out"
-            f"{', fused: B = stack + (enabled, r) + out with the last axis split into groups' if groups else ''}); "
-            "fix: the lora tree must come from jlora.init on this frozen tree and config"
-        )
-    return Factored(path, n_stack, n_in, int(rank), config.scale_for(path, int(rank)), groups, shape)
+    return frozen, nest(out, layouts)
 
 
 def delta(frozen: Any, lora: Any, config: LoraConfig) -> dict[str, jax.Array]:
