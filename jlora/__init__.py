@@ -1,23 +1,26 @@
 """jlora: LoRA for JAX as pure functions over parameter pytrees."""
 
-from jlora import checkpoint, dora, multi, peft, quant, sharding
+from jlora import checkpoint, dora, layout, multi, peft, quant, sharding
 from jlora.apply import lora_apply
 from jlora.checkpoint import TrainCheckpointer, restore_adapter, save_adapter
 from jlora.config import LoraConfig
 from jlora.extras import bias_rules
 from jlora.inits import to_plain_adapter
 from jlora.kinds import Factored
+from jlora.layout import Layout, LoraKernel
 from jlora.optim import optimizer
 from jlora.quant import QuantizedArray, dequantize, quantize
 from jlora.sharding import lora_shardings, lora_specs
 from jlora.summary import Summary, summary
-from jlora.tree import adapted, delta, init, merge, unmerge
+from jlora.tree import adapted, delta, init, kernel_layouts, merge, unmerge
 
 __version__ = "0.1.0"
 
 __all__ = [
     "Factored",
+    "Layout",
     "LoraConfig",
+    "LoraKernel",
     "QuantizedArray",
     "Summary",
     "TrainCheckpointer",
@@ -28,6 +31,8 @@ __all__ = [
     "dequantize",
     "dora",
     "init",
+    "kernel_layouts",
+    "layout",
     "lora_apply",
     "lora_shardings",
     "lora_specs",

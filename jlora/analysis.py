@@ -10,6 +10,8 @@ follows every target kernel through views — casts, transposes, reshapes that s
 - ``conv_general_dilated``: the input-feature and spatial axes are inputs, the output-feature axis
   the output; with ``feature_group_count = G > 1`` the output channels split into
   ``(G, out per group)``: G is a stack axis (PEFT's convention: the rank is the total over groups);
+- ``ragged_dot_general`` (``jax.lax.ragged_dot``, MoE experts): the group (expert) axis is a stack
+  axis, contracted axes inputs, the rest outputs;
 - ``gather`` of rows (an embedding lookup): the looked-up axis is the input, the row the output.
 
 A kernel's axes are tracked as *atoms*: sub-axes of stored axes, refined when a reshape splits an
@@ -112,7 +114,8 @@ class Use:
     where: str
 
 
-def _roles_layout(view: _View, roles: dict[Atom, str], shape: Sequence[int], kind: str, groups: int = 1) -> Layout | str:
+def _roles_layout(view: _View, roles: dict[Atom, str], shape: Sequence[int], kind: str, groups: int = 1,
+                  feature: int | None = None) -> Layout | str:
     for atom, _ in view.pseudo:
         if roles.pop(atom, "s") == "i":
             return "a sliced or indexed stack axis is contracted as an input axis"
@@ -138,7 +141,7 @@ def _roles_layout(view: _View, roles: dict[Atom, str], shape: Sequence[int], kin
         splits.append(tuple(r[0] for r in runs))
         letters.extend(r[1] for r in runs)
     try:
-        return Layout(tuple(shape), "".join(letters), tuple(splits), kind, groups)
+        return Layout(tuple(shape), "".join(letters), tuple(splits), kind, groups, feature)
     except ValueError as err:
         return str(err)
 
@@ -178,10 +181,31 @@ def _conv_use(eqn: Any, view: _View, shape: Sequence[int]) -> Use | str:
     for j in spec[1:]:
         for a in view.axes[j]:
             roles[a] = "i"
-    lay = _roles_layout(view, roles, shape, "conv", g)
+    real = [a for a in view.axes[spec[1]] if view.size(a) > 1 and a[0] >= 0]
+    feature = real[0][0] if len(real) == 1 and len(view.subs[real[0][0]]) == 1 else None
+    lay = _roles_layout(view, roles, shape, "conv", g, feature)
     if isinstance(lay, str):
         return f"conv_general_dilated (kernel layout {tuple(spec)}): {lay}"
     return Use(lay, f"conv_general_dilated kernel layout {tuple(spec)}, {g} group(s)")
+
+
+def _ragged_use(eqn: Any, view: _View, shape: Sequence[int]) -> Use | str:
+    """``ragged_dot`` (grouped matmul, MoE experts): the group axis is a stack axis (one factor pair
+    per expert), contracted axes are inputs, the rest outputs."""
+    dn = eqn.params["ragged_dot_dimension_numbers"]
+    (_, rc), (_, rb) = dn.dot_dimension_numbers
+    groups = tuple(dn.rhs_group_dimensions)
+    if not groups:
+        return "ragged_dot_general with the kernel as the gradient output (no group axis)"
+    roles: dict[Atom, str] = {}
+    for j, atoms in enumerate(view.axes):
+        role = "i" if j in rc else "s" if (j in rb or j in groups) else "o"
+        for a in atoms:
+            roles[a] = role
+    lay = _roles_layout(view, roles, shape, "dense")
+    if isinstance(lay, str):
+        return f"ragged_dot_general (groups on axes {groups}): {lay}"
+    return Use(lay, f"ragged_dot_general contracting {tuple(rc)}, groups on {groups}")
 
 
 def _sub_jaxprs(eqn: Any) -> list[Any]:
@@ -268,6 +292,9 @@ class _Reader:
             return []
         if name == "conv_general_dilated" and positions == [1]:
             self.found.append(_conv_use(eqn, view, self.shape))
+            return []
+        if name == "ragged_dot_general" and positions == [1]:
+            self.found.append(_ragged_use(eqn, view, self.shape))
             return []
         if name == "scan":
             p = eqn.params

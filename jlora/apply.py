@@ -76,6 +76,7 @@ def lazy_fallback(frozen: Any, lora: Any, config: Any) -> tuple[Any, dict[str, A
     folded leaves through the merge. Trees without rows are returned as they are (DoRA kernels run
     factored in :mod:`jlora.lazy`).
 
+    >>> import jax.numpy as jnp
     >>> from jlora import LoraConfig
     >>> cfg = LoraConfig(rank=1, targets=r"d/kernel", embedding_rows={"emb": (1,)})
     >>> frozen = {"d": {"kernel": jnp.ones((2, 2))}, "emb": jnp.zeros((3, 2))}

@@ -44,6 +44,8 @@ class Layout:
       groups: a grouped conv's ``feature_group_count``; its first stack axis is the group axis and
         the configured rank is the total over groups (PEFT's convention: ``r % groups == 0``, each
         group gets ``r // groups``).
+      feature: a conv's stored axis of input features (``cin``; its other input axes are spatial),
+        or None (PEFT's conv tensors put it first: ``lora_A (r, cin, k...)``).
 
     >>> lay = Layout((4, 16, 8), "ois")   # e.g. an (out, in) kernel stacked on its last axis
     >>> lay.canonical_shape, lay.factor_shapes(2)
@@ -57,6 +59,7 @@ class Layout:
     splits: tuple[tuple[int, ...], ...] | None = None
     kind: str = "dense"
     groups: int = 1
+    feature: int | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "shape", tuple(int(n) for n in self.shape))
@@ -177,6 +180,16 @@ class Layout:
         count = len(self.splits[axis]) if self.splits is not None else 1
         return tuple(self.inv_perm[k] for k in range(start, start + count))
 
+    def in_feature_index(self) -> int:
+        """The position of the conv's input-feature axis among the canonical input axes (the last
+        one when :attr:`feature` is None: Flax's ``(k..., cin, cout)``)."""
+        if self.feature is None:
+            return self.n_in - 1
+        pos = self.canonical_axes(self.feature)
+        if len(pos) != 1 or not self.n_stack <= pos[0] < self.n_stack + self.n_in:
+            raise ValueError(f"Layout: the feature axis {self.feature} of {self.describe()} is not one input axis")
+        return pos[0] - self.n_stack
+
     def describe(self) -> str:
         """A short text naming each stored axis' size and role, e.g. ``(N=4:out, D=16:in)``-like.
 
@@ -209,6 +222,8 @@ class Layout:
         out: dict[str, Any] = {"shape": list(self.shape), "roles": self.roles, "kind": self.kind}
         if self.groups != 1:
             out["groups"] = self.groups
+        if self.feature is not None:
+            out["feature"] = self.feature
         if self.splits is not None:
             out["splits"] = [list(s) for s in self.splits]
         return out
@@ -224,7 +239,7 @@ class Layout:
         splits = data.get("splits")
         return cls(tuple(data["shape"]), str(data["roles"]),
                    None if splits is None else tuple(tuple(s) for s in splits), str(data.get("kind", "dense")),
-                   int(data.get("groups", 1)))
+                   int(data.get("groups", 1)), data.get("feature"))
 
     @classmethod
     def plain(cls, shape: Sequence[int], n_stack: int, n_in: int, kind: str = "dense") -> Layout:
@@ -338,8 +353,13 @@ class LoraKernel(MutableMapping):
     def __len__(self) -> int:
         return len(self._parts)
 
-    __eq__ = object.__eq__
-    __hash__ = object.__hash__
+    def __eq__(self, other: object) -> bool:
+        """Equal parts (as a dict compares them) and, against another node, the same layout."""
+        if isinstance(other, LoraKernel) and other.layout != self._layout:
+            return False
+        return isinstance(other, Mapping) and dict(self._parts) == dict(other.items())
+
+    __hash__ = None  # type: ignore[assignment]  # mutable, like dict
 
     def replace(self, **parts: Any) -> LoraKernel:
         """A copy with some parts changed (``None`` removes a part)."""

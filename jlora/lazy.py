@@ -65,7 +65,7 @@ from jax.extend import core as jcore
 from jlora import dora
 from jlora.describe import adapted
 from jlora import paths as jpaths
-from jlora.lazy_rules import conv, dot_general, gather_rows, low_rank_2d, plain_dense
+from jlora.lazy_rules import conv, dot_general, gather_rows, low_rank_2d, plain_dense, ragged_dot
 from jlora.lazy_value import (LoraValue, dtype_view, dynamic_slice, gather_stack, is_lora, reshape, rev,
                               slice_, transpose)
 from jlora.lazy_value import bind as _bind
@@ -312,6 +312,7 @@ _RULES: dict[str, Callable[..., list[Any] | None]] = {
     "dynamic_slice": dynamic_slice,
     "dot_general": dot_general,
     "conv_general_dilated": conv,
+    "ragged_dot_general": ragged_dot,
     "gather": lambda eqn, invals, ctx: gather_rows(eqn, invals, ctx) or gather_stack(eqn, invals, ctx),
     "scan": _scan,
     "cond": _cond,

@@ -20,7 +20,7 @@ from jax import lax
 
 from jlora.lazy_value import LoraValue, bind, is_lora
 
-__all__ = ["low_rank_2d", "dot_general", "conv", "gather_rows", "plain_dense"]
+__all__ = ["low_rank_2d", "dot_general", "conv", "gather_rows", "plain_dense", "ragged_dot"]
 
 
 # --- consumers -----------------------------------------------------------------------------------
@@ -278,6 +278,36 @@ def conv(eqn: Any, invals: list[Any], ctx: Any) -> list[Any] | None:
         f = w.factor.transpose(lead + [w.factor_axis(c) for c in outs]).reshape(-1)
         factor = f.reshape([-1 if k == feat else 1 for k in range(base.ndim)])
     return [_finish(base, y, factor, base_dropped)]
+
+
+def ragged_dot(eqn: Any, invals: list[Any], ctx: Any) -> list[Any] | None:
+    """``ragged_dot_general`` with the kernel ``(groups, in, out)`` (any stored order) on the rhs:
+    ``ragged_dot(x, W0) + ragged_dot(ragged_dot(x, A), s·B)``, both with the same group sizes (and
+    ``group_offset``): one factor pair per expert, never an ``(E, in, out)`` delta or gradient."""
+    x, v, sizes = invals[0], invals[1], invals[2:]
+    if is_lora(x) or not is_lora(v) or any(is_lora(g) for g in sizes):
+        return None
+    dn = eqn.params["ragged_dot_dimension_numbers"]
+    (lc, rc), (lb, rb) = dn.dot_dimension_numbers
+    w = v.squeeze_units()
+    if lb or rb or len(dn.rhs_group_dimensions) != 1 or len(lc) != 1 or (w.ns, w.ni, w.no) != (1, 1, 1):
+        return None
+    g_axis, c_axis = dn.rhs_group_dimensions[0], rc[0]
+    free = [j for j in range(len(w.shape)) if j not in (g_axis, c_axis)]
+    if w.view[g_axis] != (0,) or w.view[c_axis] != (1,) or len(free) != 1 or w.view[free[0]] != (2,):
+        return None
+    if w.factor is not None:
+        return None  # DoRA on experts would need a per-token factor gather: the merged kernel
+    (ragged,) = dn.lhs_ragged_dimensions
+    base = bind(eqn, [x, w.w0, *sizes])[0]
+    xd, base_dropped = _dropped(x, w, ctx, lambda xx: bind(eqn, [xx, w.w0, *sizes])[0])
+    first = lax.RaggedDotDimensionNumbers(((tuple(lc), (1,)), ((), ())), tuple(dn.lhs_ragged_dimensions), (0,))
+    low = bind(eqn, [xd, w.a, *sizes], ragged_dot_dimension_numbers=first, preferred_element_type=None)[0]
+    n_free_x = x.ndim - 1
+    ragged_low = ragged - (ragged > lc[0])  # x's ragged axis in low (x free axes, then r)
+    second = lax.RaggedDotDimensionNumbers((((n_free_x,), (1,)), ((), ())), (ragged_low,), (0,))
+    y = bind(eqn, [low, w.scaled_b(), *sizes], ragged_dot_dimension_numbers=second, preferred_element_type=None)[0]
+    return [_finish(base, y, None, base_dropped)]
 
 
 def gather_rows(eqn: Any, invals: list[Any], ctx: Any) -> list[Any] | None:

@@ -32,9 +32,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jlora import paths
+from jlora import analysis, paths
 from jlora.config import LoraConfig
-from jlora.peft_layout import factors_from_torch, factors_to_torch, whole_from_torch, whole_to_torch
+from jlora.describe import kernel_layouts, nest
+from jlora.layout import Layout
+from jlora.peft_layout import factors_from_torch, factors_to_torch, plain_layout, whole_from_torch, whole_to_torch
 from jlora.peft_keys import (BERT_KEY_MAP, CONFIG_NAME, LLAMA_KEY_MAP, PICKLED_NAMES, PREFIX, WEIGHTS_NAME, KeyMap,
                              _check_exportable, _group, _mapper, _number, _peft_targets, _pattern_key, _place,
                              _read_config, _token_indices, _torch_param, module_name)
@@ -125,6 +127,7 @@ def save(directory: str | os.PathLike[str], lora: Mapping[str, Any], config: Lor
     whole: dict[str, Any] = {}
     rows: dict[str, Any] = {}
     _walk(lora, "", pairs, whole, rows)
+    layouts = kernel_layouts(lora)
     tensors: dict[str, np.ndarray] = {}
     modules: dict[str, str] = {}  # module -> jlora kernel path
     rank_pattern: dict[str, int] = {}
@@ -157,12 +160,17 @@ def save(directory: str | os.PathLike[str], lora: Mapping[str, Any], config: Lor
                 "fix: unstack the layer axis into per-layer paths before exporting"
             )
         A, B = np.asarray(A), np.asarray(B)
-        r = A.shape[-1]
-        if A.ndim < 2 or B.ndim < 2 or B.shape[0] != r:
-            raise ValueError(
-                f"jlora.peft.save: lora factors of {path!r}: A {A.shape} and B {B.shape} are not a rank-r pair "
-                "(expected A = in... + (r,), B = (r,) + out...)"
-            )
+        layout = layouts.get(path)
+        if layout is None:  # a plain dict node: stored in + out; conv= names the (k..., cin, cout) kernels
+            if A.ndim < 2 or B.ndim < 2 or B.shape[0] != A.shape[-1]:
+                raise ValueError(
+                    f"jlora.peft.save: lora factors of {path!r}: A {A.shape} and B {B.shape} are not a rank-r pair "
+                    "(expected A = in... + (r,), B = (r,) + out...)"
+                )
+            shape = A.shape[:-1] + B.shape[1:]
+            kind = "conv" if paths.matches(conv, path) else "embed" if path.endswith("/embedding") else "dense"
+            layout = Layout.plain(shape, 0, A.ndim - 1, kind)
+        r = A.shape[-1] * layout.groups  # PEFT's rank: the total over a grouped conv's groups
         if r != config.rank_for(path):
             raise ValueError(
                 f"jlora.peft.save: {path!r} has rank {r} (A {A.shape}) but config.rank_for gives "
@@ -173,8 +181,7 @@ def save(directory: str | os.PathLike[str], lora: Mapping[str, Any], config: Lor
             raise ValueError(f"jlora.peft.save: key_map sends both {modules[module]!r} and {path!r} to {module!r}")
         modules[module] = path
         key = PREFIX + module
-        for suffix, tensor in factors_to_torch(path, A, B, None if m is None else np.asarray(m),
-                                               paths.matches(conv, path)).items():
+        for suffix, tensor in factors_to_torch(path, A, B, None if m is None else np.asarray(m), layout).items():
             tensors[f"{key}.{suffix}"] = tensor
         if r != config.rank:
             rank_pattern[re.escape(module)] = int(r)
@@ -263,7 +270,8 @@ def _atomic_write(target: Path, write: Callable[[str], Any]) -> None:
 # ---------------------------------------------------------------------------------------------
 
 def load(directory: str | os.PathLike[str], params: Any, key_map: KeyMap, *,
-         adapter_name: str | None = None) -> tuple[dict[str, Any], LoraConfig]:
+         adapter_name: str | None = None, apply_fn: Callable[..., Any] | None = None, args: Sequence[Any] = (),
+         layouts: Mapping[str, Layout] | None = None) -> tuple[dict[str, Any], LoraConfig]:
     """Reads a PEFT LoRA adapter into a jlora ``(lora, config)`` pair for ``params``.
 
     Args:
@@ -273,6 +281,10 @@ def load(directory: str | os.PathLike[str], params: Any, key_map: KeyMap, *,
         ``key_map``, tell where each torch module lives.
       key_map: jlora leaf path -> torch module name (callable or ``(regex, replacement)`` pairs).
       adapter_name: read ``directory/adapter_name`` (PEFT's folder for a non-default adapter).
+      apply_fn, args: the model's apply function and example inputs: the axis roles of each adapted
+        kernel are read from the trace (needed for kernels not stored ``(in..., out...)``, e.g. an
+        ``(out, in)`` PyTorch-style or Gemma einsum kernel, and for OIHW or grouped convs).
+      layouts: ``{path: Layout}`` given directly instead (e.g. ``jlora.kernel_layouts(lora)``).
 
     Returns:
       ``(lora, config)``: the lora tree (nested dicts of ``jax.Array``) and a
@@ -380,6 +392,16 @@ def load(directory: str | os.PathLike[str], params: Any, key_map: KeyMap, *,
     ranks: dict[str, int] = {}
     alphas: dict[str, float] = {}
     axes: dict[str, int] = {}
+    used: dict[str, Layout] = {}
+    known = dict(layouts or {})
+    if apply_fn is not None:
+        adapted_paths = [where(parts["A"][0], module, "weight") for module, parts in sorted(factors.items())
+                         if "A" in parts]
+        for p, lay in analysis.read_layouts(apply_fn, params, args, adapted_paths, list(flat)).items():
+            if isinstance(lay, str) and p not in known:
+                raise ValueError(f"jlora.peft.load: cannot tell the axis roles of {p!r}: the trace says {lay}; fix: "
+                                 "pass layouts={path: jlora.Layout(shape, roles)} for it")
+            known.setdefault(p, lay)
     for module, parts in sorted(factors.items()):
         if "A" not in parts or "B" not in parts:
             have = next(iter(parts.values()))[0]
@@ -392,8 +414,20 @@ def load(directory: str | os.PathLike[str], params: Any, key_map: KeyMap, *,
                 "target it (target_modules / exclude_modules / layers_to_transform); PEFT would ignore them"
             )
         shape = tuple(flat[path].shape)
-        A, B, m, n_in = factors_from_torch(path, shape, parts)
-        r = A.shape[-1]
+        tA, tB = parts["A"][1], parts["B"][1]
+        layout = known.get(path)
+        if layout is None:
+            kind = "embed" if "embed" in parts else "conv" if tA.ndim > 2 else "dense"
+            layout = plain_layout(path, shape, tA.shape[-1] if tA.ndim == 2 else 0,
+                                  tB.shape[0] if tB.ndim == 2 else 0, kind) or Layout.plain(shape, 0, len(shape) - 1)
+        elif layout.shape != shape:
+            raise ValueError(f"jlora.peft.load: the layout given for {path!r} is for shape {layout.shape}, the "
+                             f"params leaf has shape {shape}")
+        if "embed" in parts and layout.kind != "embed":
+            layout = Layout(layout.shape, layout.roles, layout.splits, "embed")
+        A, B, m = factors_from_torch(path, layout, parts)
+        used[path] = layout
+        r = A.shape[-1] * layout.groups
         pattern = _pattern_key(rank_pattern, module)
         expect_r = rank_pattern[pattern] if pattern is not None else rank
         if r != expect_r:
@@ -404,8 +438,8 @@ def load(directory: str | os.PathLike[str], params: Any, key_map: KeyMap, *,
         pattern = _pattern_key(alpha_pattern, module)
         alphas[path] = float(alpha_pattern[pattern]) if pattern is not None else alpha
         ranks[path] = r
-        if len(shape) != 2:
-            axes[path] = n_in
+        if layout.is_plain and len(shape) != 2 and layout.kind != "conv":
+            axes[path] = layout.n_in
         out[path + "/A"] = jnp.asarray(A)
         out[path + "/B"] = jnp.asarray(B)
         if ("m" in parts) != use_dora:
@@ -463,4 +497,4 @@ def load(directory: str | os.PathLike[str], params: Any, key_map: KeyMap, *,
         use_dora=use_dora,
         embedding_rows=tuple(embedding_rows.items()),
     )
-    return paths.unflatten_dict(out), config
+    return nest(out, used), config

@@ -8,9 +8,15 @@ Layouts (PyTorch on the left, jlora on the right)::
     Embedding  lora_embedding_A (r, vocab)     A (vocab, r)
                lora_embedding_B (d, r)         B (r, d)
                lora_magnitude_vector (d,)      m (d,)
-    Conv       lora_A.weight (r, cin, k...)    A (k..., cin, r)  a conv to r channels
+    Conv       lora_A.weight (r, cin, k...)    A (in..., r)      a conv to r channels (in: k... and
+                                                                  cin in the kernel's stored order)
                lora_B.weight (cout, r, 1...)   B (r, cout)       a 1x1 conv
                lora_magnitude_vector (1, cout, 1...)  m (cout,)
+    grouped    lora_A.weight (r, cin, k...)    A (G, in..., r/G) PEFT's A is block-diagonal over the G
+    conv       lora_B.weight (cout, r/G, 1...) B (G, r/G, cout/G) groups (PEFT: r % G == 0)
+
+Any stored axis order works: jlora's A and B are in the canonical order of the kernel's
+:class:`~jlora.layout.Layout` (an ``(out, in)`` kernel has the same PEFT tensors as ``(in, out)``).
 """
 
 from __future__ import annotations
@@ -20,6 +26,8 @@ from collections.abc import Mapping
 
 import numpy as np
 
+from jlora.layout import Layout
+
 
 def _find_split(path: str, shape: tuple[int, ...], n_in_flat: int, n_out_flat: int) -> int | None:
     for n_in in range(1, len(shape)):
@@ -28,90 +36,142 @@ def _find_split(path: str, shape: tuple[int, ...], n_in_flat: int, n_out_flat: i
     return None
 
 
-def factors_to_torch(path: str, A: np.ndarray, B: np.ndarray, m: np.ndarray | None, is_conv: bool
+def _conv_a_to_torch(A: np.ndarray, layout: Layout) -> np.ndarray:
+    """jlora A (``(G,) + in + (r,)``) -> PEFT ``lora_A`` ``(G·r, G·cin, k...)`` (block-diagonal over groups)."""
+    g, fi = layout.groups, layout.in_feature_index()
+    a = A if g > 1 else A[None]
+    n_in = a.ndim - 2
+    order = [0, a.ndim - 1, 1 + fi] + [1 + k for k in range(n_in) if k != fi]
+    blocks = np.transpose(a, order)  # (G, r, cin_g, k...)
+    _, r, cin, *ks = blocks.shape
+    out = np.zeros((g * r, g * cin, *ks), blocks.dtype)
+    for i in range(g):
+        out[i * r : (i + 1) * r, i * cin : (i + 1) * cin] = blocks[i]
+    return out
+
+
+def _conv_a_from_torch(tA: np.ndarray, layout: Layout, path: str, key: str) -> np.ndarray:
+    """The inverse of :func:`_conv_a_to_torch`; a PEFT ``lora_A`` mixing groups is refused."""
+    g, fi = layout.groups, layout.in_feature_index()
+    r, cin = tA.shape[0] // g, tA.shape[1] // g
+    blocks = np.stack([tA[i * r : (i + 1) * r, i * cin : (i + 1) * cin] for i in range(g)])
+    rest = tA.copy()
+    for i in range(g):
+        rest[i * r : (i + 1) * r, i * cin : (i + 1) * cin] = 0
+    if g > 1 and np.any(rest):
+        raise ValueError(
+            f"jlora.peft.load: {key!r} (grouped conv {path!r}, {g} groups) connects channels across groups "
+            "(its off-group blocks are non-zero): PEFT's grouped-conv LoRA A is a full conv, jlora keeps the update "
+            "inside the groups so that it merges into the kernel; this adapter cannot be converted"
+        )
+    n_in = tA.ndim - 1  # cin + spatial
+    canon_in = [None] * n_in  # canonical input position -> axis of blocks (after G, r)
+    canon_in[fi] = 2
+    spatial = iter(range(3, 3 + n_in - 1))
+    for k in range(n_in):
+        if k != fi:
+            canon_in[k] = next(spatial)
+    a = np.transpose(blocks, [0] + canon_in + [1])  # (G,) + in + (r,)
+    return a if g > 1 else a[0]
+
+
+def factors_to_torch(path: str, A: np.ndarray, B: np.ndarray, m: np.ndarray | None, layout: Layout
                      ) -> dict[str, np.ndarray]:
     """PEFT tensors (key suffix after the module name -> array) of one module's jlora factors.
 
     Args:
-      path: the kernel's jlora path (for errors; an ``.../embedding`` path is an ``nn.Embedding``).
-      A: ``(in..., r)``; B: ``(r, out...)``; m: the DoRA magnitude ``(out...)`` or None.
-      is_conv: the kernel is a convolution ``(k..., cin, cout)``.
+      path: the kernel's jlora path (for errors).
+      A: ``stack + in + (r,)``; B: ``stack + (r,) + out``; m: the DoRA magnitude ``stack + out`` or None.
+      layout: the kernel's :class:`~jlora.layout.Layout` (``kind`` says Linear, Embedding or Conv).
 
-    >>> t = factors_to_torch("d/kernel", np.ones((4, 2)), np.ones((2, 3)), np.ones(3), False)
+    >>> t = factors_to_torch("d/kernel", np.ones((4, 2)), np.ones((2, 3)), np.ones(3), Layout((4, 3), "io"))
     >>> {k: v.shape for k, v in t.items()}
     {'lora_A.weight': (2, 4), 'lora_B.weight': (3, 2), 'lora_magnitude_vector': (3,)}
     """
     r = A.shape[-1]
     out: dict[str, np.ndarray] = {}
-    if is_conv:
-        if B.ndim != 2 or A.ndim < 3:
-            raise ValueError(
-                f"jlora.peft.save: conv {path!r}: expected A (k..., cin, r) and B (r, cout), got A {A.shape}, "
-                f"B {B.shape}"
-            )
-        nk = A.ndim - 2
-        out["lora_A.weight"] = np.transpose(A, (A.ndim - 1, A.ndim - 2) + tuple(range(nk)))
-        out["lora_B.weight"] = B.T.reshape(B.shape[1], r, *(1,) * nk)
-        magnitude_shape: tuple[int, ...] = (1, B.shape[1]) + (1,) * nk
-    elif path.rsplit("/", 1)[-1] == "embedding":
+    if layout.kind == "conv":
+        g = layout.groups
+        nk = layout.n_in - 1
+        if layout.n_out != 1 or layout.n_stack != (1 if g > 1 else 0):
+            raise ValueError(f"jlora.peft.save: conv {path!r} with axis roles {layout.describe()} has no PEFT layout")
+        out["lora_A.weight"] = _conv_a_to_torch(A, layout)
+        b = B if g > 1 else B[None]  # (G, r, cout_g)
+        out["lora_B.weight"] = np.transpose(b, (0, 2, 1)).reshape(-1, r, *(1,) * nk)
+        magnitude_shape: tuple[int, ...] = (1, math.prod(layout.out_shape) * g) + (1,) * nk
+    elif layout.kind == "embed":
         if A.ndim != 2 or B.ndim != 2:
             raise ValueError(f"jlora.peft.save: embedding {path!r}: expected 2-D A and B, got {A.shape}, {B.shape}")
         out["lora_embedding_A"] = A.T
         out["lora_embedding_B"] = B.T
         magnitude_shape = (B.shape[1],)
     else:
+        if layout.n_stack:
+            raise ValueError(
+                f"jlora.peft.save: {path!r} has stack axes ({layout.describe()}); PEFT stores one module per "
+                "layer/head/expert; fix: unstack them into per-module paths before exporting"
+            )
         out["lora_A.weight"] = A.reshape(-1, r).T
         out["lora_B.weight"] = B.reshape(r, -1).T
         magnitude_shape = (math.prod(B.shape[1:]),)
     if m is not None:
         m = np.asarray(m)
-        if m.shape != B.shape[1:]:
-            raise ValueError(f"jlora.peft.save: DoRA magnitude of {path!r}: expected shape {B.shape[1:]} (the "
-                             f"kernel's output axes), got {m.shape}")
+        want = layout.stack_shape + layout.out_shape
+        if m.shape != want:
+            raise ValueError(f"jlora.peft.save: DoRA magnitude of {path!r}: expected shape {want} (the "
+                             f"kernel's stack + output axes), got {m.shape}")
         out["lora_magnitude_vector"] = m.reshape(magnitude_shape)
     return out
 
 
-def factors_from_torch(path: str, shape: tuple[int, ...], parts: Mapping[str, tuple[str, np.ndarray]]
-                       ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, int]:
-    """jlora ``(A, B, m, n_in)`` of one module's PEFT tensors, for the params leaf ``path`` of ``shape``.
+def factors_from_torch(path: str, layout: Layout, parts: Mapping[str, tuple[str, np.ndarray]]
+                       ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """jlora ``(A, B, m)`` of one module's PEFT tensors, for the params leaf ``path`` of ``layout``.
 
     Args:
       path: the params leaf (for errors).
-      shape: its shape (``in... + out...``, conv ``k... + (cin, cout)``, table ``(vocab, d)``).
+      layout: its :class:`~jlora.layout.Layout` (an embedding's ``kind`` is ``'embed'``, a conv's ``'conv'``).
       parts: ``{"A": (key, lora_A), "B": (key, lora_B)}``, plus ``"embed"`` for an embedding and
         ``"m"`` for a DoRA magnitude.
 
     Returns:
-      ``A (in..., r)``, ``B (r, out...)``, ``m (out...)`` or None, and the number of input axes.
+      ``A`` (``stack + in + (r,)``), ``B`` (``stack + (r,) + out``), ``m`` (``stack + out``) or None.
 
     >>> parts = {"A": ("a", np.ones((2, 4))), "B": ("b", np.ones((3, 2)))}
-    >>> A, B, m, n_in = factors_from_torch("d/kernel", (4, 3), parts)
-    >>> A.shape, B.shape, m, n_in
-    ((4, 2), (2, 3), None, 1)
+    >>> A, B, m = factors_from_torch("d/kernel", Layout((3, 4), "oi"), parts)
+    >>> A.shape, B.shape, m
+    ((4, 2), (2, 3), None)
     """
     key_a, tA = parts["A"]
     key_b, tB = parts["B"]
-    r = tA.shape[0]
+    g = layout.groups
+    r = tA.shape[0] // g
+    shape = layout.shape
     got = f"lora_A {tA.shape}, lora_B {tB.shape}"
+    A = B = None
     if "embed" in parts:
         ok = len(shape) == 2 and tA.shape == (r, shape[0]) and tB.shape == (shape[1], r)
         want = f"lora_embedding_A (r, {shape[0]}), lora_embedding_B ({shape[-1]}, r)" if len(shape) == 2 else "2-D"
-        A, B, n_in = (tA.T, tB.T, 1) if ok else (None, None, 0)
-    elif tA.ndim > 2:
-        nk = tA.ndim - 2
-        ok = (len(shape) == nk + 2 and tA.shape == (r, shape[-2]) + shape[:-2]
-              and tB.shape == (shape[-1], r) + (1,) * nk)
-        want = f"lora_A (r, {shape[-2]}, {', '.join(map(str, shape[:-2]))}), lora_B ({shape[-1]}, r, 1...)"
-        A = np.transpose(tA, tuple(range(2, tA.ndim)) + (1, 0)) if ok else None
-        B = tB.reshape(tB.shape[0], r).T if ok else None
-        n_in = len(shape) - 1
+        if ok:
+            A, B = tA.T, tB.T
+    elif layout.kind == "conv":
+        nk = layout.n_in - 1
+        fi = layout.in_feature_index()
+        ins = layout.in_shape
+        cin, spatial = ins[fi], tuple(n for k, n in enumerate(ins) if k != fi)
+        cout = math.prod(layout.out_shape) * g
+        ok = tA.shape == (g * r, g * cin) + spatial and tB.shape == (cout, r) + (1,) * nk
+        want = f"lora_A ({g}·r, {g * cin}, {', '.join(map(str, spatial))}), lora_B ({cout}, r, 1...)"
+        if ok:
+            A = _conv_a_from_torch(tA, layout, path, key_a)
+            b = np.transpose(tB.reshape(g, -1, r), (0, 2, 1))  # (G, r, cout_g)
+            B = b if g > 1 else b[0]
     else:
-        n_in = _find_split(path, shape, tA.shape[-1], tB.shape[0]) if tA.ndim == 2 and tB.ndim == 2 else None
-        ok = n_in is not None and tB.shape[1] == r
-        want = f"lora_A (r, prod(in)), lora_B (prod(out), r) for a kernel of shape {shape}"
-        A = tA.T.reshape(shape[:n_in] + (r,)) if ok else None
-        B = tB.T.reshape((r,) + shape[n_in:]) if ok else None
+        ok = (not layout.n_stack and tA.ndim == 2 and tB.ndim == 2 and tA.shape[1] == layout.fan_in
+              and tB.shape == (math.prod(layout.out_shape), r))
+        want = f"lora_A (r, {layout.fan_in}), lora_B ({math.prod(layout.out_shape)}, r) for axis roles {layout.describe()}"
+        if ok:
+            A, B = tA.T.reshape(layout.in_shape + (r,)), tB.T.reshape((r,) + layout.out_shape)
     if not ok:
         raise ValueError(
             f"jlora.peft.load: adapter keys {key_a!r}/{key_b!r} do not fit the params leaf {path!r} of shape "
@@ -121,14 +181,26 @@ def factors_from_torch(path: str, shape: tuple[int, ...], parts: Mapping[str, tu
     m = None
     if "m" in parts:
         key_m, tm = parts["m"]
-        out_shape = B.shape[1:]
-        if tm.size != math.prod(out_shape):
+        want_m = layout.stack_shape + layout.out_shape
+        if tm.size != math.prod(want_m):
             raise ValueError(
                 f"jlora.peft.load: DoRA magnitude {key_m!r} of shape {tm.shape} does not fit {path!r}: expected "
-                f"{math.prod(out_shape)} values (the kernel's output axes {out_shape})"
+                f"{math.prod(want_m)} values (the kernel's output axes {want_m})"
             )
-        m = tm.reshape(out_shape)
-    return A, B, m, n_in
+        m = tm.reshape(want_m)
+    return A, B, m
+
+
+def plain_layout(path: str, shape: tuple[int, ...], n_in_flat: int, n_out_flat: int, kind: str) -> Layout | None:
+    """The ``in + out`` layout (stored in that order) whose flattened sizes are PEFT's, or None.
+
+    >>> plain_layout("d/kernel", (4, 2, 3), 4, 6, "dense").roles
+    'ioo'
+    """
+    if kind == "conv":
+        return Layout(shape, "i" * (len(shape) - 1) + "o", kind="conv")
+    n_in = _find_split(path, shape, n_in_flat, n_out_flat)
+    return None if n_in is None else Layout.plain(shape, 0, n_in, kind)
 
 
 def whole_to_torch(path: str, value: np.ndarray, param: str, is_conv: bool) -> np.ndarray:

@@ -117,7 +117,7 @@ def init(key: jax.Array, params: Any, config: LoraConfig, apply_fn: Callable[...
     >>> params = {"dense": {"kernel": jnp.ones((4, 3)), "bias": jnp.zeros(3)}}
     >>> frozen, lora = init(jax.random.key(0), params, LoraConfig(rank=2, targets=".*kernel"))
     >>> jax.tree.map(jnp.shape, lora)
-    {'dense': {'kernel': {'A': (4, 2), 'B': (2, 3)}}}
+    {'dense': {'kernel': LoraKernel({'A': (4, 2), 'B': (2, 3)}, layout='io' (4:in, 3:out))}}
     """
     if not isinstance(config, LoraConfig):
         raise TypeError(f"jlora.init: config must be a jlora.LoraConfig, got {type(config).__name__}")

@@ -62,9 +62,9 @@ def test_patterns_and_scaling():
 )
 def test_property_delta_factorises_every_shape(n_stack, ins, outs, rank, kind):
     shape = (3,) * n_stack + tuple(ins) + tuple(outs)
-    split = jlora.kinds.Split(kind, n_stack, len(ins))
-    rank = min(rank, jlora.kinds.max_rank(shape, split))
-    a, b = jlora.kinds.init_factors(jax.random.key(0), shape, split, rank, "kaiming", jnp.float32)
+    layout = jlora.layout.Layout.plain(shape, n_stack, len(ins), kind)
+    rank = min(rank, jlora.kinds.max_rank(layout))
+    a, b = jlora.kinds.init_factors(jax.random.key(0), layout, rank, "kaiming", jnp.float32)
     # output unchanged at init for every kind
     assert float(jnp.abs(jnp.tensordot(a[(0,) * n_stack] if n_stack else a, b[(0,) * n_stack] if n_stack else b, 1)).max()) == 0
     a = jax.random.normal(jax.random.key(1), a.shape)

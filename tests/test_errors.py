@@ -46,7 +46,7 @@ def test_bad_alpha(alpha):
 
 
 def test_ambiguous_custom_kernel_says_both_fixes():
-    with pytest.raises(ValueError, match=r"cannot tell the input axes of 'params/dg/kernel'.*apply_fn=model.apply.*LoraConfig\(axes="):
+    with pytest.raises(ValueError, match=r"cannot tell the axis roles of 'params/dg/kernel'.*apply_fn=model.apply.*LoraConfig\(layout="):
         jlora.init(KEY, PARAMS, jlora.LoraConfig(targets=r".*/dg/kernel"))
     # stating the split resolves it
     _, lora = jlora.init(KEY, PARAMS, jlora.LoraConfig(rank=2, targets=r".*/dg/kernel", axes={r".*/dg/kernel": 1}))

@@ -438,14 +438,14 @@ def test_dropout_inside_scan_and_remat():
     assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(g))
 
 
-def test_grouped_conv_falls_back_to_merged():
+def test_grouped_conv_runs_lazily():
     m = nn.Conv(4, (3,), feature_group_count=2)
     x = normal(6, 2, 7, 4)
     params = init(m, x)
     cfg = jlora.LoraConfig(rank=2, targets=".*kernel")
     frozen, lora = lora_init(params, cfg, m.apply, (x,))
-    with pytest.warns(UserWarning, match="conv_general_dilated"):
-        y = jlora.lora_apply(m.apply, cfg, "lazy")(frozen, lora, x)
+    assert lora["params"]["kernel"]["A"].shape == (2, 3, 2, 1)  # (groups, k, cin per group, r per group)
+    y = jlora.lora_apply(m.apply, cfg, "lazy", strict=True)(frozen, lora, x)
     close(y, jlora.lora_apply(m.apply, cfg, "merged")(frozen, lora, x), rtol=1e-5, what="grouped conv")
 
 
