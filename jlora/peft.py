@@ -37,11 +37,12 @@ from jlora.config import LoraConfig
 from jlora.describe import kernel_layouts, nest
 from jlora.layout import Layout
 from jlora.peft_layout import factors_from_torch, factors_to_torch, plain_layout, whole_from_torch, whole_to_torch
-from jlora.peft_keys import (BERT_KEY_MAP, CONFIG_NAME, LLAMA_KEY_MAP, PICKLED_NAMES, PREFIX, WEIGHTS_NAME, KeyMap,
+from jlora.peft_keys import (BERT_KEY_MAP, CONFIG_NAME, GPT2_FAN_IN_FAN_OUT, GPT2_KEY_MAP, LLAMA_KEY_MAP, PICKLED_NAMES, PREFIX, WEIGHTS_NAME, KeyMap,
                              _check_exportable, _group, _mapper, _number, _peft_targets, _pattern_key, _place,
                              _read_config, _token_indices, _torch_param, module_name)
 
-__all__ = ["save", "load", "module_name", "KeyMap", "LLAMA_KEY_MAP", "BERT_KEY_MAP"]
+__all__ = ["save", "load", "module_name", "KeyMap", "LLAMA_KEY_MAP", "BERT_KEY_MAP", "GPT2_KEY_MAP",
+           "GPT2_FAN_IN_FAN_OUT"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -64,6 +65,20 @@ def _walk(tree: Any, prefix: str, pairs: dict[str, tuple[Any, Any, Any]], whole:
             _walk(value, f"{prefix}/{key}" if prefix else str(key), pairs, whole, rows)
 
 
+def _module_of(name: str) -> str:
+    """The torch module name of an adapter tensor key (after PEFT's prefix).
+
+    >>> _module_of("pooler.dense.lora_A.weight"), _module_of("classifier.modules_to_save.default.bias")
+    ('pooler.dense', 'classifier')
+    """
+    m = re.fullmatch(r"(.+?)\.(lora_A|lora_B|lora_embedding_A|lora_embedding_B|lora_magnitude_vector|token_adapter)"
+                     r"(\..*)?", name)
+    if m:
+        return m.group(1)
+    module = name.rpartition(".")[0].removesuffix(".base_layer")
+    return re.sub(r"\.modules_to_save(\.[^.]+)?$", "", module)
+
+
 def _adapter_dir(directory: str | os.PathLike[str], adapter_name: str | None) -> Path:
     root = Path(directory)
     if adapter_name is None or adapter_name == "default":
@@ -78,6 +93,7 @@ def _adapter_dir(directory: str | os.PathLike[str], adapter_name: str | None) ->
 
 def save(directory: str | os.PathLike[str], lora: Mapping[str, Any], config: LoraConfig, key_map: KeyMap, *,
          adapter_name: str | None = None, overwrite: bool = False, conv: str | Sequence[str] = (),
+         fan_in_fan_out: str | Sequence[str] = (), params: Any = None,
          base_model_name_or_path: str | None = None, task_type: str | None = None) -> Path:
     """Writes a jlora adapter as a PEFT adapter (``adapter_config.json`` + ``adapter_model.safetensors``).
 
@@ -92,8 +108,14 @@ def save(directory: str | os.PathLike[str], lora: Mapping[str, Any], config: Lor
       key_map: jlora leaf path -> torch module name (callable or ``(regex, replacement)`` pairs).
       adapter_name: write into ``directory/adapter_name`` as PEFT does for a non-default adapter.
       overwrite: replace an existing adapter in the target folder (refused otherwise).
-      conv: regexes of kernel paths that are convolutions (``(k..., cin, cout)``); a multi-axis
-        kernel is otherwise a dense map flattened to ``nn.Linear``.
+      conv: regexes of plain-dict kernel paths that are convolutions (``(k..., cin, cout)``); a
+        multi-axis kernel is otherwise a dense map flattened to ``nn.Linear``. Not needed for trees
+        from :func:`jlora.init` (their layout says it).
+      fan_in_fan_out: regexes of kernel paths whose torch module stores its weight ``(in, out)``
+        (GPT-2's ``Conv1D``: :data:`GPT2_FAN_IN_FAN_OUT`): PEFT's ``fan_in_fan_out`` is written for
+        them and their trained-whole weights are not transposed.
+      params: the base parameters: a module saved whole (``modules_to_save``) whose bias was not
+        trained takes it from here (PEFT saves every parameter of such a module).
       base_model_name_or_path: recorded in the config (PEFT uses it only when no model is passed).
       task_type: PEFT task type (e.g. ``'CAUSAL_LM'``), or None for a plain ``PeftModel``.
 
@@ -115,6 +137,7 @@ def save(directory: str | os.PathLike[str], lora: Mapping[str, Any], config: Lor
     _check_exportable(config)
     fn = _mapper(key_map)
     conv = (conv,) if isinstance(conv, str) else tuple(conv)
+    fan_in_fan_out = (fan_in_fan_out,) if isinstance(fan_in_fan_out, str) else tuple(fan_in_fan_out)
     out_dir = _adapter_dir(directory, adapter_name)
     existing = [n for n in (CONFIG_NAME, WEIGHTS_NAME) if (out_dir / n).exists()]
     if existing and not overwrite:
@@ -212,10 +235,26 @@ def save(directory: str | os.PathLike[str], lora: Mapping[str, Any], config: Lor
                 f"({leaf_paths}); PEFT cannot express both; fix: drop one of them"
             )
         modules_to_save.append(module)
+        have = {_torch_param(p) for p in leaf_paths}
+        kernel = next((p for p in leaf_paths if _torch_param(p) == "weight"), None)
+        bias_path = kernel.rsplit("/", 1)[0] + "/bias" if kernel is not None else None
+        if "bias" not in have and bias_path is not None:
+            base = paths.flatten(params) if params is not None else {}
+            if bias_path in base:
+                whole[bias_path] = base[bias_path]
+                leaf_paths.append(bias_path)
+            elif params is None:
+                raise ValueError(
+                    f"jlora.peft.save: {kernel!r} is trained whole (module {module!r}, PEFT modules_to_save) without "
+                    "its bias; PEFT saves and loads every parameter of such a module, so the file would lack "
+                    f"'{module}.bias'. Fix: pass params=<the base parameters> (the frozen bias is written), or train "
+                    "the bias too (LoraConfig.trainable)"
+                )
     for module, leaf_paths in whole_by_module.items():
         for path in leaf_paths:
             param = _torch_param(path)
-            value = whole_to_torch(path, np.asarray(whole[path]), param, paths.matches(conv, path))
+            value = whole_to_torch(path, np.asarray(whole[path]), param, paths.matches(conv, path),
+                                   paths.matches(fan_in_fan_out, path))
             inner = ".base_layer" if module in modules else ""
             tensors[f"{PREFIX}{module}{inner}.{param}"] = value
     bias = "none"
@@ -238,7 +277,7 @@ def save(directory: str | os.PathLike[str], lora: Mapping[str, Any], config: Lor
         "alpha_pattern": alpha_pattern,
         "bias": bias,
         "modules_to_save": sorted(modules_to_save) or None,
-        "fan_in_fan_out": False,
+        "fan_in_fan_out": any(paths.matches(fan_in_fan_out, p) for p in modules.values()),
         "init_lora_weights": "gaussian" if config.init == "gaussian" else True,
         "layers_to_transform": None,
         "layers_pattern": None,
@@ -271,7 +310,8 @@ def _atomic_write(target: Path, write: Callable[[str], Any]) -> None:
 
 def load(directory: str | os.PathLike[str], params: Any, key_map: KeyMap, *,
          adapter_name: str | None = None, apply_fn: Callable[..., Any] | None = None, args: Sequence[Any] = (),
-         layouts: Mapping[str, Layout] | None = None) -> tuple[dict[str, Any], LoraConfig]:
+         layouts: Mapping[str, Layout] | None = None, ignore: str | Sequence[str] = (),
+         fan_in_fan_out: str | Sequence[str] | None = None) -> tuple[dict[str, Any], LoraConfig]:
     """Reads a PEFT LoRA adapter into a jlora ``(lora, config)`` pair for ``params``.
 
     Args:
@@ -285,6 +325,12 @@ def load(directory: str | os.PathLike[str], params: Any, key_map: KeyMap, *,
         kernel are read from the trace (needed for kernels not stored ``(in..., out...)``, e.g. an
         ``(out, in)`` PyTorch-style or Gemma einsum kernel, and for OIHW or grouped convs).
       layouts: ``{path: Layout}`` given directly instead (e.g. ``jlora.kernel_layouts(lora)``).
+      ignore: regexes of torch module names whose adapter tensors are skipped on purpose (a module the
+        Flax model does not have, e.g. BERT's ``pooler.dense`` matched by a ``dense`` target).
+      fan_in_fan_out: regexes of kernel paths whose torch module stores ``(in, out)`` (GPT-2's
+        ``Conv1D``: :data:`GPT2_FAN_IN_FAN_OUT`); their weights saved whole are not transposed.
+        Default: inferred from shapes, and a square one is refused when the adapter says
+        ``fan_in_fan_out``.
 
     Returns:
       ``(lora, config)``: the lora tree (nested dicts of ``jax.Array``) and a
@@ -305,6 +351,7 @@ def load(directory: str | os.PathLike[str], params: Any, key_map: KeyMap, *,
     from safetensors.numpy import load_file
 
     fn = _mapper(key_map)
+    ignore_rules = (ignore,) if isinstance(ignore, str) else tuple(ignore)
     src = _adapter_dir(directory, adapter_name)
     if not src.is_dir():
         raise FileNotFoundError(f"jlora.peft.load: adapter folder {src} does not exist")
@@ -348,7 +395,9 @@ def load(directory: str | os.PathLike[str], params: Any, key_map: KeyMap, *,
             near = ", ".join(paths.closest(module, known_modules, 3))
             raise ValueError(
                 f"jlora.peft.load: adapter key {key!r}: key_map places no params leaf at torch module {module!r} "
-                f"(parameter {param!r}); closest modules the map produces: {near}. Fix: extend key_map"
+                f"(parameter {param!r}); closest modules the map produces: {near}. Fix: extend key_map if the "
+                f"model has that module, or pass ignore=[{re.escape(module)!r}] to skip a module the Flax model "
+                "does not have (e.g. BERT's pooler)"
             )
         return path
 
@@ -359,6 +408,8 @@ def load(directory: str | os.PathLike[str], params: Any, key_map: KeyMap, *,
         if not key.startswith(PREFIX):
             raise ValueError(f"jlora.peft.load: {weights}: key {key!r} does not start with {PREFIX!r}; not a PEFT file")
         name = key[len(PREFIX):]
+        if ignore_rules and paths.matches(ignore_rules, _module_of(name)):
+            continue  # a module the caller skips on purpose
         m = re.fullmatch(r"(.+)\.token_adapter\.trainable_tokens_delta", name)
         if m:
             token_rows[m.group(1)] = (key, value)
@@ -415,6 +466,10 @@ def load(directory: str | os.PathLike[str], params: Any, key_map: KeyMap, *,
             )
         shape = tuple(flat[path].shape)
         tA, tB = parts["A"][1], parts["B"][1]
+        bad = [k for k, t in parts.values() if t.dtype.kind != "f"]
+        if bad:
+            raise ValueError(f"jlora.peft.load: {bad[0]!r} has dtype {parts['A'][1].dtype if bad[0] == parts['A'][0] else 'int'}, "
+                             "expected float LoRA factors; fix: re-save the adapter from a float PEFT model")
         layout = known.get(path)
         if layout is None:
             kind = "embed" if "embed" in parts else "conv" if tA.ndim > 2 else "dense"
@@ -479,7 +534,11 @@ def load(directory: str | os.PathLike[str], params: Any, key_map: KeyMap, *,
                         "into params first"
                     )
                 continue
-        out[path] = jnp.asarray(whole_from_torch(path, key, value, shape), dtype=leaf.dtype)
+        if value.dtype.kind != "f":
+            raise ValueError(f"jlora.peft.load: {key!r} has dtype {value.dtype}, expected a float tensor")
+        ffo = (None if body.get("fan_in_fan_out") else False) if fan_in_fan_out is None else \
+            paths.matches((fan_in_fan_out,) if isinstance(fan_in_fan_out, str) else tuple(fan_in_fan_out), path)
+        out[path] = jnp.asarray(whole_from_torch(path, key, value, shape, ffo), dtype=leaf.dtype)
         trainable.append(path)
 
     by_value = lambda d, default: _group({p: v for p, v in d.items() if v != default})  # noqa: E731

@@ -129,6 +129,20 @@ def _torch_param(path: str) -> str:
     return _TORCH_PARAM.get(leaf, leaf)
 
 
+GPT2_KEY_MAP: tuple[tuple[str, str], ...] = (
+    (r"params/wte/embedding", "transformer.wte"),
+    (r"params/wpe/embedding", "transformer.wpe"),
+    (r"params/h_(\d+)/(ln_1|ln_2)/(?:scale|bias)", r"transformer.h.\1.\2"),
+    (r"params/h_(\d+)/attn/(c_attn|c_proj)/(?:kernel|bias)", r"transformer.h.\1.attn.\2"),
+    (r"params/h_(\d+)/mlp/(c_fc|c_proj)/(?:kernel|bias)", r"transformer.h.\1.mlp.\2"),
+    (r"params/ln_f/(?:scale|bias)", "transformer.ln_f"),
+)
+"""Key map of a Flax GPT-2 named like ``transformers.GPT2LMHeadModel`` (``params/h_0/attn/c_attn/kernel``)."""
+
+GPT2_FAN_IN_FAN_OUT = r"params/h_\d+/(attn|mlp)/(c_attn|c_proj|c_fc)/kernel"
+"""GPT-2's ``Conv1D`` layers store their torch weight ``(in, out)``, like a Flax kernel (PEFT's
+``fan_in_fan_out``): pass as ``fan_in_fan_out=`` to :func:`jlora.peft.save` / :func:`jlora.peft.load`."""
+
 LLAMA_KEY_MAP: tuple[tuple[str, str], ...] = (
     (r"params/embed_tokens/embedding", "model.embed_tokens"),
     (r"params/layers_(\d+)/attn/(q_proj|k_proj|v_proj|o_proj)/(?:kernel|bias)", r"model.layers.\1.self_attn.\2"),
@@ -229,9 +243,13 @@ def _check_exportable(config: LoraConfig) -> None:
 
 def _read_config(path: Path) -> dict[str, Any]:
     try:
-        body = json.loads(path.read_text())
+        body = json.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as err:
+        raise ValueError(f"jlora.peft.load: {path} is not UTF-8 text ({err}); fix: re-save the adapter with PEFT's "
+                         "save_pretrained (it writes UTF-8 JSON)") from None
     except json.JSONDecodeError as err:
-        raise ValueError(f"jlora.peft.load: {path} is not valid JSON ({err})") from None
+        raise ValueError(f"jlora.peft.load: {path} is not valid JSON ({err}); fix: re-save the adapter with PEFT's "
+                         "save_pretrained") from None
     if not isinstance(body, dict):
         raise ValueError(f"jlora.peft.load: {path} must hold a JSON object, got {type(body).__name__}")
     if body.get("peft_type") != "LORA":

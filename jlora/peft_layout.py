@@ -203,7 +203,8 @@ def plain_layout(path: str, shape: tuple[int, ...], n_in_flat: int, n_out_flat: 
     return None if n_in is None else Layout.plain(shape, 0, n_in, kind)
 
 
-def whole_to_torch(path: str, value: np.ndarray, param: str, is_conv: bool) -> np.ndarray:
+def whole_to_torch(path: str, value: np.ndarray, param: str, is_conv: bool, fan_in_fan_out: bool = False
+                   ) -> np.ndarray:
     """The PyTorch layout of a trained-whole jlora leaf (a kernel is transposed, a bias flattened).
 
     Args:
@@ -211,11 +212,14 @@ def whole_to_torch(path: str, value: np.ndarray, param: str, is_conv: bool) -> n
       value: the leaf's array.
       param: the torch parameter name (``'weight'`` or ``'bias'``).
       is_conv: a kernel is a convolution ``(k..., cin, cout)``.
+      fan_in_fan_out: the torch module stores its weight ``(in, out)`` (GPT-2's ``Conv1D``): no transpose.
 
     >>> whole_to_torch("d/kernel", np.ones((4, 3)), "weight", False).shape
     (3, 4)
     """
     if path.rsplit("/", 1)[-1] == "kernel":
+        if fan_in_fan_out and value.ndim == 2:
+            return value
         if is_conv:
             return np.transpose(value, (value.ndim - 1, value.ndim - 2) + tuple(range(value.ndim - 2)))
         if value.ndim == 2:
@@ -227,18 +231,31 @@ def whole_to_torch(path: str, value: np.ndarray, param: str, is_conv: bool) -> n
     return value.reshape(-1) if param == "bias" else value
 
 
-def whole_from_torch(path: str, key: str, value: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+def whole_from_torch(path: str, key: str, value: np.ndarray, shape: tuple[int, ...],
+                     fan_in_fan_out: bool | None = False) -> np.ndarray:
     """A saved PyTorch weight as the jlora leaf ``path`` of ``shape`` (kernels transposed back).
 
     Args:
       path: the params leaf; key: the adapter key (for errors); value: the tensor; shape: the leaf's shape.
+      fan_in_fan_out: the torch module stores ``(in, out)`` (GPT-2's ``Conv1D``): kept as it is;
+        ``None``: unknown (the adapter says ``fan_in_fan_out`` but not which modules): a square kernel
+        is then ambiguous and refused.
 
     >>> whole_from_torch("d/kernel", "k", np.ones((3, 4)), (4, 3)).shape
     (4, 3)
     """
     raw = value.shape
     if path.rsplit("/", 1)[-1] == "kernel":
-        if value.ndim == 2 and len(shape) >= 2:
+        if value.ndim == 2 and len(shape) == 2 and fan_in_fan_out is None:
+            if value.shape[0] == value.shape[1]:
+                raise ValueError(
+                    f"jlora.peft.load: {key!r} is a square weight {raw} of a module saved whole, and the adapter "
+                    f"says fan_in_fan_out: whether the module stored (out, in) (nn.Linear) or (in, out) (GPT-2's "
+                    "Conv1D) cannot be told; fix: pass fan_in_fan_out=<regex of the Conv1D kernels' jlora paths> "
+                    "(jlora.peft.GPT2_FAN_IN_FAN_OUT for GPT-2), or an empty tuple for nn.Linear modules"
+                )
+            fan_in_fan_out = value.shape == shape
+        if value.ndim == 2 and len(shape) >= 2 and not fan_in_fan_out:
             value = value.T
         elif value.ndim > 2:
             value = np.transpose(value, tuple(range(2, value.ndim)) + (1, 0))

@@ -473,6 +473,20 @@ def test_bert_both_ways(bert, tmp_path):
     np.testing.assert_allclose(run_torch(pm2), run_flax(jlora.merge(params, mine_lora, mine)), **TOL)
 
 
+def test_bert_dense_target_also_adapts_the_pooler(bert, tmp_path):
+    """PEFT's ``dense`` target also matches BertModel's ``pooler.dense``, which the Flax port has not."""
+    params, run_flax, run_torch, fresh = bert
+    pm = peft.get_peft_model(fresh(), peft.LoraConfig(r=2, lora_alpha=4, target_modules=["dense"]))
+    randomise(pm)
+    pm.save_pretrained(tmp_path / "peft")
+    ref = run_torch(peft.PeftModel.from_pretrained(fresh(), tmp_path / "peft").eval())
+    with pytest.raises(ValueError, match=r"module 'pooler\.dense'.*Fix: extend key_map.*or pass ignore=.*BERT's pooler"):
+        jpeft.load(tmp_path / "peft", params, jpeft.BERT_KEY_MAP)
+    lora, cfg = jpeft.load(tmp_path / "peft", params, jpeft.BERT_KEY_MAP, ignore=r"pooler\.dense")
+    assert not any("pooler" in p for p in jlora.paths.flatten(lora))
+    np.testing.assert_allclose(run_flax(jlora.merge(params, lora, cfg)), ref, **TOL)  # hidden states: no pooler
+
+
 def test_save_refuses_mismatched_dora_and_residual_inits(base, tmp_path):
     params = base[2]
     lora = jlora_adapter(params, jlora.LoraConfig(rank=2, targets=r".*/q_proj/kernel"))
