@@ -6,6 +6,7 @@ import functools
 from collections.abc import Callable
 from typing import Any
 
+from jlora import checks
 from jlora.config import LoraConfig
 from jlora.extras import lazy_fallback
 from jlora.quant import dequantize_tree_for_apply
@@ -47,8 +48,18 @@ def lora_apply(apply_fn: Callable[..., Any], config: LoraConfig, mode: str = "la
     if not callable(apply_fn):
         raise TypeError(f"lora_apply: apply_fn must be callable, got {type(apply_fn).__name__}")
 
+    def check(lora: Any, lora_rng: Any) -> None:
+        if lora is None or isinstance(lora, (int, float, str)) or hasattr(lora, "shape"):
+            raise TypeError(
+                f"lora_apply: `lora` must be the lora tree (a dict from jlora.init), got {type(lora).__name__}; "
+                "fix: fn(frozen, lora, x); for the base model alone call apply_fn(frozen, x)"
+            )
+        if lora_rng is not None:
+            checks.prng_key("lora_apply", "lora_rng", lora_rng)
+
     if mode == "merged":
         def fn(frozen: Any, lora: Any, *args: Any, lora_rng: Any = None, **kwargs: Any) -> Any:
+            check(lora, lora_rng)
             if lora_rng is not None and config.dropout > 0:
                 raise ValueError(
                     "lora_apply(mode='merged'): LoRA dropout acts on the input of A, which merged weights "
@@ -59,6 +70,7 @@ def lora_apply(apply_fn: Callable[..., Any], config: LoraConfig, mode: str = "la
         from jlora import lazy
 
         def fn(frozen: Any, lora: Any, *args: Any, lora_rng: Any = None, **kwargs: Any) -> Any:
+            check(lora, lora_rng)
             frozen = dequantize_tree_for_apply(frozen)  # a quantized base: float kernels inside the trace
             frozen, lora = lazy_fallback(frozen, lora, config)  # tables with trained rows: merged
             return lazy.lazy_call(apply_fn, frozen, lora, config, args, kwargs, strict=strict, rng=lora_rng)

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jlora import paths
+from jlora import checks, paths
 from jlora.apply import lora_apply
 from jlora.config import LoraConfig
 from jlora.kinds import Factored
@@ -118,7 +118,12 @@ def stack(frozen: Any, adapters: Mapping[str, tuple[Any, LoraConfig]]) -> Stack:
         ranks[p] = max(f.rank for f in fs)
         groups[p] = fs[0].groups
         if any(f.groups != fs[0].groups or f.n_stack != fs[0].n_stack or f.n_in != fs[0].n_in for f in fs):
-            raise ValueError(f"jlora.multi.stack: adapters disagree on the split or groups of {p!r}: {fs}")
+            seen = {n: (info[p].n_stack, info[p].n_in, info[p].groups) for n, (info, _) in described.items() if p in info}
+            raise ValueError(
+                f"jlora.multi.stack: adapters disagree on the layout of {p!r} (adapter: (stack axes, input axes, "
+                f"fused groups)): {seen}; fix: make every adapter with the same LoraConfig axes/stack/fused rules "
+                "for this path, or serve them from separate stacks"
+            )
     out: dict[str, Any] = {}
     for p in kernels:
         ref = next(info[p] for info, _ in described.values() if p in info)
@@ -161,11 +166,16 @@ def stack(frozen: Any, adapters: Mapping[str, tuple[Any, LoraConfig]]) -> Stack:
 def select(s: Stack, index: jax.Array | int) -> Any:
     """The lora tree of adapter ``index`` (an int or a traced int: no retrace), for ``s.config``.
 
+    ``index`` must be in ``[0, s.base_id]``: nothing wraps or clamps. An out-of-range int raises a
+    ValueError; a traced one fails when the computation runs (see :func:`mixed_apply`).
+
     >>> frozen = {"w": jnp.zeros((2, 2))}
     >>> s = stack(frozen, {"a": ({"w": {"A": jnp.ones((2, 1)), "B": jnp.ones((1, 2))}}, LoraConfig(rank=1, alpha=1, targets="w"))})
     >>> select(s, 0)["w"]["B"].tolist(), select(s, s.base_id)["w"]["B"].tolist()
     ([[1.0, 1.0]], [[0.0, 0.0]])
     """
+    n = len(s.names) + 1
+    checks.adapter_ids("jlora.multi.select", "index", index, n)
     return jax.tree.map(lambda x: x[index], s.lora)
 
 
@@ -177,6 +187,12 @@ def mixed_apply(apply_fn: Callable[..., Any], s_config: LoraConfig, mode: str = 
     (``Stack.base_id`` for the base model alone). The factors are gathered per example and the
     model runs once, vectorised with ``jax.vmap`` over the examples: every low-rank product is one
     batched contraction and the frozen kernels are shared. One compilation serves any mix.
+
+    Ids must be in ``[0, n]`` (``n = Stack.base_id``): negative ids are not wrapped and large ones
+    not clamped. Concrete ids out of range raise a ValueError at once. Traced ids (``fn`` under
+    ``jax.jit``) are checked on the device's values by a ``jax.debug.callback`` that raises the same
+    ValueError on the host: the call fails with a ``JaxRuntimeError`` carrying that message, never
+    with a result from another adapter. Under ``checkify.checkify`` the check still runs as a callback.
 
     >>> import jlora
     >>> frozen = {"w": jnp.eye(2)}
@@ -191,9 +207,14 @@ def mixed_apply(apply_fn: Callable[..., Any], s_config: LoraConfig, mode: str = 
         ids = jnp.asarray(adapter_ids)
         if ids.ndim != 1:
             raise ValueError(f"mixed_apply: adapter_ids must have shape (batch,), got {ids.shape}")
-        for i, a in enumerate(jax.tree.leaves(args)):
+        for keypath, a in jax.tree_util.tree_flatten_with_path(args)[0]:
             if a.shape[:1] != ids.shape:
-                raise ValueError(f"mixed_apply: argument leaf {i} has batch {a.shape[:1]}, adapter_ids {ids.shape}")
+                raise ValueError(
+                    f"mixed_apply: argument args{jax.tree_util.keystr(keypath)} has batch {a.shape[:1]} but "
+                    f"adapter_ids has shape {ids.shape}; fix: one adapter id per example (axis 0 of every argument)"
+                )
+        n = jax.tree.leaves(stacked)[0].shape[0] if jax.tree.leaves(stacked) else 1
+        checks.adapter_ids("mixed_apply", "adapter_ids", adapter_ids if checks.is_concrete(adapter_ids) else ids, n)
         per_example = jax.tree.map(lambda x: x[ids], stacked)
 
         def one(lora: Any, *example: Any) -> Any:

@@ -181,7 +181,8 @@ def _derive(base_specs, lora, config, frozen, rules, mesh):
         if factor == "m" and kernel in table:  # DoRA magnitude: the kernel's stack + output axes
             a, b = flat.get(f"{kernel}/A"), flat.get(f"{kernel}/B")
             if a is None or b is None:
-                raise ValueError(f"lora leaf '{path}' (a DoRA magnitude) needs '{kernel}/A' and '{kernel}/B' beside it.")
+                raise ValueError(f"lora leaf '{path}' (a DoRA magnitude) needs '{kernel}/A' and '{kernel}/B' beside "
+                                 "it; fix: pass the whole lora tree from jlora.init(use_dora=True)")
             spec, _, spec_ndim = table[kernel]
             if kernel in described:
                 n_stack, n_in = described[kernel].n_stack, described[kernel].n_in
@@ -198,7 +199,8 @@ def _derive(base_specs, lora, config, frozen, rules, mesh):
                              "nesting as the params.")
         other = flat.get(f"{kernel}/{'B' if factor == 'A' else 'A'}")
         if other is None:
-            raise ValueError(f"lora leaf '{path}' has no partner '{kernel}/{'B' if factor == 'A' else 'A'}'.")
+            raise ValueError(f"lora leaf '{path}' has no partner '{kernel}/{'B' if factor == 'A' else 'A'}'; "
+                             "fix: pass the whole lora tree from jlora.init (both A and B of each kernel)")
         a_shape, b_shape = (shape, other.shape) if factor == "A" else (other.shape, shape)
         spec, _, spec_ndim = table[kernel]
         if kernel in described:
@@ -290,7 +292,10 @@ def lora_shardings(base_shardings: Any, lora: Any, config: LoraConfig | None, *,
       >>> s["w"]["B"].spec
       P(None, 'model')
     """
-    specs, found = _derive(base_shardings, lora, config, frozen, rules, mesh)
+    try:
+        specs, found = _derive(base_shardings, lora, config, frozen, rules, mesh)
+    except (TypeError, ValueError) as err:  # name the argument the caller passed
+        raise type(err)(str(err).replace("base_specs", "base_shardings")) from None
     if found is None:
         raise ValueError("lora_shardings needs a mesh: pass mesh=jax.sharding.Mesh(...), or "
                          "base_shardings made of NamedSharding / sharded arrays.")
