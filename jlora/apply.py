@@ -42,18 +42,18 @@ def lora_apply(apply_fn: Callable[..., Any], config: LoraConfig, mode: str = "la
     [33.0, 33.0]
     """
     if mode not in MODES:
-        raise ValueError(f"lora_apply: mode must be one of {MODES}, got {mode!r}")
+        raise ValueError(f"lora_apply: mode must be one of {MODES}, got {mode!r}; fix: mode='lazy' (training) or 'merged'")
     if not isinstance(config, LoraConfig):
-        raise TypeError(f"lora_apply: config must be a jlora.LoraConfig, got {type(config).__name__}")
+        raise TypeError(f"lora_apply: config must be a jlora.LoraConfig, got {type(config).__name__}; fix: pass the jlora.LoraConfig the lora tree was made with")
     if not callable(apply_fn):
-        raise TypeError(f"lora_apply: apply_fn must be callable, got {type(apply_fn).__name__}")
+        raise TypeError(f"lora_apply: apply_fn must be callable, got {type(apply_fn).__name__}; fix: pass the model's apply "
+                        "function (model.apply), not its output")
 
     def check(lora: Any, lora_rng: Any) -> None:
-        if lora is None or isinstance(lora, (int, float, str)) or hasattr(lora, "shape"):
-            raise TypeError(
-                f"lora_apply: `lora` must be the lora tree (a dict from jlora.init), got {type(lora).__name__}; "
-                "fix: fn(frozen, lora, x); for the base model alone call apply_fn(frozen, x)"
-            )
+        if lora is None:
+            raise TypeError("lora_apply: `lora` is None; fix: fn(frozen, lora, x) with the lora tree from "
+                            "jlora.init; for the base model alone call apply_fn(frozen, x)")
+        checks.lora_tree("lora_apply", lora)
         if lora_rng is not None:
             checks.prng_key("lora_apply", "lora_rng", lora_rng)
 

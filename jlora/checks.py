@@ -177,3 +177,43 @@ def adapter_ids(where: str, name: str, ids: Any, n: int) -> None:
         _raise_ids(where, name, n, np.asarray(ids))
     else:
         jax.debug.callback(lambda v: _raise_ids(where, name, n, v), ids)
+
+
+def lora_tree(where: str, lora: Any) -> None:
+    """Raises a TypeError unless ``lora`` is a pytree of arrays (or ``jax.ShapeDtypeStruct``) with at least one leaf.
+
+    >>> lora_tree("jlora.merge", {"k": {"A": jnp.ones((2, 1)), "B": jnp.ones((1, 2))}})
+    >>> lora_tree("jlora.merge", None)
+    Traceback (most recent call last):
+      ...
+    TypeError: jlora.merge: `lora` must be the lora tree (a dict of arrays from jlora.init), got NoneType None; fix: pass the lora tree returned by frozen, lora = jlora.init(key, params, config)
+    """
+    leaves = jax.tree.leaves(lora, is_leaf=paths.is_variable)
+    if lora is None or hasattr(lora, "shape") or not leaves or not all(
+            hasattr(x, "shape") and hasattr(x, "dtype") or paths.is_variable(x) for x in leaves):
+        got = f"{type(lora).__name__} {lora!r}" if not isinstance(lora, dict) or not leaves else "a tree with non-array leaves"
+        raise TypeError(
+            f"{where}: `lora` must be the lora tree (a dict of arrays from jlora.init), got {got[:120]}; fix: pass "
+            "the lora tree returned by frozen, lora = jlora.init(key, params, config)"
+        )
+
+
+def factored(where: str, f: Any, **arrays: Any) -> None:
+    """Raises unless ``f`` is a :class:`jlora.Factored` description and each named array has its kernel's shape.
+
+    >>> factored("jlora.dora.magnitude", "d/kernel")
+    Traceback (most recent call last):
+      ...
+    TypeError: jlora.dora.magnitude: `f` must be a jlora.Factored (a kernel's description), got str; fix: take it from jlora.adapted(frozen, lora, config)[path]
+    """
+    if not all(hasattr(f, a) for a in ("path", "kernel_shape", "n_stack", "n_in", "rank", "scale")):
+        raise TypeError(
+            f"{where}: `f` must be a jlora.Factored (a kernel's description), got {type(f).__name__}; fix: take it "
+            "from jlora.adapted(frozen, lora, config)[path]"
+        )
+    for name, x in arrays.items():
+        if tuple(x.shape) != tuple(f.kernel_shape):
+            raise ValueError(
+                f"{where}: `{name}` of {f.path!r} has shape {tuple(x.shape)}, expected the kernel's shape "
+                f"{tuple(f.kernel_shape)}; fix: pass the frozen kernel at {f.path!r} (and its Factored description)"
+            )

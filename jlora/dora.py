@@ -26,7 +26,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from jlora import paths
+from jlora import checks, paths
 from jlora.config import LoraConfig
 from jlora.kinds import Factored
 
@@ -34,6 +34,7 @@ _HI = jax.lax.Precision.HIGHEST
 
 
 def _check_plain(f: Factored, what: str) -> None:
+    checks.factored(what, f)
     if f.groups is not None:
         raise ValueError(
             f"{what}: DoRA on the fused kernel {f.path!r} (LoraConfig.fused) is not supported: its magnitude "
@@ -43,6 +44,7 @@ def _check_plain(f: Factored, what: str) -> None:
 
 
 def _in_axes(f: Factored) -> tuple[int, ...]:
+    checks.factored("jlora.dora", f)
     return tuple(range(f.n_stack, f.n_stack + f.n_in))
 
 
@@ -58,6 +60,7 @@ def magnitude_shape(f: Factored) -> tuple[int, ...]:
     >>> magnitude_shape(Factored("conv/kernel", 0, 3, 4, 1.0, None, (3, 3, 16, 32)))
     (32,)
     """
+    checks.factored("jlora.dora.magnitude_shape", f)
     shape = f.kernel_shape
     return shape[: f.n_stack] + shape[f.n_stack + f.n_in :]
 
@@ -83,6 +86,7 @@ def magnitude(w0: jax.Array, A: jax.Array, B: jax.Array, f: Factored) -> jax.Arr
     from jlora.kinds import factors_delta
 
     _check_plain(f, "jlora.dora.magnitude")
+    checks.factored("jlora.dora.magnitude", f, w0=w0)
     return column_norm(w0.astype(jnp.float32) + factors_delta(A, B, f), f)
 
 

@@ -52,7 +52,8 @@ class Stack:
         1
         """
         if name not in self.names:
-            raise ValueError(f"Stack.id: no adapter named {name!r}; the stack holds {list(self.names)}")
+            raise ValueError(f"Stack.id: no adapter named {name!r}; the stack holds {list(self.names)}; "
+                             "fix: use one of these names (stack.names)")
         return self.names.index(name)
 
 
@@ -104,7 +105,8 @@ def stack(frozen: Any, adapters: Mapping[str, tuple[Any, LoraConfig]]) -> Stack:
     ((3, 4, 2), ('a', 'b'), 2)
     """
     if not adapters:
-        raise ValueError("jlora.multi.stack: no adapters given; expected {name: (lora, config)}")
+        raise ValueError("jlora.multi.stack: no adapters given; expected {name: (lora, config)}; fix: "
+                         "jlora.multi.stack(frozen, {'sql': (lora_sql, config_sql)})")
     names = tuple(adapters)
     described = {n: _scaled_factors(frozen, lora, cfg) for n, (lora, cfg) in adapters.items()}
     kernels = sorted({p for info, _ in described.values() for p in info})
@@ -206,7 +208,8 @@ def mixed_apply(apply_fn: Callable[..., Any], s_config: LoraConfig, mode: str = 
     def fn(frozen: Any, stacked: Any, adapter_ids: jax.Array, *args: Any, **kwargs: Any) -> Any:
         ids = jnp.asarray(adapter_ids)
         if ids.ndim != 1:
-            raise ValueError(f"mixed_apply: adapter_ids must have shape (batch,), got {ids.shape}")
+            raise ValueError(f"mixed_apply: adapter_ids must have shape (batch,), got {ids.shape}; fix: one id per "
+                             "example, e.g. jnp.array([stack.id('sql'), stack.base_id])")
         for keypath, a in jax.tree_util.tree_flatten_with_path(args)[0]:
             if a.shape[:1] != ids.shape:
                 raise ValueError(
@@ -260,9 +263,10 @@ def combine(frozen: Any, adapters: Sequence[tuple[Any, LoraConfig]], weights: Se
     ((3, 2), 0.75)
     """
     if len(adapters) != len(weights) or not adapters:
-        raise ValueError(f"combine: expected one weight per adapter, got {len(adapters)} adapters, {len(weights)} weights")
+        raise ValueError(f"combine: expected one weight per adapter, got {len(adapters)} adapters, {len(weights)} weights; fix: "
+                         "one float per (lora, config) pair")
     if method not in ("cat", "svd", "linear"):
-        raise ValueError(f"combine: method must be 'cat', 'svd' or 'linear', got {method!r}")
+        raise ValueError(f"combine: method must be 'cat', 'svd' or 'linear', got {method!r}; fix: 'cat' (exact)")
     if method == "svd" and (rank is None or rank <= 0):
         raise ValueError(f"combine(method='svd'): give the target rank, e.g. rank=8; got {rank!r}")
     described = [_scaled_factors(frozen, lora, cfg) for lora, cfg in adapters]

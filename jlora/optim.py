@@ -85,7 +85,8 @@ def optimizer(tx: optax.GradientTransformation, lora: Any, *, b_lr_ratio: float 
             "fix: jlora.optimizer(optax.adamw(1e-3), lora) (the learning rate goes inside the optax optimizer)"
         )
     if b_lr_ratio is not None and not b_lr_ratio > 0:
-        raise ValueError(f"jlora.optimizer: b_lr_ratio must be > 0, got {b_lr_ratio!r}")
+        raise ValueError(f"jlora.optimizer: b_lr_ratio must be > 0, got {b_lr_ratio!r}; fix: e.g. 16 "
+                         "(PEFT's loraplus_lr_ratio), or None for one learning rate")
     if b_lr_ratio is None:  # one inner optimizer for A and B
         return optax.multi_transform(
             {"A": tx, "frozen": optax.set_to_zero()},

@@ -295,7 +295,8 @@ def load(directory: str | os.PathLike[str], params: Any, key_map: KeyMap, *,
     fn = _mapper(key_map)
     src = _adapter_dir(directory, adapter_name)
     if not src.is_dir():
-        raise FileNotFoundError(f"jlora.peft.load: adapter folder {src} does not exist")
+        raise FileNotFoundError(f"jlora.peft.load: adapter folder {src} does not exist; fix: "
+                                "pass the folder holding adapter_config.json and adapter_model.safetensors")
     weights = src / WEIGHTS_NAME
     if not weights.is_file():
         pickled = [n for n in PICKLED_NAMES if (src / n).is_file()]

@@ -108,7 +108,8 @@ def init(key: jax.Array, params: Any, config: LoraConfig, apply_fn: Callable[...
     {'dense': {'kernel': {'A': (4, 2), 'B': (2, 3)}}}
     """
     if not isinstance(config, LoraConfig):
-        raise TypeError(f"jlora.init: config must be a jlora.LoraConfig, got {type(config).__name__}")
+        raise TypeError(f"jlora.init: config must be a jlora.LoraConfig, got {type(config).__name__}; fix: "
+                        "jlora.init(key, params, jlora.LoraConfig(rank=8, targets=r'.*/query/kernel'))")
     checks.prng_key("jlora.init", "key", key)
     dtype = checks.float_dtype("jlora.init", dtype) or jnp.float32
     checks.no_none_targets("jlora.init", params, config)
@@ -187,6 +188,7 @@ def adapted(frozen: Any, lora: Any, config: LoraConfig) -> dict[str, Factored]:
     >>> adapted(frozen, lora, LoraConfig(rank=2, alpha=4, targets=".*"))["d/kernel"].scale
     2.0
     """
+    checks.lora_tree("jlora.adapted", lora)
     base = paths.flatten(frozen)
     flat = paths.flatten(lora)
     out: dict[str, Factored] = {}
@@ -291,7 +293,9 @@ def _combine(frozen: Any, lora: Any, config: LoraConfig, sign: float, whole: boo
             "implicitly: fix: jlora.quant.quantize(jlora.merge(frozen, lora, config, into='float'), ...)"
         )
     if dtype is not None and into is None:
-        raise TypeError(f"jlora.{name}: dtype= sets the dtype of dequantized kernels; it needs into='float'")
+        raise TypeError(f"jlora.{name}: dtype= sets the dtype of dequantized kernels; it needs into='float'; fix: "
+                        f"jlora.{name}(..., into='float', dtype=...) for a quantized base, or cast the frozen tree "
+                        "yourself (jax.tree.map(lambda w: w.astype(dtype), frozen)) for a float base")
     quantized = [p for p, x in paths.flatten(frozen).items() if quant.is_quantized(x)]
     if quantized and into is None:
         raise ValueError(
