@@ -320,7 +320,7 @@ def _combine(frozen: Any, lora: Any, config: LoraConfig, sign: float, whole: boo
 
     def one(path: str, w: Any) -> Any:
         if quant.is_quantized(w):  # dequantized W0 (+ delta) in float32, cast once to out_dtype
-            return plain(path, quant.dequantize(w, jnp.float32)).astype(out_dtype)
+            return checks.cast_checked(f"jlora.{name}", path, plain(path, quant.dequantize(w, jnp.float32)), out_dtype)
         return plain(path, w)
 
     def plain(path: str, w: Any) -> Any:

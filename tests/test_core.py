@@ -312,3 +312,29 @@ def test_summary_counts_and_table(mixed):
     assert s.frozen == sum(x.size for x in jax.tree.leaves(params))
     text = str(s)
     assert "params/conv/kernel/A" in text and "trainable share" in text
+
+
+@pytest.mark.parametrize("base_dtype", [jnp.bfloat16, jnp.float16])
+def test_factors_default_to_float32_over_a_half_precision_base(base_dtype):
+    rng = np.random.default_rng(0)
+    w0 = rng.standard_normal((16, 24)).astype(np.float32)
+    frozen = {"w": jnp.asarray(w0, base_dtype)}
+    cfg = jlora.LoraConfig(rank=4, alpha=8.0, targets="w", use_dora=False)
+    _, lora = jlora.init(KEY, frozen, cfg)
+    assert {x.dtype for x in jax.tree.leaves(lora)} == {jnp.dtype(jnp.float32)}
+    _, half = jlora.init(KEY, frozen, cfg, dtype=base_dtype)  # explicit: half-size factors
+    assert {x.dtype for x in jax.tree.leaves(half)} == {jnp.dtype(base_dtype)}
+    _, dlora = jlora.init(KEY, frozen, cfg.replace(use_dora=True))
+    assert dlora["w"]["m"].dtype == jnp.float32
+    a = rng.standard_normal((16, 4)).astype(np.float32) * 0.3
+    b = rng.standard_normal((4, 24)).astype(np.float32) * 0.3
+    lora = {"w": {"A": jnp.asarray(a), "B": jnp.asarray(b)}}
+    x = rng.standard_normal((8, 16)).astype(np.float32)
+    xb = jnp.asarray(x, base_dtype)
+    y = jlora.lora_apply(lambda p, x: x @ p["w"], cfg, "lazy")(frozen, lora, xb)
+    assert y.dtype == base_dtype  # the output keeps the base's dtype
+    # float64 reference from the rounded base and input: the f32 branch adds no error beyond one final rounding
+    x64, w64 = np.asarray(xb, np.float64), np.asarray(frozen["w"], np.float64)
+    want = x64 @ w64 + 2.0 * (x64 @ a.astype(np.float64)) @ b.astype(np.float64)
+    eps = float(jnp.finfo(base_dtype).eps)
+    np.testing.assert_allclose(np.asarray(y, np.float64), want, rtol=0, atol=4 * eps * np.abs(want).max())
