@@ -42,9 +42,11 @@ def lora_apply(apply_fn: Callable[..., Any], config: LoraConfig, mode: str = "la
     [33.0, 33.0]
     """
     if mode not in MODES:
-        raise ValueError(f"lora_apply: mode must be one of {MODES}, got {mode!r}; fix: mode='lazy' (training) or 'merged'")
+        raise ValueError(f"lora_apply: mode must be one of {MODES}, got {mode!r}; "
+                         "fix: mode='lazy' (training) or 'merged'")
     if not isinstance(config, LoraConfig):
-        raise TypeError(f"lora_apply: config must be a jlora.LoraConfig, got {type(config).__name__}; fix: pass the jlora.LoraConfig the lora tree was made with")
+        raise TypeError(f"lora_apply: config must be a jlora.LoraConfig, got {type(config).__name__}; "
+                        "fix: pass the jlora.LoraConfig the lora tree was made with")
     if not callable(apply_fn):
         raise TypeError(f"lora_apply: apply_fn must be callable, got {type(apply_fn).__name__}; fix: pass the model's apply "
                         "function (model.apply), not its output")

@@ -33,10 +33,10 @@ def prng_key(where: str, name: str, key: Any) -> None:
     """Raises a TypeError unless ``key`` is a PRNG key (a typed ``jax.random.key`` or a raw uint32 (2,)).
 
     >>> prng_key("jlora.init", "key", jax.random.key(0))
-    >>> prng_key("jlora.init", "key", 0)
+    >>> prng_key("jlora.init", "key", 0)  # doctest: +ELLIPSIS
     Traceback (most recent call last):
       ...
-    TypeError: jlora.init: `key` must be a PRNG key, got int 0; fix: pass key=jax.random.key(0) (or split one you already have)
+    TypeError: jlora.init: `key` must be a PRNG key, got int 0; fix: pass ...
     """
     dtype = getattr(key, "dtype", None)
     if dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key):
@@ -55,10 +55,10 @@ def float_dtype(where: str, dtype: Any) -> Any:
 
     >>> float_dtype("jlora.init", "bfloat16")
     dtype(bfloat16)
-    >>> float_dtype("jlora.init", "foo")
+    >>> float_dtype("jlora.init", "foo")  # doctest: +ELLIPSIS
     Traceback (most recent call last):
       ...
-    TypeError: jlora.init: dtype= must be a float dtype or None, got 'foo'; fix: e.g. dtype=jnp.float32 (the default) or dtype=jnp.bfloat16
+    TypeError: jlora.init: dtype= must be a float dtype or None, got 'foo'; fix: ...
     """
     if dtype is None:
         return None
@@ -87,10 +87,10 @@ def none_leaves(tree: Any) -> list[str]:
 def no_none_targets(where: str, params: Any, config: LoraConfig) -> None:
     """Raises if a target or trainable regex matches a ``None`` leaf of ``params`` (an uninitialised tree).
 
-    >>> no_none_targets("jlora.init", {"d": {"kernel": None}}, LoraConfig(targets=".*kernel"))
+    >>> no_none_targets("jlora.init", {"d": {"kernel": None}}, LoraConfig(targets=".*kernel"))  # doctest: +ELLIPSIS
     Traceback (most recent call last):
       ...
-    ValueError: jlora.init: params leaf 'd/kernel' is None (matched by LoraConfig.targets '.*kernel'); LoRA needs the kernel's array or jax.ShapeDtypeStruct; fix: pass initialised parameters (e.g. model.init(key, x)), or jax.eval_shape of them
+    ValueError: jlora.init: params leaf 'd/kernel' is None (matched by ...
     """
     nones = none_leaves(params)
     for name in ("targets", "trainable"):
@@ -107,10 +107,11 @@ def no_none_targets(where: str, params: Any, config: LoraConfig) -> None:
 def pattern_keys_match(config: LoraConfig, target_paths: Iterable[str]) -> None:
     """Raises if a ``rank_pattern``/``alpha_pattern`` key matches no adapted path (a typo), listing the closest.
 
-    >>> pattern_keys_match(LoraConfig(targets=".*", rank_pattern={"p/qery/kernel": 2}), ["p/query/kernel"])
+    >>> cfg = LoraConfig(targets=".*", rank_pattern={"p/qery/kernel": 2})
+    >>> pattern_keys_match(cfg, ["p/query/kernel"])  # doctest: +ELLIPSIS
     Traceback (most recent call last):
       ...
-    ValueError: LoraConfig.rank_pattern: 'p/qery/kernel' matched no parameter; closest paths: p/query/kernel. Fix the regex (it must match a whole path, re.fullmatch).
+    ValueError: LoraConfig.rank_pattern: 'p/qery/kernel' matched no parameter; ...
     """
     target_paths = list(target_paths)
     for name in ("rank_pattern", "alpha_pattern"):
@@ -125,10 +126,10 @@ def cast_checked(where: str, path: str, w: jax.Array, dtype: Any) -> jax.Array:
     Under ``jax.jit`` the values are not known: the cast happens unchecked (an overflowing entry
     becomes ``inf``, as ``astype`` does).
 
-    >>> cast_checked("jlora.merge", "d/kernel", jnp.array([1.0, 7e4]), jnp.float16)
+    >>> cast_checked("jlora.merge", "d/kernel", jnp.array([1.0, 7e4]), jnp.float16)  # doctest: +ELLIPSIS
     Traceback (most recent call last):
       ...
-    ValueError: jlora.merge: 'd/kernel': max |W0 + delta| = 7e+04 overflows float16 (max 6.55e+04); the merged kernel would hold inf; fix: keep the adapter lazy (jlora.lora_apply(...)(frozen, lora, x) adds the branch in float32 and casts the output), or merge a float32 copy of the base: jlora.merge(jax.tree.map(lambda w: w.astype(jnp.float32), frozen), lora, config)
+    ValueError: jlora.merge: 'd/kernel': max |W0 + delta| = 7e+04 overflows float16 ...
     """
     dtype = jnp.dtype(dtype)
     if not is_concrete(w) or not jnp.issubdtype(dtype, jnp.floating) or jnp.dtype(w.dtype).itemsize <= dtype.itemsize:
@@ -164,13 +165,14 @@ def adapter_ids(where: str, name: str, ids: Any, n: int) -> None:
     computation runs, by a ``jax.debug.callback`` that raises the same ValueError on the host: the
     call then fails with a ``JaxRuntimeError`` carrying this message (on the first use of the result).
 
-    >>> adapter_ids("jlora.multi.select", "index", 3, 3)
+    >>> adapter_ids("jlora.multi.select", "index", 3, 3)  # doctest: +ELLIPSIS
     Traceback (most recent call last):
       ...
-    ValueError: jlora.multi.select: index must be in [0, 2] (the adapters' indices, 2 = Stack.base_id for the base model alone), got [3]; negative ids are not wrapped and large ones not clamped; fix: use Stack.id(name) / Stack.base_id
+    ValueError: jlora.multi.select: index must be in [0, 2] (the adapters' indices, 2 ...
     """
     dtype = getattr(ids, "dtype", None)
-    if isinstance(ids, bool) or not (isinstance(ids, (int, np.integer)) or (dtype is not None and jnp.issubdtype(dtype, jnp.integer))):
+    is_int = isinstance(ids, (int, np.integer)) or (dtype is not None and jnp.issubdtype(dtype, jnp.integer))
+    if isinstance(ids, bool) or not is_int:
         raise TypeError(f"{where}: {name} must be an int or an int array, got {type(ids).__name__} {ids!r}; "
                         "fix: use Stack.id(name) / Stack.base_id")
     if isinstance(ids, (int, np.integer)) or is_concrete(ids):
@@ -183,15 +185,16 @@ def lora_tree(where: str, lora: Any) -> None:
     """Raises a TypeError unless ``lora`` is a pytree of arrays (or ``jax.ShapeDtypeStruct``) with at least one leaf.
 
     >>> lora_tree("jlora.merge", {"k": {"A": jnp.ones((2, 1)), "B": jnp.ones((1, 2))}})
-    >>> lora_tree("jlora.merge", None)
+    >>> lora_tree("jlora.merge", None)  # doctest: +ELLIPSIS
     Traceback (most recent call last):
       ...
-    TypeError: jlora.merge: `lora` must be the lora tree (a dict of arrays from jlora.init), got NoneType None; fix: pass the lora tree returned by frozen, lora = jlora.init(key, params, config)
+    TypeError: jlora.merge: `lora` must be the lora tree (a dict of arrays from ...
     """
     leaves = jax.tree.leaves(lora, is_leaf=paths.is_variable)
     if lora is None or hasattr(lora, "shape") or not leaves or not all(
             hasattr(x, "shape") and hasattr(x, "dtype") or paths.is_variable(x) for x in leaves):
-        got = f"{type(lora).__name__} {lora!r}" if not isinstance(lora, dict) or not leaves else "a tree with non-array leaves"
+        plain = not isinstance(lora, dict) or not leaves
+        got = f"{type(lora).__name__} {lora!r}" if plain else "a tree with non-array leaves"
         raise TypeError(
             f"{where}: `lora` must be the lora tree (a dict of arrays from jlora.init), got {got[:120]}; fix: pass "
             "the lora tree returned by frozen, lora = jlora.init(key, params, config)"
@@ -201,10 +204,10 @@ def lora_tree(where: str, lora: Any) -> None:
 def factored(where: str, f: Any, **arrays: Any) -> None:
     """Raises unless ``f`` is a :class:`jlora.Factored` description and each named array has its kernel's shape.
 
-    >>> factored("jlora.dora.magnitude", "d/kernel")
+    >>> factored("jlora.dora.magnitude", "d/kernel")  # doctest: +ELLIPSIS
     Traceback (most recent call last):
       ...
-    TypeError: jlora.dora.magnitude: `f` must be a jlora.Factored (a kernel's description), got str; fix: take it from jlora.adapted(frozen, lora, config)[path]
+    TypeError: jlora.dora.magnitude: `f` must be a jlora.Factored (a kernel's ...
     """
     if not all(hasattr(f, a) for a in ("path", "kernel_shape", "n_stack", "n_in", "rank", "scale")):
         raise TypeError(

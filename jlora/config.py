@@ -188,7 +188,8 @@ class LoraConfig:
         put("dropout", float(self.dropout))
         if not isinstance(self.init, str) or (self.init not in INITS and not _PISSA_NITER.fullmatch(self.init)):
             raise ValueError(
-                f"LoraConfig.init: expected one of {INITS} or 'pissa_niter_K' (K an int), got {self.init!r}"
+                f"LoraConfig.init: expected one of {INITS} or 'pissa_niter_K' (K an int), got {self.init!r}; "
+                "fix: e.g. init='kaiming' (PEFT's default)"
             )
         if isinstance(self.version, bool) or not isinstance(self.version, int) or self.version < SCHEMA_VERSION:
             raise ValueError(
