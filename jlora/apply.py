@@ -6,7 +6,7 @@ import functools
 from collections.abc import Callable
 from typing import Any
 
-from jlora import lazy, paths
+from jlora import checks, lazy, paths
 from jlora.config import LoraConfig
 from jlora.describe import kernel_layouts, nest
 from jlora.quant import dequantize_tree_for_apply
@@ -42,14 +42,26 @@ def lora_apply(apply_fn: Callable[..., Any], config: LoraConfig, mode: str = "la
     [33.0, 33.0]
     """
     if mode not in MODES:
-        raise ValueError(f"lora_apply: mode must be one of {MODES}, got {mode!r}")
+        raise ValueError(f"lora_apply: mode must be one of {MODES}, got {mode!r}; "
+                         "fix: mode='lazy' (training) or 'merged'")
     if not isinstance(config, LoraConfig):
-        raise TypeError(f"lora_apply: config must be a jlora.LoraConfig, got {type(config).__name__}")
+        raise TypeError(f"lora_apply: config must be a jlora.LoraConfig, got {type(config).__name__}; "
+                        "fix: pass the jlora.LoraConfig the lora tree was made with")
     if not callable(apply_fn):
-        raise TypeError(f"lora_apply: apply_fn must be callable, got {type(apply_fn).__name__}")
+        raise TypeError(f"lora_apply: apply_fn must be callable, got {type(apply_fn).__name__}; fix: pass the model's apply "
+                        "function (model.apply), not its output")
+
+    def check(lora: Any, lora_rng: Any) -> None:
+        if lora is None:
+            raise TypeError("lora_apply: `lora` is None; fix: fn(frozen, lora, x) with the lora tree from "
+                            "jlora.init; for the base model alone call apply_fn(frozen, x)")
+        checks.lora_tree("lora_apply", lora)
+        if lora_rng is not None:
+            checks.prng_key("lora_apply", "lora_rng", lora_rng)
 
     if mode == "merged":
         def fn(frozen: Any, lora: Any, *args: Any, lora_rng: Any = None, **kwargs: Any) -> Any:
+            check(lora, lora_rng)
             if lora_rng is not None and config.dropout > 0:
                 raise ValueError(
                     "lora_apply(mode='merged'): LoRA dropout acts on the input of A, which merged weights "
@@ -58,6 +70,7 @@ def lora_apply(apply_fn: Callable[..., Any], config: LoraConfig, mode: str = "la
             return apply_fn(merge(dequantize_tree_for_apply(frozen), lora, config), *args, **kwargs)
     else:
         def fn(frozen: Any, lora: Any, *args: Any, lora_rng: Any = None, **kwargs: Any) -> Any:
+            check(lora, lora_rng)
             frozen = dequantize_tree_for_apply(frozen)  # a quantized base: float kernels inside the trace
             frozen, lora = lazy_fallback(frozen, lora, config)  # tables with trained rows: merged
             return lazy.lazy_call(apply_fn, frozen, lora, config, args, kwargs, strict=strict, rng=lora_rng)

@@ -155,8 +155,9 @@ class LoraConfig:
 
         if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank <= 0:
             raise ValueError(f"LoraConfig.rank: expected an int > 0, got {self.rank!r}; fix: e.g. rank=8")
-        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not self.alpha > 0:
-            raise ValueError(f"LoraConfig.alpha: expected a number > 0, got {self.alpha!r}; fix: e.g. alpha=16")
+        if (isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not self.alpha > 0
+                or not math.isfinite(self.alpha)):
+            raise ValueError(f"LoraConfig.alpha: expected a finite number > 0, got {self.alpha!r}; fix: e.g. alpha=16")
         put("alpha", float(self.alpha))
         for name in ("targets", "exclude", "trainable"):
             put(name, _as_regexes(name, getattr(self, name)))
@@ -177,10 +178,12 @@ class LoraConfig:
             raise TypeError(f"LoraConfig.use_dora: expected a bool, got {self.use_dora!r}")
         for pattern, r in self.rank_pattern:
             if r <= 0:
-                raise ValueError(f"LoraConfig.rank_pattern[{pattern!r}]: expected a rank > 0, got {r}")
+                raise ValueError(f"LoraConfig.rank_pattern[{pattern!r}]: expected a rank > 0, got {r}; "
+                                 "fix: a positive int, or drop the rule (exclude= skips a path)")
         for pattern, a in self.alpha_pattern:
-            if not a > 0:
-                raise ValueError(f"LoraConfig.alpha_pattern[{pattern!r}]: expected alpha > 0, got {a}")
+            if not (a > 0 and math.isfinite(a)):
+                raise ValueError(f"LoraConfig.alpha_pattern[{pattern!r}]: expected a finite alpha > 0, got {a}; "
+                                 "fix: e.g. 2 * the rank of the paths it matches")
         for name in ("axes", "stack"):
             for pattern, n in getattr(self, name):
                 if n < 0:
@@ -194,16 +197,23 @@ class LoraConfig:
         if not isinstance(self.rslora, bool):
             raise TypeError(f"LoraConfig.rslora: expected a bool, got {self.rslora!r}")
         if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) or not 0 <= self.dropout < 1:
-            raise ValueError(f"LoraConfig.dropout: expected a rate in [0, 1), got {self.dropout!r}")
+            raise ValueError(f"LoraConfig.dropout: expected a rate in [0, 1), got {self.dropout!r}; "
+                             "fix: e.g. dropout=0.05, or 0.0 for none")
         put("dropout", float(self.dropout))
         if not isinstance(self.init, str) or (self.init not in INITS and not _PISSA_NITER.fullmatch(self.init)):
             raise ValueError(
-                f"LoraConfig.init: expected one of {INITS} or 'pissa_niter_K' (K an int), got {self.init!r}"
+                f"LoraConfig.init: expected one of {INITS} or 'pissa_niter_K' (K an int), got {self.init!r}; "
+                "fix: e.g. init='kaiming' (PEFT's default)"
             )
-        if self.version != SCHEMA_VERSION:
+        if isinstance(self.version, bool) or not isinstance(self.version, int) or self.version < SCHEMA_VERSION:
             raise ValueError(
-                f"LoraConfig.version: this jlora reads schema {SCHEMA_VERSION}, got {self.version!r}; "
-                "fix: upgrade jlora to read a newer adapter config"
+                f"LoraConfig.version: expected schema {SCHEMA_VERSION}, got {self.version!r}, which no jlora "
+                f"ever wrote (schemas start at 1); fix: leave version at its default ({SCHEMA_VERSION})"
+            )
+        if self.version > SCHEMA_VERSION:
+            raise ValueError(
+                f"LoraConfig.version: schema {self.version} is newer than this jlora reads (up to "
+                f"{SCHEMA_VERSION}); fix: upgrade jlora to read this adapter config"
             )
 
     def rank_for(self, path: str) -> int:
@@ -257,12 +267,23 @@ class LoraConfig:
         >>> LoraConfig.from_json('{"rank": 4, "targets": [".*kernel"], "version": 1}').rank
         4
         """
-        body = dict(text) if isinstance(text, Mapping) else json.loads(text)
+        try:
+            body = dict(text) if isinstance(text, Mapping) else json.loads(text)
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise ValueError(
+                f"LoraConfig.from_json: the text is not valid UTF-8 JSON ({err}); fix: pass the contents of an "
+                "adapter_config.json written by LoraConfig.to_json (or a dict)"
+            ) from None
+        except TypeError:
+            raise TypeError(
+                f"LoraConfig.from_json: expected a JSON str, bytes or a dict, got {type(text).__name__}; fix: "
+                "pass the file's text, e.g. LoraConfig.from_json(path.read_text())"
+            ) from None
         if not isinstance(body, dict):
             raise TypeError(f"LoraConfig.from_json: expected a JSON object, got {type(body).__name__}")
         body.pop("format", None)
         version = body.get("version", SCHEMA_VERSION)
-        if not isinstance(version, int) or version > SCHEMA_VERSION:
+        if isinstance(version, int) and not isinstance(version, bool) and version > SCHEMA_VERSION:
             raise ValueError(
                 f"LoraConfig.from_json: the config has schema version {version!r}, this jlora reads up to "
                 f"{SCHEMA_VERSION}; fix: upgrade jlora"

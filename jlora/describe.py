@@ -15,7 +15,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from jlora import kinds, paths
+from jlora import checks, kinds, paths
 from jlora.config import LoraConfig
 from jlora.kinds import Factored
 from jlora.layout import Layout, LoraKernel, is_kernel_node
@@ -70,6 +70,7 @@ def adapted(frozen: Any, lora: Any, config: LoraConfig) -> dict[str, Factored]:
     >>> adapted(frozen, lora, LoraConfig(rank=2, alpha=4, targets=".*"))["d/kernel"].scale
     2.0
     """
+    checks.lora_tree("jlora.adapted", lora)
     base = paths.flatten(frozen)
     flat = paths.flatten(lora)
     layouts = kernel_layouts(lora)
@@ -99,7 +100,8 @@ def adapted(frozen: Any, lora: Any, config: LoraConfig) -> dict[str, Factored]:
             continue
         other = kernel + ("/B" if part == "A" else "/A")
         if other not in flat:
-            raise ValueError(f"lora tree: {p!r} has no partner {other!r}; an adapted kernel needs both A and B")
+            raise ValueError(f"lora tree: {p!r} has no partner {other!r}; an adapted kernel needs both A and B; "
+                             "fix: make the lora tree with jlora.init (or restore both factors)")
         out[kernel] = _describe(kernel, base[kernel], flat[kernel + "/A"], flat[kernel + "/B"], config,
                                 layouts.get(kernel))
     for kernel, parts in extra.items():
@@ -156,4 +158,17 @@ def _describe(path: str, kernel: Any, A: Any, B: Any, config: LoraConfig, layout
             f"{', fused: B = stack + (enabled, r) + out with the last axis split into groups' if groups else ''}); "
             "fix: the lora tree must come from jlora.init on this frozen tree and config"
         )
-    return Factored(path, layout, int(rank), config.scale_for(path, int(rank) * layout.groups), groups)
+    if not paths.matches(config.targets, path) or paths.matches(config.exclude, path):
+        raise ValueError(
+            f"lora factors at {path!r}, but the config does not target it (targets {list(config.targets)}, exclude "
+            f"{list(config.exclude)}): its rank and scale would be guesses; fix: pass the LoraConfig the lora tree was "
+            "made with"
+        )
+    total = int(rank) * layout.groups
+    if total != config.rank_for(path):
+        raise ValueError(
+            f"lora factors of {path!r} have rank {total} (A {tuple(A.shape)}) but the config gives rank "
+            f"{config.rank_for(path)} there, so the scale alpha/r would be wrong; fix: pass the LoraConfig the lora "
+            "tree was made with (or rank_pattern for this path)"
+        )
+    return Factored(path, layout, int(rank), config.scale_for(path, total), groups)

@@ -26,7 +26,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from jlora import paths
+from jlora import checks, paths
 from jlora.config import LoraConfig
 from jlora.describe import adapted
 from jlora.extras import scatter_rows
@@ -36,6 +36,7 @@ _HI = jax.lax.Precision.HIGHEST
 
 
 def _check_plain(f: Factored, what: str) -> None:
+    checks.factored(what, f)
     if f.groups is not None:
         raise ValueError(
             f"{what}: DoRA on the fused kernel {f.path!r} (LoraConfig.fused) is not supported: its magnitude "
@@ -46,6 +47,7 @@ def _check_plain(f: Factored, what: str) -> None:
 
 def _in_axes(f: Factored) -> tuple[int, ...]:
     """The input axes in the canonical order ``stack + in + out``."""
+    checks.factored("jlora.dora", f)
     return tuple(range(f.n_stack, f.n_stack + f.n_in))
 
 
@@ -63,6 +65,7 @@ def magnitude_shape(f: Factored) -> tuple[int, ...]:
     >>> magnitude_shape(Factored("conv/kernel", Layout((3, 3, 16, 32), "iiio", kind="conv"), 4, 1.0))
     (32,)
     """
+    checks.factored("jlora.dora.magnitude_shape", f)
     return f.layout.stack_shape + f.layout.out_shape
 
 
@@ -88,6 +91,7 @@ def magnitude(w0: jax.Array, A: jax.Array, B: jax.Array, f: Factored) -> jax.Arr
     [5.0, 1.0]
     """
     _check_plain(f, "jlora.dora.magnitude")
+    checks.factored("jlora.dora.magnitude", f, w0=w0)
     return column_norm(w0.astype(jnp.float32) + factors_delta(A, B, f), f)
 
 

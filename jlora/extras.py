@@ -44,7 +44,8 @@ def bias_rules(mode: str, targets: str | Sequence[str] = (), params: Any = None)
     (('(.*/)?bias',), ())
     """
     if mode not in BIAS_MODES:
-        raise ValueError(f"bias_rules: mode must be one of {BIAS_MODES} (PEFT's `bias`), got {mode!r}")
+        raise ValueError(f"bias_rules: mode must be one of {BIAS_MODES} (PEFT's `bias`), got {mode!r}; "
+                         "fix: e.g. bias_rules('all')")
     if mode == "none":
         return ()
     if mode == "all":

@@ -172,7 +172,9 @@ def to_plain_adapter(original_frozen: Any, frozen_residual: Any, lora: Any, conf
     out = dict(flat)
     for p, f in info.items():
         if f.groups is not None:
-            raise ValueError(f"to_plain_adapter: kernel {p!r} is fused (LoraConfig.fused); not supported")
+            raise ValueError(f"to_plain_adapter: kernel {p!r} is fused (LoraConfig.fused), which is not supported; "
+                             "fix: merge the adapter (jlora.merge(frozen_residual, lora, config)), or init it with "
+                             "init='kaiming' for a portable adapter")
         if p not in orig or tuple(orig[p].shape) != tuple(res[p].shape):
             got = tuple(orig[p].shape) if p in orig else "missing"
             raise ValueError(

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jlora import paths
+from jlora import checks, paths
 from jlora.apply import lora_apply
 from jlora.config import LoraConfig
 from jlora.describe import adapted, nest
@@ -53,7 +53,8 @@ class Stack:
         1
         """
         if name not in self.names:
-            raise ValueError(f"Stack.id: no adapter named {name!r}; the stack holds {list(self.names)}")
+            raise ValueError(f"Stack.id: no adapter named {name!r}; the stack holds {list(self.names)}; "
+                             "fix: use one of these names (stack.names)")
         return self.names.index(name)
 
 
@@ -106,7 +107,8 @@ def stack(frozen: Any, adapters: Mapping[str, tuple[Any, LoraConfig]]) -> Stack:
     ((3, 4, 2), ('a', 'b'), 2)
     """
     if not adapters:
-        raise ValueError("jlora.multi.stack: no adapters given; expected {name: (lora, config)}")
+        raise ValueError("jlora.multi.stack: no adapters given; expected {name: (lora, config)}; fix: "
+                         "jlora.multi.stack(frozen, {'sql': (lora_sql, config_sql)})")
     names = tuple(adapters)
     described = {n: _scaled_factors(frozen, lora, cfg) for n, (lora, cfg) in adapters.items()}
     kernels = sorted({p for info, _ in described.values() for p in info})
@@ -120,10 +122,11 @@ def stack(frozen: Any, adapters: Mapping[str, tuple[Any, LoraConfig]]) -> Stack:
         ranks[p] = max(f.rank for f in fs)
         groups[p] = fs[0].groups
         if any(f.groups != fs[0].groups or f.layout != fs[0].layout for f in fs):
+            seen = {n: (info[p].layout.describe(), info[p].groups) for n, (info, _) in described.items() if p in info}
             raise ValueError(
-                f"jlora.multi.stack: adapters disagree on the axis roles or fused groups of {p!r}: "
-                f"{sorted({(f.layout.describe(), f.groups) for f in fs}, key=str)}; fix: make every adapter with "
-                "jlora.init on this frozen tree and the same layout/fused rules"
+                f"jlora.multi.stack: adapters disagree on the layout of {p!r} (adapter: (axis roles, fused groups)): "
+                f"{seen}; fix: make every adapter with jlora.init on this frozen tree and the same layout/fused "
+                "rules for this path, or serve them from separate stacks"
             )
     out: dict[str, Any] = {}
     for p in kernels:
@@ -168,11 +171,16 @@ def stack(frozen: Any, adapters: Mapping[str, tuple[Any, LoraConfig]]) -> Stack:
 def select(s: Stack, index: jax.Array | int) -> Any:
     """The lora tree of adapter ``index`` (an int or a traced int: no retrace), for ``s.config``.
 
+    ``index`` must be in ``[0, s.base_id]``: nothing wraps or clamps. An out-of-range int raises a
+    ValueError; a traced one fails when the computation runs (see :func:`mixed_apply`).
+
     >>> frozen = {"w": jnp.zeros((2, 2))}
     >>> s = stack(frozen, {"a": ({"w": {"A": jnp.ones((2, 1)), "B": jnp.ones((1, 2))}}, LoraConfig(rank=1, alpha=1, targets="w"))})
     >>> select(s, 0)["w"]["B"].tolist(), select(s, s.base_id)["w"]["B"].tolist()
     ([[1.0, 1.0]], [[0.0, 0.0]])
     """
+    n = len(s.names) + 1
+    checks.adapter_ids("jlora.multi.select", "index", index, n)
     return jax.tree.map(lambda x: x[index], s.lora)
 
 
@@ -184,6 +192,12 @@ def mixed_apply(apply_fn: Callable[..., Any], s_config: LoraConfig, mode: str = 
     (``Stack.base_id`` for the base model alone). The factors are gathered per example and the
     model runs once, vectorised with ``jax.vmap`` over the examples: every low-rank product is one
     batched contraction and the frozen kernels are shared. One compilation serves any mix.
+
+    Ids must be in ``[0, n]`` (``n = Stack.base_id``): negative ids are not wrapped and large ones
+    not clamped. Concrete ids out of range raise a ValueError at once. Traced ids (``fn`` under
+    ``jax.jit``) are checked on the device's values by a ``jax.debug.callback`` that raises the same
+    ValueError on the host: the call fails with a ``JaxRuntimeError`` carrying that message, never
+    with a result from another adapter (the check costs one tiny host callback per call).
 
     >>> import jlora
     >>> frozen = {"w": jnp.eye(2)}
@@ -197,10 +211,16 @@ def mixed_apply(apply_fn: Callable[..., Any], s_config: LoraConfig, mode: str = 
     def fn(frozen: Any, stacked: Any, adapter_ids: jax.Array, *args: Any, **kwargs: Any) -> Any:
         ids = jnp.asarray(adapter_ids)
         if ids.ndim != 1:
-            raise ValueError(f"mixed_apply: adapter_ids must have shape (batch,), got {ids.shape}")
-        for i, a in enumerate(jax.tree.leaves(args)):
+            raise ValueError(f"mixed_apply: adapter_ids must have shape (batch,), got {ids.shape}; fix: one id per "
+                             "example, e.g. jnp.array([stack.id('sql'), stack.base_id])")
+        for keypath, a in jax.tree_util.tree_flatten_with_path(args)[0]:
             if a.shape[:1] != ids.shape:
-                raise ValueError(f"mixed_apply: argument leaf {i} has batch {a.shape[:1]}, adapter_ids {ids.shape}")
+                raise ValueError(
+                    f"mixed_apply: argument args{jax.tree_util.keystr(keypath)} has batch {a.shape[:1]} but "
+                    f"adapter_ids has shape {ids.shape}; fix: one adapter id per example (axis 0 of every argument)"
+                )
+        n = jax.tree.leaves(stacked)[0].shape[0] if jax.tree.leaves(stacked) else 1
+        checks.adapter_ids("mixed_apply", "adapter_ids", ids, n)
         per_example = jax.tree.map(lambda x: x[ids], stacked)
 
         def one(lora: Any, *example: Any) -> Any:
@@ -245,9 +265,10 @@ def combine(frozen: Any, adapters: Sequence[tuple[Any, LoraConfig]], weights: Se
     ((3, 2), 0.75)
     """
     if len(adapters) != len(weights) or not adapters:
-        raise ValueError(f"combine: expected one weight per adapter, got {len(adapters)} adapters, {len(weights)} weights")
+        raise ValueError(f"combine: expected one weight per adapter, got {len(adapters)} adapters, {len(weights)} weights; fix: "
+                         "one float per (lora, config) pair")
     if method not in ("cat", "svd", "linear"):
-        raise ValueError(f"combine: method must be 'cat', 'svd' or 'linear', got {method!r}")
+        raise ValueError(f"combine: method must be 'cat', 'svd' or 'linear', got {method!r}; fix: 'cat' (exact)")
     if method == "svd" and (rank is None or rank <= 0):
         raise ValueError(f"combine(method='svd'): give the target rank, e.g. rank=8; got {rank!r}")
     described = [_scaled_factors(frozen, lora, cfg) for lora, cfg in adapters]

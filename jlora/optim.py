@@ -79,8 +79,14 @@ def optimizer(tx: optax.GradientTransformation, lora: Any, *, b_lr_ratio: float 
     >>> sum(x.size for x in jax.tree.leaves(state))  # count + mu, nu of the 6 factor entries
     13
     """
+    if not (callable(getattr(tx, "init", None)) and callable(getattr(tx, "update", None))):
+        raise TypeError(
+            f"jlora.optimizer: tx must be an optax GradientTransformation, got {type(tx).__name__} {tx!r}; "
+            "fix: jlora.optimizer(optax.adamw(1e-3), lora) (the learning rate goes inside the optax optimizer)"
+        )
     if b_lr_ratio is not None and not b_lr_ratio > 0:
-        raise ValueError(f"jlora.optimizer: b_lr_ratio must be > 0, got {b_lr_ratio!r}")
+        raise ValueError(f"jlora.optimizer: b_lr_ratio must be > 0, got {b_lr_ratio!r}; fix: e.g. 16 "
+                         "(PEFT's loraplus_lr_ratio), or None for one learning rate")
     if b_lr_ratio is None:  # one inner optimizer for A and B
         return optax.multi_transform(
             {"A": tx, "frozen": optax.set_to_zero()},

@@ -354,7 +354,8 @@ def load(directory: str | os.PathLike[str], params: Any, key_map: KeyMap, *,
     ignore_rules = (ignore,) if isinstance(ignore, str) else tuple(ignore)
     src = _adapter_dir(directory, adapter_name)
     if not src.is_dir():
-        raise FileNotFoundError(f"jlora.peft.load: adapter folder {src} does not exist")
+        raise FileNotFoundError(f"jlora.peft.load: adapter folder {src} does not exist; fix: "
+                                "pass the folder holding adapter_config.json and adapter_model.safetensors")
     weights = src / WEIGHTS_NAME
     if not weights.is_file():
         pickled = [n for n in PICKLED_NAMES if (src / n).is_file()]

@@ -55,7 +55,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jlora import paths
+from jlora import checks, paths
 from jlora.config import LoraConfig
 from jlora.layout import Layout
 
@@ -365,7 +365,8 @@ def quantize(frozen: Any, rules_or_config: LoraConfig | str | Sequence[str], *, 
     True
     """
     if scheme not in SCHEMES:
-        raise ValueError(f"jlora.quant.quantize: scheme must be one of {SCHEMES}, got {scheme!r}")
+        raise ValueError(f"jlora.quant.quantize: scheme must be one of {SCHEMES}, got {scheme!r}; fix: scheme='nf4' "
+                         "(QLoRA) or 'int8'")
     if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 2 or block_size % 2:
         raise ValueError(
             f"jlora.quant.quantize: block_size must be a positive even int (two 4-bit codes per byte), "
@@ -424,6 +425,7 @@ def dequantize(tree_or_leaf: Any, dtype: Any = jnp.float32) -> Any:
     >>> dequantize(q)["w"][0, :3].tolist()
     [0.5, 0.5, 0.5]
     """
+    dtype = checks.float_dtype("jlora.quant.dequantize", dtype)
     if is_quantized(tree_or_leaf):
         return _leaf_dequant(tree_or_leaf, dtype)
     return jax.tree_util.tree_map(lambda x: _leaf_dequant(x, dtype) if is_quantized(x) else x,
@@ -469,6 +471,11 @@ def quantized_sharding(q: QuantizedArray, sharding: jax.sharding.NamedSharding) 
     >>> tuple(quantized_sharding(q, NamedSharding(mesh, P(None, "x"))).codes.spec)
     (None, 'x')
     """
+    if not isinstance(q, QuantizedArray) or not isinstance(sharding, jax.sharding.NamedSharding):
+        raise TypeError(
+            f"quantized_sharding: expected (QuantizedArray, NamedSharding), got ({type(q).__name__}, "
+            f"{type(sharding).__name__}); fix: quantized_sharding(frozen_q[path], NamedSharding(mesh, P(...)))"
+        )
     mesh = sharding.mesh
     spec = tuple(sharding.spec) + (None,) * (len(q.shape) - len(tuple(sharding.spec)))
 

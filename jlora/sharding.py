@@ -116,7 +116,8 @@ def _to_spec(path: str, leaf, rules) -> tuple[PartitionSpec, Mesh | None, int | 
     if isinstance(leaf, PartitionSpec):  # mesh axes, or logical names when rules are given
         return (_logical(path, tuple(leaf), rules) if rules is not None else leaf), None, ndim
     raise TypeError(f"base_specs leaf at '{path}' is a {type(leaf).__name__}; expected a "
-                    "PartitionSpec, NamedSharding, nn.Partitioned, a sharded array or None.")
+                    "PartitionSpec, NamedSharding, nn.Partitioned, a sharded array or None; fix: "
+                    "give that leaf a PartitionSpec (P() or None for replicated).")
 
 
 def _logical(path: str, names, rules) -> PartitionSpec:
@@ -200,7 +201,8 @@ def _derive(base_specs, lora, config, frozen, rules, mesh):
         if factor == "m" and kernel in table:  # DoRA magnitude: the kernel's stack + output axes
             a, b = flat.get(f"{kernel}/A"), flat.get(f"{kernel}/B")
             if a is None or b is None:
-                raise ValueError(f"lora leaf '{path}' (a DoRA magnitude) needs '{kernel}/A' and '{kernel}/B' beside it.")
+                raise ValueError(f"lora leaf '{path}' (a DoRA magnitude) needs '{kernel}/A' and '{kernel}/B' beside "
+                                 "it; fix: pass the whole lora tree from jlora.init(use_dora=True)")
             spec, _, spec_ndim = table[kernel]
             lay = layouts.get(kernel) or _plain_layout(kernel, a.shape, b.shape, config, spec_ndim)
             parts = _canonical_spec(spec, lay, kernel)
@@ -210,11 +212,12 @@ def _derive(base_specs, lora, config, frozen, rules, mesh):
             close = paths.closest(kernel, table, 3)
             raise ValueError(f"lora leaf '{path}' has no base spec: expected '{kernel}' (a factored "
                              f"kernel) or '{path}' (a leaf trained whole) in base_specs; closest "
-                             f"paths: {', '.join(close) or 'none'}. base_specs must have the same "
+                             f"paths: {', '.join(close) or 'none'}; fix: base_specs must have the same "
                              "nesting as the params.")
         other = flat.get(f"{kernel}/{'B' if factor == 'A' else 'A'}")
         if other is None:
-            raise ValueError(f"lora leaf '{path}' has no partner '{kernel}/{'B' if factor == 'A' else 'A'}'.")
+            raise ValueError(f"lora leaf '{path}' has no partner '{kernel}/{'B' if factor == 'A' else 'A'}'; "
+                             "fix: pass the whole lora tree from jlora.init (both A and B of each kernel)")
         a_shape, b_shape = (shape, other.shape) if factor == "A" else (other.shape, shape)
         spec, _, spec_ndim = table[kernel]
         lay = layouts.get(kernel) or _plain_layout(kernel, a_shape, b_shape, config, spec_ndim)
@@ -302,9 +305,12 @@ def lora_shardings(base_shardings: Any, lora: Any, config: LoraConfig | None, *,
       >>> s["w"]["B"].spec
       P(None, 'model')
     """
-    specs, found = _derive(base_shardings, lora, config, frozen, rules, mesh)
+    try:
+        specs, found = _derive(base_shardings, lora, config, frozen, rules, mesh)
+    except (TypeError, ValueError) as err:  # name the argument the caller passed
+        raise type(err)(str(err).replace("base_specs", "base_shardings")) from None
     if found is None:
-        raise ValueError("lora_shardings needs a mesh: pass mesh=jax.sharding.Mesh(...), or "
+        raise ValueError("lora_shardings needs a mesh and base_shardings carries none; fix: pass mesh=jax.sharding.Mesh(...), or "
                          "base_shardings made of NamedSharding / sharded arrays.")
     return jax.tree.map(lambda s: NamedSharding(found, s), specs,
                         is_leaf=lambda x: isinstance(x, PartitionSpec))
@@ -343,7 +349,8 @@ def state_shardings(state: Any, lora: Any, shardings: Any, *, default: Any = Non
     if default is None:
         first = next(iter(flat_sh.values()), None)
         if first is None:
-            raise ValueError("state_shardings: `shardings` is empty; pass default=.")
+            raise ValueError("state_shardings: `shardings` is empty (expected lora_shardings(...) of the lora tree); "
+                             "fix: pass default=NamedSharding(mesh, P())")
         default = NamedSharding(first.mesh, PartitionSpec())
     by_len = sorted(flat_lora, key=len, reverse=True)
 

@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from jlora import paths
+from jlora import checks, paths
 
 
 def _size(x: Any) -> tuple[int, int]:
@@ -84,6 +84,7 @@ def summary(frozen: Any, lora: Any, *, per_path: bool = False) -> Summary:
     >>> s.trainable, s.frozen, round(s.share, 4)
     (400, 10000, 0.0385)
     """
+    checks.lora_tree("jlora.summary", lora)
     t = [(p, _size(x), x) for p, x in paths.flatten(lora).items()]
     f = [_size(x) for x in paths.flatten(frozen).values()]
     rows = tuple((p, tuple(x.shape), str(np.dtype(x.dtype)), n) for p, (n, _), x in t) if per_path else ()

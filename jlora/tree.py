@@ -15,7 +15,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from jlora import analysis, dora, extras, inits, kinds, paths, quant
+from jlora import analysis, checks, dora, extras, inits, kinds, paths, quant
 from jlora.config import LoraConfig
 from jlora.describe import adapted, kernel_layouts, nest
 from jlora.kinds import Factored
@@ -45,7 +45,11 @@ def _targets(flat: Mapping[str, Any], config: LoraConfig) -> list[str]:
                 "2 axes; fix: narrow the target regex, or list the leaf in `trainable` to train it whole"
             )
     if not chosen:
-        raise ValueError("LoraConfig.targets: every matched path is excluded by LoraConfig.exclude")
+        matched = [p for p in flat if paths.matches(config.targets, p)]
+        raise ValueError(
+            f"LoraConfig.targets: every matched path ({', '.join(matched[:5])}) is excluded by LoraConfig.exclude "
+            f"{list(config.exclude)}, so nothing would adapt; fix: narrow the exclude regexes or widen the targets"
+        )
     return chosen
 
 
@@ -104,7 +108,9 @@ def init(key: jax.Array, params: Any, config: LoraConfig, apply_fn: Callable[...
       apply_fn: the model's apply function ``apply_fn(params, *args)``; with ``args`` it lets init
         read each kernel's input/output split from its use (traced abstractly, no FLOPs).
       args: example inputs (arrays or ``jax.ShapeDtypeStruct``) for ``apply_fn``.
-      dtype: the factors' dtype (default: each kernel's dtype).
+      dtype: the factors' (and DoRA magnitudes') dtype. Default float32 whatever the kernel's dtype (as
+        PEFT does): a bf16/fp16 base keeps its dtype, the low-rank branch computes in float32 and
+        merges round once into the kernel's dtype. Pass ``dtype=jnp.bfloat16`` for half-size factors.
 
     Returns:
       ``(frozen, lora)``: ``frozen`` is ``params`` itself (for ``init='pissa'``/``'olora'``: ``params``
@@ -120,9 +126,14 @@ def init(key: jax.Array, params: Any, config: LoraConfig, apply_fn: Callable[...
     {'dense': {'kernel': LoraKernel({'A': (4, 2), 'B': (2, 3)}, layout='io' (4:in, 3:out))}}
     """
     if not isinstance(config, LoraConfig):
-        raise TypeError(f"jlora.init: config must be a jlora.LoraConfig, got {type(config).__name__}")
+        raise TypeError(f"jlora.init: config must be a jlora.LoraConfig, got {type(config).__name__}; fix: "
+                        "jlora.init(key, params, jlora.LoraConfig(rank=8, targets=r'.*/query/kernel'))")
+    checks.prng_key("jlora.init", "key", key)
+    dtype = checks.float_dtype("jlora.init", dtype) or jnp.float32
+    checks.no_none_targets("jlora.init", params, config)
     flat = paths.flatten(params)
     chosen = _targets(flat, config)
+    checks.pattern_keys_match(config, chosen)
     layouts = _layouts(flat, chosen, config, apply_fn, params, args)
     out: dict[str, Any] = {}
     residual: dict[str, Any] = {}
@@ -153,9 +164,9 @@ def init(key: jax.Array, params: Any, config: LoraConfig, apply_fn: Callable[...
         scale = config.scale_for(p, configured)
         if inits.changes_base(config.init):
             a, b, residual[p] = inits.init_from_kernel(k, leaf, lay, rank, scale, config.init,
-                                                       dtype or leaf.dtype, path=p, groups=groups)
+                                                       dtype, path=p, groups=groups)
         else:
-            a, b = kinds.init_factors(k, lay, rank, config.init, dtype or leaf.dtype, groups)
+            a, b = kinds.init_factors(k, lay, rank, config.init, dtype, groups)
         out[p + "/A"], out[p + "/B"] = a, b
         if config.use_dora:
             if isinstance(leaf, jax.ShapeDtypeStruct):
@@ -164,7 +175,7 @@ def init(key: jax.Array, params: Any, config: LoraConfig, apply_fn: Callable[...
                     "values, got a jax.ShapeDtypeStruct; fix: pass arrays (jax.eval_shape can abstract them)"
                 )
             f = Factored(p, lay, rank, scale, groups, True)
-            out[p + "/m"] = dora.magnitude(residual.get(p, leaf), a, b, f).astype(dtype or leaf.dtype)
+            out[p + "/m"] = dora.magnitude(residual.get(p, leaf), a, b, f).astype(dtype)
     if config.trainable:
         paths.check_rules_match("trainable", config.trainable, flat)
     if config.embedding_rows:
@@ -213,15 +224,18 @@ def _combine(frozen: Any, lora: Any, config: LoraConfig, sign: float, whole: boo
             "implicitly: fix: jlora.quant.quantize(jlora.merge(frozen, lora, config, into='float'), ...)"
         )
     if dtype is not None and into is None:
-        raise TypeError(f"jlora.{name}: dtype= sets the dtype of dequantized kernels; it needs into='float'")
+        raise TypeError(f"jlora.{name}: dtype= sets the dtype of dequantized kernels; it needs into='float'; fix: "
+                        f"jlora.{name}(..., into='float', dtype=...) for a quantized base, or cast the frozen tree "
+                        "yourself (jax.tree.map(lambda w: w.astype(dtype), frozen)) for a float base")
     quantized = [p for p, x in paths.flatten(frozen).items() if quant.is_quantized(x)]
     if quantized and into is None:
         raise ValueError(
             f"jlora.{name}: frozen leaf {quantized[0]!r} is quantized ({paths.flatten(frozen)[quantized[0]]!r}"
             f"{f' and {len(quantized) - 1} more' if len(quantized) > 1 else ''}); adding a delta to it would "
-            f"have to re-quantize, which jlora never does silently. Fix: jlora.{name}(..., into='float') for "
-            "float kernels (dequantized W0 + delta, float32 or dtype=), or keep the base quantized and run "
-            "jlora.lora_apply(...)(frozen, lora, x)"
+            f"have to re-quantize, which jlora never does silently. Fix: "
+            + ("jlora.merge(..., into='float') for float kernels (dequantized W0 + delta, float32 or dtype=), "
+               if name == "merge" else "unmerge float params (what jlora.merge(..., into='float') returns); ")
+            + "or keep the base quantized and run jlora.lora_apply(...)(frozen, lora, x)"
         )
     info = adapted(frozen, lora, config)
     flat = paths.flatten(lora)
@@ -237,7 +251,7 @@ def _combine(frozen: Any, lora: Any, config: LoraConfig, sign: float, whole: boo
 
     def one(path: str, w: Any) -> Any:
         if quant.is_quantized(w):  # dequantized W0 (+ delta) in float32, cast once to out_dtype
-            return plain(path, quant.dequantize(w, jnp.float32)).astype(out_dtype)
+            return checks.cast_checked(f"jlora.{name}", path, plain(path, quant.dequantize(w, jnp.float32)), out_dtype)
         return plain(path, w)
 
     def plain(path: str, w: Any) -> Any:
@@ -246,7 +260,7 @@ def _combine(frozen: Any, lora: Any, config: LoraConfig, sign: float, whole: boo
         if path in info and info[path].dora:
             return dora.dora_kernel(w, deltas[path], flat[path + "/m"], info[path])
         if path in deltas:
-            return (w.astype(jnp.float32) + sign * deltas[path]).astype(w.dtype)
+            return checks.cast_checked(f"jlora.{name}", path, w.astype(jnp.float32) + sign * deltas[path], w.dtype)
         if whole and path in flat:
             return flat[path]
         return w
@@ -265,6 +279,10 @@ def merge(frozen: Any, lora: Any, config: LoraConfig, *, into: str | None = None
     A quantized base (:func:`jlora.quant.quantize`) needs an explicit target: ``into='float'``
     dequantizes every quantized kernel and adds its delta, in float32 (or ``dtype``); without it a
     quantized leaf is a ValueError (jlora never re-quantizes silently).
+
+    A kernel whose ``W0 + delta`` overflows W0's dtype (an fp16 base, a large delta) raises a ValueError
+    naming the path when the values are concrete; under ``jax.jit`` they are not known, and the
+    overflowing entries become ``inf`` as ``astype`` makes them (lazy mode has no such limit).
 
     >>> frozen = {"d": {"kernel": jnp.zeros((2, 2))}}
     >>> lora = {"d": {"kernel": {"A": jnp.ones((2, 1)), "B": jnp.ones((1, 2))}}}

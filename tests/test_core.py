@@ -153,13 +153,51 @@ def test_gradients_reach_only_lora_and_step_never_retraces(mixed):
         lora, opt_state, loss = step(lora, opt_state)
         losses.append(float(loss))
     assert losses[-1] < losses[0]
-    # the frozen tree is a closure constant: a gradient wrt the combined tree is zero outside lora
+    # optimising a (frozen, lora) container: no state and a zero update for every frozen leaf
     g = jax.grad(lambda t: jnp.mean(fn(t[0], t[1], ids) ** 2))((frozen, lora))
     tx2 = jlora.optimizer(optax.adam(1e-2), lora)
     st2 = tx2.init((frozen, lora))
     upd, _ = tx2.update(g, st2, (frozen, lora))
     assert all(float(jnp.abs(u).max()) == 0 for u in jax.tree.leaves(upd[0]))
     assert sum(x.size for x in jax.tree.leaves(st2) if x.ndim) == n_state
+
+
+@pytest.mark.parametrize("mode", ["lazy", "merged"])
+def test_lora_gradients_match_float64_and_no_frozen_gradient_is_formed(mode):
+    """d loss / d(A, B) against the float64 chain rule; lazy mode never forms a kernel-shaped gradient."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((5, 8)).astype(np.float32)  # (T, in): no shape (8, 12) except the kernel's
+    w0 = rng.standard_normal((8, 12)).astype(np.float32)
+    bias = rng.standard_normal(12).astype(np.float32)
+    a = rng.standard_normal((8, 3)).astype(np.float32)
+    b = rng.standard_normal((3, 12)).astype(np.float32)
+    cfg = jlora.LoraConfig(rank=3, alpha=6.0, targets="w")  # scale 2
+    frozen = {"w": jnp.asarray(w0), "b": jnp.asarray(bias)}
+    lora = {"w": {"A": jnp.asarray(a), "B": jnp.asarray(b)}}
+    fn = jlora.lora_apply(lambda p, x: jnp.tanh(x @ p["w"] + p["b"]), cfg, mode)
+    loss = lambda l: jnp.sum(fn(frozen, l, jnp.asarray(x)) ** 2)  # noqa: E731
+    g = jax.grad(loss)(lora)
+    x64, w64, a64, b64 = (v.astype(np.float64) for v in (x, w0, a, b))
+    y = np.tanh(x64 @ (w64 + 2.0 * a64 @ b64) + bias)
+    dz = 2 * y * (1 - y**2)  # d loss / d pre-activation
+    dw = x64.T @ dz  # d loss / d W (8, 12): what the frozen kernel's gradient would be
+    np.testing.assert_allclose(np.asarray(g["w"]["A"], np.float64), 2.0 * dw @ b64.T, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(g["w"]["B"], np.float64), 2.0 * a64.T @ dw, rtol=1e-4, atol=1e-5)
+    # the low-rank path: nothing of the kernel's shape is computed, forward or backward (merged forms W0 + delta
+    # and its gradient: the walk below must find those)
+    found = [s for s in _out_shapes(jax.make_jaxpr(jax.grad(loss))(lora).jaxpr) if s in ((8, 12), (12, 8))]
+    assert bool(found) == (mode == "merged"), found
+
+
+def _out_shapes(jaxpr):
+    """The output shapes of every equation of a jaxpr, nested jaxprs (pjit, custom_vjp, scan) included."""
+    for eqn in jaxpr.eqns:
+        yield from (tuple(v.aval.shape) for v in eqn.outvars)
+        for param in eqn.params.values():
+            for sub in param if isinstance(param, (tuple, list)) else (param,):
+                inner = getattr(sub, "jaxpr", sub)
+                if hasattr(inner, "eqns"):
+                    yield from _out_shapes(inner)
 
 
 def test_lora_plus_scales_b_updates():
@@ -274,3 +312,29 @@ def test_summary_counts_and_table(mixed):
     assert s.frozen == sum(x.size for x in jax.tree.leaves(params))
     text = str(s)
     assert "params/conv/kernel/A" in text and "trainable share" in text
+
+
+@pytest.mark.parametrize("base_dtype", [jnp.bfloat16, jnp.float16])
+def test_factors_default_to_float32_over_a_half_precision_base(base_dtype):
+    rng = np.random.default_rng(0)
+    w0 = rng.standard_normal((16, 24)).astype(np.float32)
+    frozen = {"w": jnp.asarray(w0, base_dtype)}
+    cfg = jlora.LoraConfig(rank=4, alpha=8.0, targets="w", use_dora=False)
+    _, lora = jlora.init(KEY, frozen, cfg)
+    assert {x.dtype for x in jax.tree.leaves(lora)} == {jnp.dtype(jnp.float32)}
+    _, half = jlora.init(KEY, frozen, cfg, dtype=base_dtype)  # explicit: half-size factors
+    assert {x.dtype for x in jax.tree.leaves(half)} == {jnp.dtype(base_dtype)}
+    _, dlora = jlora.init(KEY, frozen, cfg.replace(use_dora=True))
+    assert dlora["w"]["m"].dtype == jnp.float32
+    a = rng.standard_normal((16, 4)).astype(np.float32) * 0.3
+    b = rng.standard_normal((4, 24)).astype(np.float32) * 0.3
+    lora = {"w": {"A": jnp.asarray(a), "B": jnp.asarray(b)}}
+    x = rng.standard_normal((8, 16)).astype(np.float32)
+    xb = jnp.asarray(x, base_dtype)
+    y = jlora.lora_apply(lambda p, x: x @ p["w"], cfg, "lazy")(frozen, lora, xb)
+    assert y.dtype == base_dtype  # the output keeps the base's dtype
+    # float64 reference from the rounded base and input: the f32 branch adds no error beyond one final rounding
+    x64, w64 = np.asarray(xb, np.float64), np.asarray(frozen["w"], np.float64)
+    want = x64 @ w64 + 2.0 * (x64 @ a.astype(np.float64)) @ b.astype(np.float64)
+    eps = float(jnp.finfo(base_dtype).eps)
+    np.testing.assert_allclose(np.asarray(y, np.float64), want, rtol=0, atol=4 * eps * np.abs(want).max())

@@ -39,9 +39,9 @@ def test_rank_larger_than_kernel_allows():
         jlora.init(KEY, PARAMS, jlora.LoraConfig(rank=9, targets=r".*/query/kernel"))
 
 
-@pytest.mark.parametrize("alpha", [0, -1.0, "16"])
+@pytest.mark.parametrize("alpha", [0, -1.0, "16", float("inf"), float("nan")])
 def test_bad_alpha(alpha):
-    with pytest.raises(ValueError, match="LoraConfig.alpha: expected a number > 0"):
+    with pytest.raises(ValueError, match="LoraConfig.alpha: expected a finite number > 0.*fix: e.g. alpha=16"):
         jlora.LoraConfig(alpha=alpha)
 
 
@@ -127,3 +127,252 @@ def test_optimizer_on_unrelated_tree():
     tx = jlora.optimizer(__import__("optax").adam(1e-3), lora)
     with pytest.raises(ValueError, match="neither are the lora tree nor contain it"):
         tx.init({"w": jnp.ones(3)})
+
+
+# --- every public function: at least one bad input, its exception and message ------------------------------------
+#
+# Each case: (public name, case id, call(tmp_path), exception type, regex the message must match). Every message
+# must also say its fix ("fix:" or "Fix"), except the ones listed in NO_FIX_YET (owned by the checkpoint slice).
+
+import math  # noqa: E402
+import pathlib  # noqa: E402
+
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
+from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
+
+from jlora import checkpoint, dora, multi, peft, quant, sharding  # noqa: E402
+
+CFG = jlora.LoraConfig(rank=2, targets=r".*/(query|value)/kernel")
+X8 = jnp.ones(8)
+
+
+def _params():
+    return {"params": {"attn": {"query": {"kernel": jnp.ones((8, 8)), "bias": jnp.zeros(8)},
+                                "value": {"kernel": jnp.ones((8, 8)), "bias": jnp.zeros(8)}}}}
+
+
+def _fl(cfg=CFG):
+    return jlora.init(KEY, _params(), cfg)
+
+
+def _query(p, x):
+    return x @ p["params"]["attn"]["query"]["kernel"]
+
+
+def _with(tree, path, value):
+    node = tree
+    *parents, last = path.split("/")
+    for k in parents:
+        node = node[k]
+    node[last] = value
+    return tree
+
+
+def _stack():
+    frozen, lora = _fl()
+    return frozen, multi.stack(frozen, {"a": (lora, CFG)})
+
+
+def _overflowing_merge():
+    frozen = jax.tree.map(lambda x: (x * 6e4).astype(jnp.float16), _params())
+    _, lora = jlora.init(KEY, frozen, CFG)
+    lora = jax.tree.map(lambda x: jnp.full_like(x, 100.0), lora)
+    return jlora.merge(frozen, lora, CFG)
+
+
+def _mixed(ids, jit=False):
+    frozen, s = _stack()
+    fn = multi.mixed_apply(_query, s.config)
+    fn = jax.jit(fn) if jit else fn
+    return jax.block_until_ready(fn(frozen, s.lora, jnp.asarray(ids), jnp.ones((len(ids), 8))))
+
+
+def _saved(t):
+    _, lora = _fl()
+    jlora.save_adapter(t / "a", lora, CFG)
+    return t / "a"
+
+
+def _mesh():
+    return jax.sharding.Mesh(np.array(jax.devices()[:1]), ("x",))
+
+
+IDS_RANGE = r"adapter_ids must be in \[0, 1\].*got \[{}\]; negative ids are not wrapped.*fix: use Stack.id"
+CASES = [
+    # LoraConfig and its JSON form
+    ("LoraConfig", "alpha=inf", lambda t: jlora.LoraConfig(alpha=math.inf), ValueError, r"alpha: expected a finite number > 0, got inf"),
+    ("LoraConfig", "alpha=nan", lambda t: jlora.LoraConfig(alpha=math.nan), ValueError, r"alpha: expected a finite number > 0, got nan"),
+    ("LoraConfig", "rank=0", lambda t: jlora.LoraConfig(rank=0), ValueError, r"rank: expected an int > 0, got 0; fix"),
+    ("LoraConfig", "dropout=1", lambda t: jlora.LoraConfig(dropout=1.0), ValueError, r"dropout: expected a rate in \[0, 1\), got 1.0; fix"),
+    ("LoraConfig", "dropout=nan", lambda t: jlora.LoraConfig(dropout=math.nan), ValueError, r"dropout: expected a rate in \[0, 1\), got nan"),
+    ("LoraConfig", "alpha_pattern=inf", lambda t: jlora.LoraConfig(alpha_pattern={".*": math.inf}), ValueError, r"alpha_pattern\['\.\*'\]: expected a finite alpha > 0, got inf"),
+    ("LoraConfig", "alpha_pattern=nan", lambda t: jlora.LoraConfig(alpha_pattern={".*": math.nan}), ValueError, r"alpha_pattern\['\.\*'\]: expected a finite alpha > 0, got nan"),
+    ("LoraConfig", "rank_pattern=0", lambda t: jlora.LoraConfig(rank_pattern={".*": 0}), ValueError, r"rank_pattern\['\.\*'\]: expected a rank > 0, got 0; fix"),
+    ("LoraConfig", "version=0", lambda t: jlora.LoraConfig(version=0), ValueError, r"version: expected schema 1, got 0, which no jlora ever wrote.*fix: leave version"),
+    ("LoraConfig", "from_json malformed", lambda t: jlora.LoraConfig.from_json('{"rank": 8,'), ValueError, r"from_json: the text is not valid UTF-8 JSON \(Expecting property name.*fix: pass the contents"),
+    ("LoraConfig", "from_json non-UTF-8", lambda t: jlora.LoraConfig.from_json(b'{"rank": "\xff"}'), ValueError, r"from_json: the text is not valid UTF-8 JSON \('utf-8' codec"),
+    ("LoraConfig", "from_json None", lambda t: jlora.LoraConfig.from_json(None), TypeError, r"from_json: expected a JSON str, bytes or a dict, got NoneType; fix"),
+    ("LoraConfig", "from_json older schema", lambda t: jlora.LoraConfig.from_json('{"rank": 8, "version": 0}'), ValueError, r"got 0, which no jlora ever wrote \(schemas start at 1\); fix: leave version"),
+    # init
+    ("init", "key=None", lambda t: jlora.init(None, _params(), CFG), TypeError, r"jlora.init: `key` must be a PRNG key, got NoneType None; fix: pass key=jax.random.key\(0\)"),
+    ("init", "key=0", lambda t: jlora.init(0, _params(), CFG), TypeError, r"jlora.init: `key` must be a PRNG key, got int 0; fix: pass key=jax.random.key\(0\)"),
+    ("init", "key float array", lambda t: jlora.init(jnp.ones(2), _params(), CFG), TypeError, r"`key` must be a PRNG key, got an array of dtype float32, shape \(2,\)"),
+    ("init", "dtype='foo'", lambda t: jlora.init(KEY, _params(), CFG, dtype="foo"), TypeError, r"jlora.init: dtype= must be a float dtype or None, got 'foo'; fix"),
+    ("init", "dtype=int32", lambda t: jlora.init(KEY, _params(), CFG, dtype=jnp.int32), TypeError, r"dtype= must be a float dtype or None"),
+    ("init", "None leaf", lambda t: jlora.init(KEY, _with(_params(), "params/attn/query/kernel", None), CFG), ValueError, r"params leaf 'params/attn/query/kernel' is None \(matched by LoraConfig.targets.*fix: pass initialised parameters"),
+    ("init", "rank_pattern typo", lambda t: jlora.init(KEY, _params(), CFG.replace(rank_pattern={r".*/qery/kernel": 1})), ValueError, r"LoraConfig.rank_pattern: '\.\*/qery/kernel' matched no parameter; closest paths: params/attn/query/kernel.*Fix the regex"),
+    ("init", "alpha_pattern typo", lambda t: jlora.init(KEY, _params(), CFG.replace(alpha_pattern={r".*/vlaue/kernel": 1.0})), ValueError, r"LoraConfig.alpha_pattern: '\.\*/vlaue/kernel' matched no parameter; closest paths: params/attn/value/kernel"),
+    ("init", "everything excluded", lambda t: jlora.init(KEY, _params(), CFG.replace(exclude=(".*",))), ValueError, r"every matched path \(params/attn/query/kernel, params/attn/value/kernel\) is excluded.*fix: narrow the exclude"),
+    ("init", "config a dict", lambda t: jlora.init(KEY, _params(), {"rank": 2}), TypeError, r"config must be a jlora.LoraConfig, got dict; fix"),
+    # lora_apply
+    ("lora_apply", "lora=None lazy", lambda t: jlora.lora_apply(_query, CFG)(_fl()[0], None, X8), TypeError, r"lora_apply: `lora` is None; fix: fn\(frozen, lora, x\).*apply_fn\(frozen, x\)"),
+    ("lora_apply", "lora=None merged", lambda t: jlora.lora_apply(_query, CFG, "merged")(_fl()[0], None, X8), TypeError, r"lora_apply: `lora` is None; fix"),
+    ("lora_apply", "lora an array", lambda t: jlora.lora_apply(_query, CFG)(_fl()[0], jnp.ones(3), X8), TypeError, r"lora_apply: `lora` must be the lora tree.*got ArrayImpl"),
+    ("lora_apply", "lora_rng=3", lambda t: jlora.lora_apply(_query, CFG.replace(dropout=0.1))(*_fl(), X8, lora_rng=3), TypeError, r"lora_apply: `lora_rng` must be a PRNG key, got int 3; fix: pass lora_rng=jax.random.key\(0\)"),
+    ("lora_apply", "apply_fn not callable", lambda t: jlora.lora_apply(3, CFG), TypeError, r"apply_fn must be callable, got int; fix"),
+    ("lora_apply", "mode='eager'", lambda t: jlora.lora_apply(_query, CFG, mode="eager"), ValueError, r"mode must be one of \('lazy', 'merged'\), got 'eager'; fix"),
+    # merge / unmerge / delta / adapted
+    ("merge", "fp16 overflow", lambda t: _overflowing_merge(), ValueError, r"jlora.merge: 'params/attn/query/kernel': max \|W0 \+ delta\| = 2.2e\+05 overflows float16 \(max 6.55e\+04\).*fix: keep the adapter lazy.*float32 copy"),
+    ("merge", "into='int8'", lambda t: jlora.merge(*_fl(), CFG, into="int8"), ValueError, r"into must be None or 'float', got 'int8'.*fix"),
+    ("merge", "dtype without into", lambda t: jlora.merge(*_fl(), CFG, dtype=jnp.bfloat16), TypeError, r"dtype= sets the dtype of dequantized kernels; it needs into='float'; fix"),
+    ("merge", "missing B", lambda t: jlora.merge(_fl()[0], _with(_fl()[1], "params/attn/query/kernel", {"A": jnp.ones((8, 2))}), CFG), ValueError, r"has no partner 'params/attn/query/kernel/B'.*fix: make the lora tree with jlora.init"),
+    ("unmerge", "quantized base", lambda t: jlora.unmerge(jlora.quantize(_fl()[0], CFG, scheme="int8"), _fl()[1], CFG), ValueError, r"jlora.unmerge: frozen leaf 'params/attn/query/kernel' is quantized.*Fix: unmerge float params \(what jlora.merge\(\.\.\., into='float'\) returns\)"),
+    ("delta", "lora=None", lambda t: jlora.delta(_fl()[0], None, CFG), TypeError, r"jlora.adapted: `lora` must be the lora tree.*got NoneType None; fix"),
+    ("adapted", "factor of wrong shape", lambda t: jlora.adapted(_fl()[0], _with(_fl()[1], "params/attn/query/kernel/A", jnp.ones((7, 2))), CFG), ValueError, r"A \(7, 2\) and B \(2, 8\) do not factor the frozen kernel of shape \(8, 8\).*fix"),
+    ("adapted", "lora a list", lambda t: jlora.adapted(_fl()[0], [1, 2], CFG), TypeError, r"`lora` must be the lora tree.*got list"),
+    # optimizer
+    ("optimizer", "learning rate instead of tx", lambda t: jlora.optimizer(1e-3, _fl()[1]), TypeError, r"tx must be an optax GradientTransformation, got float 0.001; fix: jlora.optimizer\(optax.adamw\(1e-3\), lora\)"),
+    ("optimizer", "b_lr_ratio=0", lambda t: jlora.optimizer(optax.adam(1e-3), _fl()[1], b_lr_ratio=0), ValueError, r"b_lr_ratio must be > 0, got 0; fix"),
+    # extras, summary, inits
+    ("bias_rules", "mode='some'", lambda t: jlora.bias_rules("some"), ValueError, r"mode must be one of \('none', 'all', 'lora_only'\).*got 'some'; fix"),
+    ("summary", "lora=None", lambda t: jlora.summary(_fl()[0], None), TypeError, r"jlora.summary: `lora` must be the lora tree.*fix"),
+    ("summary", "lora an int", lambda t: jlora.summary(_fl()[0], 3), TypeError, r"jlora.summary: `lora` must be the lora tree.*got int 3"),
+    ("to_plain_adapter", "DoRA config", lambda t: jlora.to_plain_adapter(_fl()[0], _fl()[0], _fl()[1], CFG.replace(use_dora=True)), ValueError, r"a DoRA adapter is not linear.*fix: merge it"),
+    # quantization
+    ("quantize", "scheme='int3'", lambda t: jlora.quantize(_params(), CFG, scheme="int3"), ValueError, r"scheme must be one of \('nf4', 'int8'\), got 'int3'; fix"),
+    ("quantize", "block_size=0", lambda t: jlora.quantize(_params(), CFG, block_size=0), ValueError, r"block_size must be a positive even int.*got 0; fix"),
+    ("quantize", "regex typo", lambda t: jlora.quantize(_params(), r".*/qery/kernel"), ValueError, r"'\.\*/qery/kernel' matched no parameter; closest paths: params/attn/query/kernel.*Fix the regex"),
+    ("dequantize", "dtype='foo'", lambda t: jlora.dequantize(jlora.quantize(_params(), CFG, scheme="int8"), dtype="foo"), TypeError, r"jlora.quant.dequantize: dtype= must be a float dtype or None, got 'foo'; fix"),
+    ("quant.quantized_sharding", "a str for the sharding", lambda t: quant.quantized_sharding(jlora.quantize(_params(), CFG)["params"]["attn"]["query"]["kernel"], "x"), TypeError, r"expected \(QuantizedArray, NamedSharding\), got \(QuantizedArray, str\); fix"),
+    ("quant.quant_report", "1-d shape", lambda t: quant.quant_report(shape=(64,)), ValueError, r"'w' \(shape \(64,\), dtype float32\) is not a float kernel.*fix"),
+    # sharding
+    ("lora_specs", "an int leaf", lambda t: jlora.lora_specs(jax.tree.map(lambda x: 3, _params()), _fl()[1], CFG), TypeError, r"base_specs leaf at 'params/attn/query/bias' is a int; expected a PartitionSpec.*fix"),
+    ("lora_specs", "missing path", lambda t: jlora.lora_specs({"params": {}}, _fl()[1], CFG), ValueError, r"lora leaf 'params/attn/query/kernel/A' has no base spec.*fix: base_specs must have the same nesting"),
+    ("lora_shardings", "an int leaf", lambda t: jlora.lora_shardings(jax.tree.map(lambda x: 3, _params()), _fl()[1], CFG), TypeError, r"^base_shardings leaf at 'params/attn/query/bias' is a int.*fix"),
+    ("lora_shardings", "no mesh", lambda t: jlora.lora_shardings(jax.tree.map(lambda x: P(), _params()), _fl()[1], CFG), ValueError, r"needs a mesh and base_shardings carries none; fix: pass mesh="),
+    ("sharding.state_shardings", "empty shardings", lambda t: sharding.state_shardings({}, _fl()[1], {}), ValueError, r"`shardings` is empty.*fix: pass default=NamedSharding"),
+    # multi
+    ("multi.stack", "no adapters", lambda t: multi.stack(_params(), {}), ValueError, r"no adapters given.*fix"),
+    ("multi.select", "index 7", lambda t: multi.select(_stack()[1], 7), ValueError, r"select: index must be in \[0, 1\].*got \[7\].*fix: use Stack.id"),
+    ("multi.select", "index -1", lambda t: multi.select(_stack()[1], -1), ValueError, r"select: index must be in \[0, 1\].*got \[-1\]"),
+    ("multi.select", "index 0.5", lambda t: multi.select(_stack()[1], 0.5), TypeError, r"select: index must be an int or an int array, got float 0.5; fix"),
+    ("multi.mixed_apply", "id 5", lambda t: _mixed([0, 5]), ValueError, IDS_RANGE.format(5)),
+    ("multi.mixed_apply", "id -1", lambda t: _mixed([0, -1]), ValueError, IDS_RANGE.format(-1)),
+    ("multi.mixed_apply", "id 5 under jit", lambda t: _mixed([0, 5], jit=True), jax.errors.JaxRuntimeError, IDS_RANGE.format(5)),
+    ("multi.mixed_apply", "batch mismatch", lambda t: multi.mixed_apply(_query, _stack()[1].config)(_stack()[0], _stack()[1].lora, jnp.array([0, 1]), jnp.ones((3, 8))), ValueError, r"argument args\[0\] has batch \(3,\) but adapter_ids has shape \(2,\); fix"),
+    ("multi.combine", "method='ties'", lambda t: multi.combine(_fl()[0], [(_fl()[1], CFG)], [1.0], method="ties"), ValueError, r"method must be 'cat', 'svd' or 'linear', got 'ties'; fix"),
+    ("multi.Stack.id", "unknown name", lambda t: _stack()[1].id("b"), ValueError, r"no adapter named 'b'; the stack holds \['a'\]; fix"),
+    # peft
+    ("peft.save", "key_map=3", lambda t: peft.save(t / "p", _fl()[1], CFG, key_map=3), TypeError, r"key_map: expected a callable path -> module name.*got int; fix"),
+    ("peft.load", "missing folder", lambda t: peft.load(t / "nope", _params(), peft.BERT_KEY_MAP), FileNotFoundError, r"adapter folder .*nope does not exist; fix"),
+    ("peft.module_name", "key_map=3", lambda t: peft.module_name("params/x/kernel", 3), TypeError, r"key_map: expected a callable.*fix"),
+    # checkpoint
+    ("save_adapter", "config a dict", lambda t: jlora.save_adapter(t / "b", _fl()[1], {"rank": 2}), TypeError, r"config must be a jlora.LoraConfig, got dict"),
+    ("save_adapter", "directory exists", lambda t: jlora.save_adapter(_saved(t), _fl()[1], CFG), FileExistsError, r"already exists; pass overwrite=True"),
+    ("restore_adapter", "missing folder", lambda t: jlora.restore_adapter(t / "nope"), ValueError, r"no adapter checkpoint at '.*nope'"),
+    ("checkpoint.read_adapter_header", "missing folder", lambda t: checkpoint.read_adapter_header(t / "nope"), ValueError, r"no adapter checkpoint at '.*nope'"),
+    ("checkpoint.validate_adapter", "other paths", lambda t: checkpoint.validate_adapter(_fl()[1], like={"x": jnp.ones(2)}), ValueError, r"only in the target: x. Fix"),
+    ("TrainCheckpointer", "config a dict", lambda t: jlora.TrainCheckpointer(t / "c", {"rank": 2}), TypeError, r"config must be a jlora.LoraConfig, got dict"),
+    # dora
+    ("dora.magnitude_shape", "a str for f", lambda t: dora.magnitude_shape("d/kernel"), TypeError, r"magnitude_shape: `f` must be a jlora.Factored.*got str; fix"),
+    ("dora.magnitude", "w0 of another shape", lambda t: dora.magnitude(jnp.ones((4, 8)), jnp.ones((8, 2)), jnp.ones((2, 8)), jlora.Factored("d", 0, 1, 2, 1.0, None, (8, 8))), ValueError, r"`w0` of 'd' has shape \(4, 8\), expected the kernel's shape \(8, 8\); fix"),
+    ("dora.column_norm", "a str for f", lambda t: dora.column_norm(jnp.ones((2, 2)), "d"), TypeError, r"`f` must be a jlora.Factored"),
+    ("dora.dora_kernel", "a str for f", lambda t: dora.dora_kernel(jnp.ones((2, 2)), jnp.ones((2, 2)), jnp.ones(2), "d"), TypeError, r"`f` must be a jlora.Factored"),
+    ("dora.kernel_sq_norm", "a str for f", lambda t: dora.kernel_sq_norm(jnp.ones((2, 2)), "d"), TypeError, r"`f` must be a jlora.Factored"),
+    ("dora.dora_lazy_terms", "a str for f", lambda t: dora.dora_lazy_terms(jnp.ones((2, 2)), jnp.ones((2, 1)), jnp.ones((1, 2)), jnp.ones(2), "d"), TypeError, r"`f` must be a jlora.Factored"),
+    ("dora.norms", "lora=None", lambda t: dora.norms(_fl()[0], None, CFG), TypeError, r"`lora` must be the lora tree.*fix"),
+    ("dora.unmerge", "no norms", lambda t: dora.unmerge(*_dora_merged(), {}), ValueError, r"no norm for the DoRA kernel 'params/attn/query/kernel' in `norms`.*fix: pass norms=jlora.dora.norms"),
+]
+
+
+def _dora_merged():
+    cfg = CFG.replace(use_dora=True)
+    frozen, lora = jlora.init(KEY, _params(), cfg)
+    return jlora.merge(frozen, lora, cfg), lora, cfg
+
+
+# Clear messages that do not say their fix yet: the checkpoint module belongs to another slice of issue 15.
+NO_FIX_YET = {("save_adapter", "config a dict"), ("restore_adapter", "missing folder"),
+              ("checkpoint.read_adapter_header", "missing folder"), ("TrainCheckpointer", "config a dict"),
+              ("save_adapter", "directory exists")}  # says "pass overwrite=True", not "fix:"
+
+# Public names with no bad input to try: records filled by jlora itself, or functions that accept anything.
+NO_BAD_INPUT = {
+    "Factored": "a record made by jlora.adapted", "Summary": "a record returned by jlora.summary",
+    "QuantizedArray": "a record made by jlora.quantize (also a pytree node rebuilt by jax)",
+    "checkpoint.TrainState": "a record returned by TrainCheckpointer.restore", "multi.Stack": "made by multi.stack",
+    "quant.dynamic_map": "takes no argument", "quant.is_quantized": "any object is a valid input",
+    "quant.dequantize_tree_for_apply": "any pytree is a valid input",
+}
+
+
+def _public_names():
+    import inspect
+
+    names = {n for n in jlora.__all__ if not inspect.ismodule(getattr(jlora, n))}
+    for mod in (multi, peft, quant, checkpoint, dora, sharding):
+        for n in getattr(mod, "__all__", vars(mod)):
+            obj = getattr(mod, n)
+            if not n.startswith("_") and (inspect.isfunction(obj) or inspect.isclass(obj)) and obj.__module__ == mod.__name__:
+                if getattr(jlora, n, None) is not obj:
+                    names.add(f"{mod.__name__.split('.')[-1]}.{n}")
+    return names
+
+
+def test_every_public_function_has_a_bad_input_case():
+    covered = {name.rsplit(".", 1)[0] if name == "multi.Stack.id" else name for name, *_ in CASES}
+    missing = _public_names() - covered - set(NO_BAD_INPUT)
+    assert not missing, f"public functions without a bad-input case: {sorted(missing)}"
+
+
+@pytest.mark.parametrize("name, case, call, exc, message", CASES, ids=[f"{c[0]}: {c[1]}" for c in CASES])
+def test_bad_input(tmp_path: pathlib.Path, name, case, call, exc, message):
+    with pytest.raises(exc, match=message) as info:
+        call(tmp_path)
+    if (name, case) not in NO_FIX_YET:
+        assert "fix" in str(info.value).lower(), f"{name} ({case}): the message gives no fix: {info.value}"
+
+
+def test_merge_overflow_is_checked_eagerly_and_documented_under_jit():
+    frozen = {"w": jnp.full((4, 4), 6e4, jnp.float16)}
+    lora = {"w": {"A": jnp.ones((4, 1)), "B": jnp.ones((1, 4))}}
+    cfg = jlora.LoraConfig(rank=1, alpha=1e4, targets="w")  # delta 1e4: 7e4 > float16 max 65504
+    with pytest.raises(ValueError, match=r"'w': max \|W0 \+ delta\| = 7e\+04 overflows float16"):
+        jlora.merge(frozen, lora, cfg)
+    # lazy mode adds the branch in float32 and casts the output: finite where the product fits
+    y = jlora.lora_apply(lambda p, x: x @ p["w"], cfg)(frozen, lora, jnp.full(4, 0.1, jnp.float16))
+    assert y.dtype == jnp.float16 and bool(jnp.isfinite(y).all())
+    # under jit the values are unknown: documented, the cast makes inf (as astype does)
+    merged = jax.jit(jlora.merge, static_argnums=2)(frozen, lora, cfg)
+    assert bool(jnp.isinf(merged["w"]).all())
+    # an fp16 base that fits merges as before
+    ok = jlora.merge(frozen, lora, cfg.replace(alpha=1e3))
+    np.testing.assert_allclose(np.asarray(ok["w"], np.float64), 6.1e4, rtol=1e-3)
+    # a quantized base merged into float16 is checked too
+    q = jlora.quantize({"w": jnp.full((4, 64), 6e4)}, "w", scheme="int8")
+    big = {"w": {"A": jnp.ones((4, 1)), "B": jnp.ones((1, 64))}}
+    with pytest.raises(ValueError, match=r"'w': max \|W0 \+ delta\| = 7e\+04 overflows float16"):
+        jlora.merge(q, big, cfg, into="float", dtype=jnp.float16)
+
+
+def test_lora_tree_of_another_rank_than_the_config_is_refused():
+    frozen, lora = _fl()  # rank 2
+    with pytest.raises(ValueError, match=r"have rank 2 .* the config gives rank 4 there.*fix: pass the LoraConfig"):
+        jlora.lora_apply(_query, CFG.replace(rank=4))(frozen, lora, X8)
+
+
+def test_lora_tree_for_a_path_the_config_does_not_target_is_refused():
+    frozen, lora = _fl()
+    with pytest.raises(ValueError, match=r"the config does not target it.*fix: pass the LoraConfig"):
+        jlora.merge(frozen, lora, CFG.replace(targets=r".*/nothing_here/kernel"))

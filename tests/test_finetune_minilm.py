@@ -24,8 +24,9 @@ def test_short_finetune_improves_heldout_and_reloads(tmp_path, capsys):
     before, after, lazy = results["zero_shot"], results["fine_tuned"], results["fine_tuned_lazy"]
     assert after["mrr"] > before["mrr"] + 0.01, (before, after)
     # the restored adapter, merged and lazy, ranks the same (float noise may flip a near-tie)
-    assert lazy is not None
+    assert set(lazy) == set(after) == {"recall@1", "recall@5", "mrr"}
     assert abs(lazy["mrr"] - after["mrr"]) < 1e-2
+    assert abs(lazy["recall@1"] - after["recall@1"]) <= 2 / 160  # at most two of 160 near-ties flip
     assert np.isfinite(results["losses"]).all() and results["losses"][-1] < results["losses"][0]
     assert (out / "adapter").is_dir() and (out / "results.json").is_file()
     assert 0 < results["trainable_share"] < 0.01

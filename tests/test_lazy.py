@@ -432,10 +432,51 @@ def test_dropout_inside_scan_and_remat():
     lazy_fn = jlora.lora_apply(m.apply, cfg, "lazy", strict=True)
     off = jax.jit(lazy_fn)(frozen, lora, X)
     close(off, jax.jit(jlora.lora_apply(m.apply, cfg, "merged"))(frozen, lora, X), rtol=1e-5, what="dropout off")
+    loss = jax.jit(lambda l, k: jnp.sum(lazy_fn(frozen, l, X, lora_rng=k) ** 2))
     step = jax.jit(jax.value_and_grad(lambda l, k: jnp.sum(lazy_fn(frozen, l, X, lora_rng=k) ** 2)))
     (l1, g), (l2, _) = step(lora, jax.random.key(1)), step(lora, jax.random.key(2))
     assert abs(float(l1) - float(jnp.sum(off**2))) > 1e-3 and abs(float(l1) - float(l2)) > 1e-3
-    assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(g))
+    # the gradient is the gradient of THIS key's loss: remat and scan recompute the same masks in the backward
+    # pass (a mask drawn afresh would give a different derivative). Central differences along a random direction.
+    v = randomize(lora, seed=7, scale=1.0)
+    eps = 1e-3  # float32 central differences: agree to ~0.5% here (a fresh mask would be off by O(1))
+    plus = loss(jax.tree.map(lambda a, d: a + eps * d, lora, v), jax.random.key(1))
+    minus = loss(jax.tree.map(lambda a, d: a - eps * d, lora, v), jax.random.key(1))
+    numeric = (float(plus) - float(minus)) / (2 * eps)
+    analytic = sum(float(jnp.vdot(a, d)) for a, d in zip(jax.tree.leaves(g), jax.tree.leaves(v)))
+    assert abs(numeric - analytic) <= 2e-2 * abs(analytic), (numeric, analytic)
+
+
+def test_dropout_is_an_inverted_mask_on_the_input_of_a():
+    """The mask read off one adapter (A = B = I) predicts, in float64, the output and gradients of another."""
+    n, rate = 16, 0.25
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((64, n)).astype(np.float32)
+    w0 = rng.standard_normal((n, n)).astype(np.float32)
+    cfg = jlora.LoraConfig(rank=n, alpha=float(n), targets="w", dropout=rate)  # scale 1
+    fn = jax.jit(jlora.lora_apply(lambda p, x: x @ p["w"], cfg, "lazy"))
+    key = jax.random.key(3)
+    eye = {"w": {"A": jnp.eye(n), "B": jnp.eye(n)}}
+    probe = np.asarray(fn({"w": w0}, eye, x, lora_rng=key), np.float64) - x.astype(np.float64) @ w0
+    scaled = x.astype(np.float64) / (1 - rate)
+    kept = np.abs(probe - scaled) < np.abs(probe)  # nearer x / (1 - rate) than 0
+    # inverted dropout: a kept entry is x / (1 - rate), a dropped one 0 (float32 base product: atol 1e-5)
+    np.testing.assert_allclose(probe[kept], scaled[kept], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(probe[~kept], 0, atol=1e-5)
+    share = kept.mean()  # 1024 Bernoulli(0.75) draws: 4 sigma = 0.054
+    assert abs(share - (1 - rate)) < 0.054, share
+    # the same key on other factors: the same mask, on the input of A only (the base sees the whole input)
+    a = rng.standard_normal((n, n)).astype(np.float32) * 0.3
+    b = rng.standard_normal((n, n)).astype(np.float32) * 0.3
+    lora = {"w": {"A": jnp.asarray(a), "B": jnp.asarray(b)}}
+    xd = np.where(kept, x.astype(np.float64) / (1 - rate), 0.0)
+    a64, b64 = a.astype(np.float64), b.astype(np.float64)
+    want = x.astype(np.float64) @ w0 + xd @ a64 @ b64
+    np.testing.assert_allclose(np.asarray(fn({"w": w0}, lora, x, lora_rng=key), np.float64), want, rtol=1e-4, atol=1e-4)
+    g = jax.grad(lambda l: jnp.sum(fn({"w": w0}, l, x, lora_rng=key) ** 2))(lora)
+    dy = 2 * want
+    np.testing.assert_allclose(np.asarray(g["w"]["A"], np.float64), xd.T @ dy @ b64.T, rtol=1e-4, atol=1e-3)
+    np.testing.assert_allclose(np.asarray(g["w"]["B"], np.float64), (xd @ a64).T @ dy, rtol=1e-4, atol=1e-3)
 
 
 def test_grouped_conv_runs_lazily():

@@ -43,19 +43,58 @@ def setup():
     return model, x, params, adapters
 
 
+# each adapter's scale by hand: alpha / r, rslora alpha / sqrt(r); per layer (fc1, fc2, head)
+SCALES = {"sql": {"fc1": 4 / 2}, "chat": {"fc1": 2 / 4**0.5, "fc2": 2 / 4**0.5}, "code": {"fc2": 6 / 3, "head": 6 / 1}}
+
+
+def np_kernels(params, adapters, name):
+    """Each layer's kernel W0 + s A B for adapter ``name`` (None: the base), in float64 NumPy."""
+    out = {}
+    for layer in ("fc1", "fc2", "head"):
+        w = np.asarray(params["params"][layer]["kernel"], np.float64)
+        if name is not None and layer in SCALES[name]:
+            f = adapters[name][0]["params"][layer]["kernel"]
+            w = w + SCALES[name][layer] * np.asarray(f["A"], np.float64) @ np.asarray(f["B"], np.float64)
+        out[layer] = w
+    return out
+
+
+def np_net(params, adapters, name, x):
+    """Net's forward for one adapter, float64 NumPy."""
+    k = np_kernels(params, adapters, name)
+    b = {layer: np.asarray(params["params"][layer]["bias"], np.float64) for layer in k}
+    h = np.tanh(np.asarray(x, np.float64) @ k["fc1"] + b["fc1"])
+    h = np.tanh(h @ k["fc2"] + b["fc2"])
+    return h @ k["head"] + b["head"]
+
+
+def np_mixed(params, adapters, names, ids, x):
+    return np.stack([np_net(params, adapters, None if i == len(names) else names[i], x[row])
+                     for row, i in enumerate(list(ids))])
+
+
 @pytest.mark.parametrize("mode", ["merged", "lazy"])
 def test_mixed_batch_equals_each_example_with_its_own_adapter(setup, mode):
     model, x, params, adapters = setup
     s = multi.stack(params, adapters)
     ids = jnp.array([0, 1, 2, s.base_id, 1, 0])
     got = jax.jit(multi.mixed_apply(model.apply, s.config, mode=mode))(params, s.lora, ids, x)
-    for row, i in enumerate(ids.tolist()):
-        if i == s.base_id:
-            want = model.apply(params, x[row : row + 1])
-        else:
-            lora, cfg = adapters[s.names[i]]
-            want = model.apply(jlora.merge(params, lora, cfg), x[row : row + 1])
-        np.testing.assert_allclose(got[row], want[0], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(got, np_mixed(params, adapters, s.names, ids.tolist(), x), rtol=1e-5, atol=1e-5)
+
+
+def test_out_of_range_ids_raise_and_never_pick_another_adapter(setup):
+    model, x, params, adapters = setup
+    s = multi.stack(params, adapters)
+    fn = multi.mixed_apply(model.apply, s.config)
+    for bad in ([0, 1, 2, 3, 4, 0], [0, 1, 2, -1, 1, 0]):  # 4 > base_id = 3; -1 is not the base entry
+        with pytest.raises(ValueError, match=r"adapter_ids must be in \[0, 3\]"):
+            fn(params, s.lora, jnp.array(bad), x)
+        with pytest.raises(jax.errors.JaxRuntimeError, match=r"adapter_ids must be in \[0, 3\]"):
+            jax.block_until_ready(jax.jit(fn)(params, s.lora, jnp.array(bad), x))
+    with pytest.raises(ValueError, match=r"index must be in \[0, 3\].*got \[-1\]"):
+        multi.select(s, -1)
+    with pytest.raises(jax.errors.JaxRuntimeError, match=r"index must be in \[0, 3\].*got \[7\]"):
+        jax.block_until_ready(jax.jit(lambda i: multi.select(s, i))(7))
 
 
 def test_any_mix_and_any_switch_compiles_once(setup):
@@ -69,7 +108,8 @@ def test_any_mix_and_any_switch_compiles_once(setup):
         return fn(params, stacked, ids, x)
 
     for ids in ([0] * 6, [1, 2, 0, 3, 3, 1], [2] * 6):
-        serve(s.lora, jnp.array(ids), x)
+        got = serve(s.lora, jnp.array(ids), x)
+        np.testing.assert_allclose(got, np_mixed(params, adapters, s.names, ids, x), rtol=1e-5, atol=1e-5)
 
     @jax.jit
     @chex.assert_max_traces(n=1)
@@ -78,8 +118,8 @@ def test_any_mix_and_any_switch_compiles_once(setup):
 
     for name in ("sql", "chat", "code", "sql"):
         m = merged_for(s.id(name))
-        lora, cfg = adapters[name]
-        chex.assert_trees_all_close(m, jlora.merge(params, lora, cfg), rtol=1e-6, atol=1e-6)
+        for layer, want in np_kernels(params, adapters, name).items():
+            np.testing.assert_allclose(m["params"][layer]["kernel"], want, rtol=1e-5, atol=1e-6, err_msg=layer)
 
 
 def np_total(params, adapters, weights):
