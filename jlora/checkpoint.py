@@ -30,7 +30,8 @@ import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
 from jlora import paths
-from jlora.describe import adapted
+from jlora.describe import adapted, kernel_layouts, nest
+from jlora.layout import Layout
 from jlora.config import LoraConfig
 
 __all__ = ["save_adapter", "restore_adapter", "read_adapter_header", "validate_adapter",
@@ -222,7 +223,8 @@ def save_adapter(directory: str | os.PathLike, lora: Any, config: LoraConfig,
     if not leaves:
         raise ValueError("save_adapter: the lora tree is empty; nothing to save.")
     header = {"format": FORMAT, "version": VERSION, "config": json.loads(config.to_json()),
-              "metadata": meta, "leaves": leaves}
+              "metadata": meta, "leaves": leaves,
+              "layouts": {p: lay.to_json() for p, lay in kernel_layouts(lora).items()}}
     directory.parent.mkdir(parents=True, exist_ok=True)
     token = uuid.uuid4().hex[:12] if _is_primary() else ""
     if jax.process_count() > 1:
@@ -280,7 +282,8 @@ def read_adapter_header(directory: str | os.PathLike, *, verify: bool = True) ->
         raise ValueError(f"restore_adapter: '{directory}' has format {header.get('format')!r} "
                          f"version {header.get('version')}; this jlora reads {FORMAT!r} up to "
                          f"version {VERSION}. Upgrade jlora.")
-    return {"config": config, "metadata": header.get("metadata") or {}, "leaves": header["leaves"]}
+    return {"config": config, "metadata": header.get("metadata") or {}, "leaves": header["leaves"],
+            "layouts": header.get("layouts") or {}}
 
 
 def validate_adapter(lora: Any, *, like: Any = None, frozen: Any = None,
@@ -390,7 +393,8 @@ def restore_adapter(directory: str | os.PathLike, *, shardings: Any = None, like
     except Exception as e:  # tensorstore/orbax errors on damaged data
         raise ValueError(f"restore_adapter: cannot read the arrays of {where}: "
                          f"{type(e).__name__}: {e}") from e
-    return lora, config, header["metadata"]
+    layouts = {p: Layout.from_json(v) for p, v in header.get("layouts", {}).items()}
+    return nest(paths.flatten(lora), layouts), config, header["metadata"]
 
 
 # --------------------------------------------------------------------------- training
