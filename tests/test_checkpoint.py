@@ -54,6 +54,7 @@ def _equal(a, b):
 
 def test_roundtrip_size_and_no_config_needed(tmp_path):
     frozen, lora = _lora(_params(d=128, h=256))
+    saved = {p: np.array(x) for p, x in jlora.paths.flatten(lora).items()}  # copies before saving
     size = ckpt.save_adapter(tmp_path / "a", lora, CFG, {"base": "toy", "step": 7})
     factor_bytes = sum(x.nbytes for x in jax.tree.leaves(lora))
     frozen_bytes = sum(x.nbytes for x in jax.tree.leaves(frozen))
@@ -62,14 +63,19 @@ def test_roundtrip_size_and_no_config_needed(tmp_path):
     # factors + metadata only: never the base (orbax/json/manifest overhead is a few KiB).
     assert factor_bytes <= size < factor_bytes + 32 * 1024, (size, factor_bytes)
     assert size < frozen_bytes / 4, (size, frozen_bytes)
-    print(f"adapter on disk: {size} B; factors {factor_bytes} B; base {frozen_bytes} B")
     restored, cfg, meta = ckpt.restore_adapter(tmp_path / "a")
-    _equal(restored, lora)
+    for p, x in jlora.paths.flatten(restored).items():
+        np.testing.assert_array_equal(np.asarray(x), saved[p], err_msg=p)
+        assert x.dtype == saved[p].dtype, p
     assert cfg == CFG and meta == {"base": "toy", "step": 7}
-    # the restored adapter works with the core: same merged params
-    np.testing.assert_allclose(
-        np.asarray(jlora.merge(frozen, restored, cfg)["params"]["up"]["kernel"]),
-        np.asarray(jlora.merge(frozen, lora, CFG)["params"]["up"]["kernel"]), rtol=0, atol=0)
+    # the restored adapter works with the core: merged = W + alpha/r * A @ B in float64 from the
+    # numpy copies taken before saving (an independent reference, not jlora against itself)
+    for name in ("up", "down", "head"):
+        w = np.asarray(frozen["params"][name]["kernel"], np.float64)
+        a, b = (np.asarray(saved[f"params/{name}/kernel/{k}"], np.float64) for k in "AB")
+        np.testing.assert_allclose(np.asarray(jlora.merge(frozen, restored, cfg)["params"][name]["kernel"]),
+                                   w + CFG.alpha / CFG.rank * a @ b, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(np.asarray(restored["params"]["head"]["bias"]), saved["params/head/bias"])
     # validated against the template and the frozen model it belongs to
     ckpt.restore_adapter(tmp_path / "a", like=jax.eval_shape(lambda: lora), frozen=frozen)
 
@@ -174,7 +180,7 @@ def test_corrupted_or_truncated_is_a_clear_error(tmp_path):
 _SAVER = textwrap.dedent("""
     import sys, jax, jax.numpy as jnp, numpy as np, optax, jlora
     from jlora import checkpoint as ckpt
-    cfg = jlora.LoraConfig(rank=4, targets=".*")
+    cfg = jlora.LoraConfig(rank=64, targets=".*")
     big = {"w": {"A": jnp.asarray(np.random.default_rng(0).normal(size=(int(sys.argv[3]), 64)), jnp.float32),
                  "B": jnp.ones((64, 8))}}
     if sys.argv[1] == "adapter":
@@ -237,7 +243,7 @@ def test_killed_training_save_keeps_previous_step(tmp_path):
     root, rows = killed
     leftovers = [p for p in root.iterdir() if ocp.step.is_tmp_checkpoint(p)]
     assert leftovers and all("orbax-checkpoint-tmp" in p.name for p in leftovers)
-    cfg = jlora.LoraConfig(rank=4, targets=".*")
+    cfg = jlora.LoraConfig(rank=64, targets=".*")
     like = {"w": {"A": jax.ShapeDtypeStruct((rows, 64), jnp.float32),
                   "B": jax.ShapeDtypeStruct((64, 8), jnp.float32)}}
     with ckpt.TrainCheckpointer(root, cfg) as tc:
@@ -293,7 +299,7 @@ def test_resumed_run_continues_exactly(tmp_path):
                                              r"does not match the target's \(32, 8\) \(rank 8\)"):
             tc.restore(lora8, tx.init(lora8))
         with pytest.raises(ValueError, match="saved with config"):
-            ckpt.TrainCheckpointer(tmp_path / "run", CFG.replace(rank=2)).restore(like_l, None)
+            ckpt.TrainCheckpointer(tmp_path / "run", CFG.replace(rank=2), read_only=True).restore(like_l, None)
     assert state.step == 4 and state.metadata == {"loss": first[-1]}
     _, _, _, rest = _train(frozen, state.lora, state.opt_state, state.rng, tx, 4)
     assert first + rest == full  # bit-identical continuation
