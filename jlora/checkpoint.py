@@ -22,11 +22,10 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import uuid
 import zlib
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -35,8 +34,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from jlora import paths
-from jlora.ckpt_io import (FORMAT, MANIFEST, VERSION, WriterLock, broadcast_text, check_manifest, files,
-                           fsync_dir, is_primary, pause_point, short, sync, write_manifest)
+from jlora.ckpt_io import (FORMAT, MANIFEST, VERSION, WriterLock, broadcast_text, check_manifest, commit, files,
+                           is_primary, pause_point, read_resolved, recover, short, staging_path, sync, write_manifest)
 from jlora.config import LoraConfig
 from jlora.train_checkpoint import TrainCheckpointer, TrainState
 
@@ -44,75 +43,6 @@ __all__ = ["save_adapter", "restore_adapter", "read_adapter_header", "validate_a
            "TrainCheckpointer", "TrainState"]
 
 _FIX_CONFIG = "fix: pass the LoraConfig the tree was made with (jlora.init(key, params, config))"
-
-
-# --------------------------------------------------------------------------- where an adapter is
-
-
-def _leftovers(directory: Path) -> dict[str, dict[str, Path]]:
-    """Hidden folders of unfinished saves of ``directory``: ``{id: {"partial"|"old"|"tmp": path}}``.
-
-    ``tmp`` is orbax's own temporary folder of a staging save (killed before orbax finished).
-    """
-    pattern = re.compile(rf"\.{re.escape(directory.name)}\.jlora-(partial|old)-([0-9a-f]+)(\..+)?")
-    found: dict[str, dict[str, Path]] = {}
-    if directory.parent.is_dir():
-        for p in directory.parent.iterdir():
-            m = pattern.fullmatch(p.name)
-            if m and p.is_dir():
-                found.setdefault(m[2], {})["tmp" if m[3] else m[1]] = p
-    return found
-
-
-def _resolve(directory: Path) -> Path | None:
-    """The last complete adapter saved under ``directory``: itself, or the one of a killed swap."""
-    if directory.exists():
-        return directory
-    for parts in _leftovers(directory).values():
-        if "old" in parts:  # killed between the two renames of an overwrite
-            new = parts.get("partial")
-            return new if new is not None and (new / MANIFEST).is_file() else parts["old"]
-    return None
-
-
-def _recover(directory: Path) -> None:
-    """Finishes a swap a killed writer left and removes its leftovers (the caller holds the lock)."""
-    found = _resolve(directory)
-    if found is not None and found != directory:
-        os.rename(found, directory)
-        fsync_dir(directory.parent)
-    for parts in _leftovers(directory).values():
-        for p in parts.values():
-            shutil.rmtree(p, ignore_errors=True)
-
-
-def _missing(directory: Path, who: str) -> ValueError:
-    partial = [p for parts in _leftovers(directory).values() for p in parts.values()]
-    hint = (f"; found incomplete save(s) {', '.join(str(p) for p in partial)} (a save that did not "
-            "finish, e.g. a killed process): they are never loaded, and the next save_adapter to "
-            "this name removes them" if partial else "")
-    parent = directory.parent
-    if parent.is_dir():
-        names = sorted(p.name for p in parent.iterdir()
-                       if p.is_dir() and not p.name.startswith(".") and (p / MANIFEST).is_file())
-        there = (f"adapter checkpoints in '{parent}': {', '.join(names[:10])}" if names
-                 else f"'{parent}' holds no adapter checkpoint")
-    else:
-        there = f"'{parent}' does not exist"
-    return ValueError(f"{who}: no adapter checkpoint at '{directory}'{hint}; fix: pass the directory "
-                      f"given to save_adapter ({there}).")
-
-
-def _read(directory: Path, who: str, read: Callable[[Path], Any]) -> Any:
-    where = _resolve(directory)
-    if where is None:
-        raise _missing(directory, who)
-    try:
-        return read(where)
-    except (ValueError, OSError):
-        if where == directory or not directory.is_dir():
-            raise
-        return read(directory)  # a writer finished its swap while we read: read the result
 
 
 # --------------------------------------------------------------------------- leaves and header
@@ -277,7 +207,7 @@ def save_adapter(directory: str | os.PathLike, lora: Any, config: LoraConfig,
                     "wait for the other save to finish (or stop that process), or save to another "
                     "directory"):
         if is_primary():
-            _recover(directory)
+            recover(directory)
         sync(key + "_recovered")
         existing = directory.exists() and (not directory.is_dir() or any(directory.iterdir()))
         if existing and not overwrite:
@@ -288,8 +218,7 @@ def save_adapter(directory: str | os.PathLike, lora: Any, config: LoraConfig,
                                   f"checkpoint (no {MANIFEST}); refusing to replace it even with "
                                   "overwrite=True; fix: choose a new directory or delete it yourself.")
         token = broadcast_text(uuid.uuid4().hex[:12] if is_primary() else "")
-        staging = directory.parent / f".{directory.name}.jlora-partial-{token}"
-        swapped = False
+        staging = staging_path(directory, token)
         try:
             with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
                 ckptr.save(staging, ocp.args.Composite(lora=ocp.args.StandardSave(lora),
@@ -298,20 +227,9 @@ def save_adapter(directory: str | os.PathLike, lora: Any, config: LoraConfig,
             if is_primary():
                 write_manifest(staging)
                 pause_point("adapter-committed")
-                if existing:  # overwrite: swap in the complete new one, then drop the old
-                    old = directory.parent / f".{directory.name}.jlora-old-{token}"
-                    os.rename(directory, old)
-                    swapped = True
-                    pause_point("adapter-swapping")
-                    os.rename(staging, directory)
-                    fsync_dir(directory.parent)
-                    pause_point("adapter-swapped")
-                    shutil.rmtree(old)
-                else:
-                    os.rename(staging, directory)
-                fsync_dir(directory.parent)
+                commit(staging, directory, replace=existing)
         except BaseException:
-            if is_primary() and not swapped:  # a failed save leaves nothing behind
+            if is_primary() and (directory.exists() or not existing):  # a failed save leaves nothing
                 shutil.rmtree(staging, ignore_errors=True)
             raise
         sync(key + "_" + token)
@@ -340,7 +258,7 @@ def read_adapter_header(directory: str | os.PathLike, *, verify: bool = True) ->
       {'shape': [2, 3], 'dtype': 'float32'}
     """
     directory = Path(directory).absolute()
-    return _read(directory, "read_adapter_header", lambda d: _header(d, verify, "read_adapter_header"))
+    return read_resolved(directory, "read_adapter_header", lambda d: _header(d, verify, "read_adapter_header"))
 
 
 def validate_adapter(lora: Any, *, like: Any = None, frozen: Any = None,
@@ -457,4 +375,4 @@ def restore_adapter(directory: str | os.PathLike, *, shardings: Any = None, like
                              "file's sha256 first).") from e
         return lora, config, header["metadata"]
 
-    return _read(directory, "restore_adapter", read)
+    return read_resolved(directory, "restore_adapter", read)

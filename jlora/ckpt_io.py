@@ -1,13 +1,16 @@
-"""File safety shared by adapter and training checkpoints: one writer at a time, manifests, fsync.
+"""File safety shared by adapter and training checkpoints: one writer, manifests, atomic replace.
 
-A writer holds ``fcntl.flock`` on a lock file while it writes. The kernel drops the lock when
-the file is closed or the process dies (SIGKILL included), so a crashed writer never blocks
-the next one, and a lock file left behind by one means nothing. A second writer is refused at
-once, never made to wait, so nothing can hang on it. In a multi-process JAX run only process 0
-takes the lock and every process gets the same answer.
+A writer holds ``fcntl.flock`` on a lock file while it writes; the kernel drops it when the
+file is closed or the process dies (SIGKILL included), so a lock file a crashed writer left
+means nothing. A second writer is refused at once, never made to wait, so nothing hangs on it.
+In a multi-process JAX run only process 0 locks, and every process gets its answer.
 
 A manifest (``jlora_manifest.json``) lists the sha256 and size of every file of an adapter
-checkpoint; it is written last, so it is also the commit marker.
+checkpoint; it is written last, so it is also the commit marker. A save writes a hidden
+sibling (:func:`staging_path`) and :func:`commit` renames it into place; replacing an existing
+directory takes two renames, and :func:`resolve` finds the last complete copy whichever of
+them a kill interrupted. :func:`recover` (under the lock) finishes such a swap and removes
+the leftovers.
 """
 
 from __future__ import annotations
@@ -17,9 +20,13 @@ import fcntl
 import hashlib
 import json
 import os
+import re
+import shutil
 import socket
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import jax
 import numpy as np
@@ -29,6 +36,10 @@ FORMAT = "jlora-adapter"
 VERSION = 1
 MANIFEST = "jlora_manifest.json"
 _PAUSE_ENV = "_JLORA_CHECKPOINT_PAUSE"
+
+__all__ = ["WriterLock", "pause_point", "is_primary", "sync", "broadcast_text", "fsync_dir", "files", "sha256",
+           "write_manifest", "check_manifest", "short", "leftovers", "resolve", "recover", "missing_error",
+           "read_resolved", "staging_path", "commit"]
 _UNSUPPORTED = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS)
 
 
@@ -55,7 +66,10 @@ def is_primary() -> bool:
 
 
 def sync(name: str) -> None:
-    """A barrier across processes (nothing in a single-process run)."""
+    """A barrier across processes (nothing in a single-process run).
+
+    >>> sync("jlora_doctest")
+    """
     if jax.process_count() > 1:
         multihost_utils.sync_global_devices(name)
 
@@ -73,7 +87,11 @@ def broadcast_text(text: str, size: int = 256) -> str:
 
 
 def fsync_dir(path: Path) -> None:
-    """Makes a rename or unlink in directory ``path`` durable."""
+    """Makes a rename or unlink in directory ``path`` durable.
+
+    >>> import tempfile
+    >>> fsync_dir(Path(tempfile.mkdtemp()))
+    """
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -162,12 +180,22 @@ class WriterLock:
 
 
 def files(root: Path) -> list[Path]:
-    """Every file below ``root``, sorted."""
+    """Every file below ``root``, sorted.
+
+    >>> import tempfile
+    >>> d = Path(tempfile.mkdtemp()); _ = (d / "x").write_text("1"); [p.name for p in files(d)]
+    ['x']
+    """
     return sorted(p for p in root.rglob("*") if p.is_file())
 
 
 def sha256(path: Path) -> str:
-    """The hex sha256 of a file's bytes."""
+    """The hex sha256 of a file's bytes.
+
+    >>> import tempfile
+    >>> p = Path(tempfile.mkdtemp()) / "x"; _ = p.write_bytes(b""); sha256(p)[:16]
+    'e3b0c44298fc1c14'
+    """
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -176,7 +204,16 @@ def sha256(path: Path) -> str:
 
 
 def write_manifest(root: Path) -> None:
-    """Writes ``root/jlora_manifest.json`` (sha256 and size of every file) durably, last."""
+    """Writes ``root/jlora_manifest.json`` (sha256 and size of every file) durably, last.
+
+    >>> import tempfile
+    >>> d = Path(tempfile.mkdtemp()); _ = (d / "x").write_text("1"); write_manifest(d)
+    >>> check_manifest(d, "doctest", verify=True)
+    >>> _ = (d / "x").write_text("2"); check_manifest(d, "doctest", verify=True)
+    Traceback (most recent call last):
+    ...
+    ValueError: doctest: checkpoint '...' is corrupted: 'x' does not match its sha256 in the manifest; fix: restore from another copy.
+    """
     listing = {str(p.relative_to(root)): {"sha256": sha256(p), "bytes": p.stat().st_size}
                for p in files(root)}
     tmp = root / (MANIFEST + ".tmp")
@@ -189,7 +226,7 @@ def write_manifest(root: Path) -> None:
 
 
 def check_manifest(directory: Path, who: str, verify: bool) -> None:
-    """Raises ValueError unless ``directory`` has a manifest and (``verify``) matches it."""
+    """Raises ValueError unless ``directory`` has a manifest and (``verify``) matches it (see write_manifest)."""
     manifest = directory / MANIFEST
     if not manifest.is_file():
         raise ValueError(
@@ -233,3 +270,131 @@ def short(e: BaseException, limit: int = 300) -> str:
     text = str(e).strip().splitlines()[0] if str(e).strip() else ""
     text = text if len(text) <= limit else text[:limit] + " ..."
     return f"{type(e).__name__}: {text}"
+
+
+# --------------------------------------------------------------------------- replacing a directory
+
+
+def leftovers(directory: Path) -> dict[str, dict[str, Path]]:
+    """Hidden folders of unfinished saves of ``directory``: ``{id: {"partial"|"old"|"tmp": path}}``.
+
+    ``tmp`` is orbax's own temporary folder of a staging save (killed before orbax finished).
+
+    >>> import tempfile
+    >>> d = Path(tempfile.mkdtemp()); staging_path(d / "a", "12ab").mkdir(); leftovers(d / "a")
+    {'12ab': {'partial': PosixPath('.../.a.jlora-partial-12ab')}}
+    """
+    pattern = re.compile(rf"\.{re.escape(directory.name)}\.jlora-(partial|old)-([0-9a-f]+)(\..+)?")
+    found: dict[str, dict[str, Path]] = {}
+    if directory.parent.is_dir():
+        for p in directory.parent.iterdir():
+            m = pattern.fullmatch(p.name)
+            if m and p.is_dir():
+                found.setdefault(m[2], {})["tmp" if m[3] else m[1]] = p
+    return found
+
+
+def resolve(directory: Path) -> Path | None:
+    """The last complete adapter saved under ``directory``: itself, or the one of a killed swap.
+
+    >>> import tempfile
+    >>> d = Path(tempfile.mkdtemp()); staging_path(d / "a", "12ab").mkdir(); resolve(d / "a") is None
+    True
+    """
+    if directory.exists():
+        return directory
+    for parts in leftovers(directory).values():
+        if "old" in parts:  # killed between the two renames of an overwrite
+            new = parts.get("partial")
+            return new if new is not None and (new / MANIFEST).is_file() else parts["old"]
+    return None
+
+
+def recover(directory: Path) -> None:
+    """Finishes a swap a killed writer left and removes its leftovers (the caller holds the lock).
+
+    >>> import tempfile
+    >>> d = Path(tempfile.mkdtemp()); staging_path(d / "a", "12ab").mkdir(); recover(d / "a"); list(d.iterdir())
+    []
+    """
+    found = resolve(directory)
+    if found is not None and found != directory:
+        os.rename(found, directory)
+        fsync_dir(directory.parent)
+    for parts in leftovers(directory).values():
+        for p in parts.values():
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def missing_error(directory: Path, who: str) -> ValueError:
+    """The error for "no adapter at ``directory``": leftovers found, the adapters beside it, the fix.
+
+    >>> import tempfile
+    >>> print(missing_error(Path(tempfile.mkdtemp()) / "a", "doctest"))
+    doctest: no adapter checkpoint at '.../a'; fix: pass the directory given to save_adapter ('...' holds no adapter checkpoint).
+    """
+    partial = [p for parts in leftovers(directory).values() for p in parts.values()]
+    hint = (f"; found incomplete save(s) {', '.join(str(p) for p in partial)} (a save that did not "
+            "finish, e.g. a killed process): they are never loaded, and the next save_adapter to "
+            "this name removes them" if partial else "")
+    parent = directory.parent
+    if parent.is_dir():
+        names = sorted(p.name for p in parent.iterdir()
+                       if p.is_dir() and not p.name.startswith(".") and (p / MANIFEST).is_file())
+        there = (f"adapter checkpoints in '{parent}': {', '.join(names[:10])}" if names
+                 else f"'{parent}' holds no adapter checkpoint")
+    else:
+        there = f"'{parent}' does not exist"
+    return ValueError(f"{who}: no adapter checkpoint at '{directory}'{hint}; fix: pass the directory "
+                      f"given to save_adapter ({there}).")
+
+
+def read_resolved(directory: Path, who: str, read: Callable[[Path], Any]) -> Any:
+    """``read(path)`` of the last complete adapter under ``directory`` (:func:`resolve`).
+
+    >>> import tempfile
+    >>> d = Path(tempfile.mkdtemp()); read_resolved(d, "doctest", lambda p: p == d)
+    True
+    """
+    where = resolve(directory)
+    if where is None:
+        raise missing_error(directory, who)
+    try:
+        return read(where)
+    except (ValueError, OSError):
+        if where == directory or not directory.is_dir():
+            raise
+        return read(directory)  # a writer finished its swap while we read: read the result
+
+
+def staging_path(directory: Path, token: str) -> Path:
+    """The hidden sibling a save of ``directory`` writes to before :func:`commit`.
+
+    >>> staging_path(Path("/x/adapter"), "ab12")
+    PosixPath('/x/.adapter.jlora-partial-ab12')
+    """
+    return directory.parent / f".{directory.name}.jlora-partial-{token}"
+
+
+def commit(staging: Path, directory: Path, replace: bool) -> None:
+    """Renames a complete ``staging`` (manifest written) to ``directory``, durably.
+
+    With ``replace``: the old one goes to ``.<name>.jlora-old-<id>`` first and is deleted last;
+    a kill between the two renames leaves both, and :func:`resolve` then finds the new one.
+
+    >>> import tempfile
+    >>> d = Path(tempfile.mkdtemp()); s = staging_path(d / "a", "12ab"); s.mkdir(); commit(s, d / "a", False)
+    >>> [p.name for p in d.iterdir()]
+    ['a']
+    """
+    if replace:
+        old = directory.parent / staging.name.replace(".jlora-partial-", ".jlora-old-")
+        os.rename(directory, old)
+        pause_point("adapter-swapping")
+        os.rename(staging, directory)
+        fsync_dir(directory.parent)
+        pause_point("adapter-swapped")
+        shutil.rmtree(old)
+    else:
+        os.rename(staging, directory)
+    fsync_dir(directory.parent)
