@@ -115,10 +115,22 @@ def _purge(root: Path) -> None:
             pass
 
 
+def _ours(step_dir: Path) -> bool:
+    """A step directory jlora wrote (what is left of one), not another program's: safe to remove."""
+    meta = step_dir / "_CHECKPOINT_METADATA"
+    return ((step_dir / "jlora").is_dir() or (step_dir / "lora").is_dir() or not any(step_dir.iterdir())
+            or (meta.is_file() and b'"jlora"' in meta.read_bytes()[:4096]))
+
+
 def _tidy(root: Path) -> None:
-    """On open (lock held): moves incomplete steps and unfinished saves to the trash, empties it."""
+    """On open (lock held): moves incomplete steps and unfinished saves to the trash, empties it.
+
+    An incomplete step directory that is not recognisably jlora's is left alone (never listed).
+    """
     for p in sorted(root.iterdir()):
-        if p.is_dir() and ((_STEP.fullmatch(p.name) and not _complete(p)) or ocp.step.is_tmp_checkpoint(p)):
+        if not p.is_dir():
+            continue
+        if (_STEP.fullmatch(p.name) and not _complete(p) and _ours(p)) or ocp.step.is_tmp_checkpoint(p):
             (root / TRASH).mkdir(exist_ok=True)
             p.rename(root / TRASH / f"{p.name}-{uuid.uuid4().hex[:8]}")
     _purge(root)

@@ -489,8 +489,9 @@ def test_train_restore_errors_are_jloras_own(tmp_path):
                                            r"fix: pass opt_state_like = jax.eval_shape\(tx.init, lora_like\)"):
             tc.restore(lora, optax.sgd(0.1).init(lora))
         _, lora8 = jlora.init(jax.random.key(0), _params(), CFG.replace(rank=8))
-        with pytest.raises(ValueError, match=step_dir + r": optimizer-state leaf 'opt_state/0/mu/params/down/kernel/A': "
-                                           r"shape \(32, 4\) \(rank 4\) does not match the target's \(32, 8\) \(rank 8\)"):
+        with pytest.raises(ValueError, match=step_dir + r": optimizer-state leaf 'opt_state/0/mu/params/down/kernel/"
+                                           r"A': shape \(32, 4\) \(rank 4\) does not match the target's "
+                                           r"\(32, 8\) \(rank 8\)"):
             tc.restore(lora, adam.init(lora8))
         with pytest.raises(ValueError, match=step_dir + r": the optimizer-state template has another structure "
                                            r"than the saved state .*fix: pass opt_state_like"):
@@ -513,5 +514,6 @@ def test_train_restore_errors_are_jloras_own(tmp_path):
                        ("trunc", r"cannot read its (metadata|arrays) \(ValueError: OUT_OF_RANGE"),
                        ("utf8", r"its header 'jlora/metadata' is not UTF-8 text \(byte 0xff at offset \d+\)")):
         with ckpt.TrainCheckpointer(tmp_path / name, CFG) as tc:
-            with pytest.raises(ValueError, match=rf"TrainCheckpointer.restore: step 1 of '.*{name}': {what}.*{damaged}"):
+            with pytest.raises(ValueError,
+                               match=rf"TrainCheckpointer.restore: step 1 of '.*{name}': {what}.*{damaged}"):
                 tc.restore(lora, adam.init(lora))

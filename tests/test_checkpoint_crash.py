@@ -233,7 +233,10 @@ def test_half_deleted_step_is_never_listed(tmp_path):
             tc.save(s, t, optax.adam(1e-3).init(t), jax.random.key(s), metadata={"step": s})
     for f in sorted(p for p in (root / "1").rglob("*") if p.is_file())[::2]:
         f.unlink()
+    (root / "7").mkdir()
+    (root / "7" / "notes.txt").write_text("not a jlora step: never listed, never removed")
     assert _check_steps(root) == [0, 2]
+    assert not (root / "1").exists() and (root / "7" / "notes.txt").is_file()
     with ckpt.TrainCheckpointer(root, CFG) as tc:
         with pytest.raises(ValueError, match=r"no step 1 in '.*run' \(saved: \[0, 2\]\); fix: pass one of"):
             tc.restore(t, optax.adam(1e-3).init(t), step=1)
