@@ -237,6 +237,15 @@ class TrainCheckpointer:
              overwrite: bool = False) -> bool:
         """Saves one step (asynchronously if enabled); returns whether a save started.
 
+        Args:
+          step: the training step (steps only grow unless ``force``/``overwrite``).
+          lora: the lora tree.
+          opt_state: the optimizer state.
+          rng: a PRNG key to resume with (typed or raw), or None.
+          metadata: JSON-serialisable user metadata (loss, data position ...).
+          force: save even if ``save_interval_steps`` says not to.
+          overwrite: replace an existing ``step``.
+
         Raises:
           FileExistsError: ``step`` is already saved and ``overwrite`` is False.
           TypeError: ``metadata`` is not JSON-serialisable.
