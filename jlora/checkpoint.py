@@ -35,7 +35,8 @@ import orbax.checkpoint as ocp
 
 from jlora import paths
 from jlora.ckpt_io import (FORMAT, MANIFEST, VERSION, WriterLock, broadcast_text, check_manifest, commit, files,
-                           is_primary, pause_point, read_resolved, recover, short, staging_path, sync, write_manifest)
+                           is_primary, leftovers, pause_point, read_resolved, recover, short, staging_path, sync,
+                           write_manifest)
 from jlora.config import LoraConfig
 from jlora.train_checkpoint import TrainCheckpointer, TrainState
 
@@ -230,7 +231,9 @@ def save_adapter(directory: str | os.PathLike, lora: Any, config: LoraConfig,
                 commit(staging, directory, replace=existing)
         except BaseException:
             if is_primary() and (directory.exists() or not existing):  # a failed save leaves nothing
-                shutil.rmtree(staging, ignore_errors=True)
+                for kind, path in leftovers(directory).get(token, {}).items():
+                    if kind != "old":
+                        shutil.rmtree(path, ignore_errors=True)
             raise
         sync(key + "_" + token)
     return sum(p.stat().st_size for p in files(directory))

@@ -120,7 +120,14 @@ def test_overwrite_killed_at_each_point_loads_old_or_new(tmp_path):
     for stage, expect in STAGES.items():
         name = tmp_path / stage / "adapter"
         _wait_for(children[stage], f"JLORA-PAUSED {stage}")
-        _kill(children[stage])
+        if stage == "adapter-written":  # a second process saving meanwhile is refused and writes nothing
+            before = _hidden(name.parent)
+            with pytest.raises(RuntimeError, match=rf"save_adapter: another writer is using "
+                                                   rf"'{re.escape(str(name))}' \(pid {children[stage].pid} on "
+                                                   r".*fix: wait for the other save"):
+                ckpt.save_adapter(name, _tree(5.0), CFG, {"v": 5.0}, overwrite=True)
+            assert _hidden(name.parent) == before
+        _kill(children[stage])  # the kernel drops a dead holder's lock
         assert _restored_value(name) == expect, stage  # never nothing, never a mix
         assert name.exists() == (stage != "adapter-swapping")  # killed between the renames: name gone
         assert [p.name for p in name.parent.iterdir() if not p.name.startswith(".")] in ([], ["adapter"])
@@ -151,32 +158,18 @@ def test_overwrite_killed_at_random_times(tmp_path):
         print(f"\nadapter overwrite: {KILLS} kills, all restored a complete adapter: {dict(outcomes)}")
 
 
-def test_two_processes_saving_one_adapter(tmp_path):
-    name = tmp_path / "adapter"
-    holder = _spawn(tmp_path, "adapter", name, ROWS, 1.0, pause="adapter-written")
-    _wait_for(holder, "JLORA-PAUSED")  # holds the lock, its staging folder written
-    staging = _hidden(tmp_path)
-    with pytest.raises(RuntimeError, match=rf"save_adapter: another writer is using '{re.escape(str(name))}' "
-                                           rf"\(pid {holder.pid} on .*fix: wait for the other save"):
-        ckpt.save_adapter(name, _tree(2.0), CFG, {"v": 2.0})  # this process is the second writer
-    assert _hidden(tmp_path) == staging and not name.exists()  # the refused one left nothing
-    _kill(holder)  # the kernel drops a dead holder's lock
-    ckpt.save_adapter(name, _tree(2.0), CFG, {"v": 2.0})
-    assert _restored_value(name) == 2.0 and _hidden(tmp_path) == []
-
-
 def test_two_processes_overwriting_at_once(tmp_path):
     """Both race to overwrite one adapter many times: each save succeeds or is refused, nothing else."""
     name = tmp_path / "adapter"
     ckpt.save_adapter(name, _tree(0.0), CFG, {"v": 0.0})
-    procs = [_spawn(tmp_path, "adapter", name, ROWS, *[float(k * 1000 + i) for i in range(1, 12)])
+    procs = [_spawn(tmp_path, "adapter", name, ROWS, *[float(k * 1000 + i) for i in range(1, 7)])
              for k in (1, 2)]
     outs = [p.communicate(timeout=300)[0] for p in procs]
     for p, out in zip(procs, outs):
         assert p.returncode in (0, 3), Path(p.err_path).read_text()[-3000:]
         assert p.returncode == 0 or "another writer is using" in out
-    assert "REFUSED" in "".join(outs) or all(o.count("SAVED") == 11 for o in outs)
-    assert _restored_value(name) in {float(k * 1000 + i) for k in (1, 2) for i in range(1, 12)}
+    assert "REFUSED" in "".join(outs) or all(o.count("SAVED") == 6 for o in outs)
+    assert _restored_value(name) in {float(k * 1000 + i) for k in (1, 2) for i in range(1, 7)}
     assert _hidden(tmp_path) == []
 
 
@@ -263,7 +256,8 @@ def test_two_train_checkpointers_on_one_directory(tmp_path):
     assert _check_steps(root) == [0]
 
 
-def test_train_lock_released_by_close_and_by_death(tmp_path):
+def test_train_lock_released_by_close(tmp_path):
+    """(Released by death: every test above reopens a directory right after SIGKILLing its writer.)"""
     root = tmp_path / "run"
     first = ckpt.TrainCheckpointer(root, CFG)
     with pytest.raises(RuntimeError, match=r"fix: close the other TrainCheckpointer"):
@@ -273,7 +267,4 @@ def test_train_lock_released_by_close_and_by_death(tmp_path):
     with pytest.raises(ValueError, match="is closed; fix: open a new TrainCheckpointer"):
         first.save(0, _tree(0.0), None)
     ckpt.TrainCheckpointer(root, CFG).close()
-    holder = _spawn(tmp_path, "hold", root, ROWS, 0, 3, 1)
-    _wait_for(holder, "SAVED")
-    _kill(holder)
-    assert _check_steps(root) in ([], [0])  # opens at once: a dead holder's lock is gone
+    assert list(root.iterdir()) == []
