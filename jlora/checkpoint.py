@@ -8,18 +8,23 @@ sibling ``.<name>.jlora-partial-<id>`` and is renamed into place only once compl
 a save killed midway never produces a directory that loads; ``restore_adapter`` checks
 every file against the manifest before reading anything.
 
-``TrainCheckpointer`` wraps ``orbax.checkpoint.CheckpointManager`` for resumable training
-(lora, optimizer state, step, rng) with ``max_to_keep`` and asynchronous saves.
+``overwrite=True`` swaps with two renames: the old adapter to ``.<name>.jlora-old-<id>``,
+then the new one into place. A process killed between them leaves both hidden folders;
+a reader then loads the new one (it is complete: its manifest was written first), and the
+next save to that name finishes the swap and removes the leftovers. One writer at a time:
+``save_adapter`` holds a lock (:class:`jlora.ckpt_io.WriterLock`) and refuses a second.
+
+``TrainCheckpointer`` (resumable training on orbax's ``CheckpointManager``) lives in
+:mod:`jlora.train_checkpoint` and is re-exported here.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
 import json
 import os
 import shutil
 import uuid
+import zlib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -27,129 +32,109 @@ from typing import Any
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
-from jax.experimental import multihost_utils
 
 from jlora import paths
 from jlora.describe import adapted, kernel_layouts, nest
 from jlora.layout import Layout
+from jlora.ckpt_io import (FORMAT, MANIFEST, VERSION, WriterLock, broadcast_text, check_manifest, commit, files,
+                           is_primary, leftovers, pause_point, read_resolved, recover, short, staging_path, sync,
+                           write_manifest)
 from jlora.config import LoraConfig
+from jlora.train_checkpoint import TrainCheckpointer, TrainState
 
 __all__ = ["save_adapter", "restore_adapter", "read_adapter_header", "validate_adapter",
            "TrainCheckpointer", "TrainState"]
 
-FORMAT = "jlora-adapter"
-VERSION = 1
-MANIFEST = "jlora_manifest.json"
-PARTIAL = ".jlora-partial-"
+_FIX_CONFIG = "fix: pass the LoraConfig the tree was made with (jlora.init(key, params, config))"
 
 
-# --------------------------------------------------------------------------- helpers
-
-
-def _is_primary() -> bool:
-    return jax.process_index() == 0
-
-
-def _sync(name: str) -> None:
-    if jax.process_count() > 1:
-        multihost_utils.sync_global_devices(name)
-
-
-def _files(root: Path) -> list[Path]:
-    return sorted(p for p in root.rglob("*") if p.is_file())
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_manifest(root: Path) -> None:
-    files = {str(p.relative_to(root)): {"sha256": _sha256(p), "bytes": p.stat().st_size}
-             for p in _files(root)}
-    tmp = root / (MANIFEST + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump({"format": FORMAT, "version": VERSION, "files": files}, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, root / MANIFEST)
-    _fsync_dir(root)
-
-
-def _partials(directory: Path) -> list[Path]:
-    prefix = f".{directory.name}.jlora-"  # -partial-<id> (a save) or -old-<id> (an overwrite)
-    if not directory.parent.is_dir():
-        return []
-    return sorted(p for p in directory.parent.iterdir() if p.name.startswith(prefix))
-
-
-def _check_complete(directory: Path, verify: bool) -> None:
-    """Raises ValueError unless ``directory`` is a finished, intact adapter checkpoint."""
-    if not directory.is_dir():
-        partial = _partials(directory)
-        hint = (f"; found incomplete save(s) {', '.join(str(p) for p in partial)} (a save or "
-                "overwrite that did not finish, e.g. a killed process): they are never loaded; "
-                "restore one explicitly by its path if it has a manifest, or delete them"
-                if partial else "")
-        raise ValueError(f"restore_adapter: no adapter checkpoint at '{directory}'{hint}.")
-    manifest = directory / MANIFEST
-    if not manifest.is_file():
-        raise ValueError(
-            f"restore_adapter: '{directory}' has no {MANIFEST} (the commit marker written last by "
-            "save_adapter): it is an incomplete save or not a jlora adapter checkpoint. Save it "
-            "again with jlora.checkpoint.save_adapter.")
-    try:
-        info = json.loads(manifest.read_text())
-        files = info["files"]
-    except (ValueError, KeyError, TypeError) as e:
-        raise ValueError(f"restore_adapter: '{manifest}' is corrupted ({e}); the checkpoint "
-                         "cannot be trusted. Restore from another copy.") from e
-    if info.get("format") != FORMAT:
-        raise ValueError(f"restore_adapter: '{directory}' is not a jlora adapter checkpoint "
-                         f"(format {info.get('format')!r}, expected {FORMAT!r}).")
-    if not verify:
-        return
-    have = {str(p.relative_to(directory)) for p in _files(directory)} - {MANIFEST}
-    missing = sorted(set(files) - have)
-    if missing:
-        raise ValueError(f"restore_adapter: checkpoint '{directory}' is corrupted: missing file(s) "
-                         f"{', '.join(missing[:5])}. Restore from another copy.")
-    for name, want in files.items():
-        path = directory / name
-        size = path.stat().st_size
-        if size != want["bytes"]:
-            raise ValueError(f"restore_adapter: checkpoint '{directory}' is corrupted or truncated: "
-                             f"'{name}' has {size} bytes, expected {want['bytes']}. Restore from "
-                             "another copy.")
-        if _sha256(path) != want["sha256"]:
-            raise ValueError(f"restore_adapter: checkpoint '{directory}' is corrupted: '{name}' "
-                             "does not match its sha256 in the manifest. Restore from another copy.")
+# --------------------------------------------------------------------------- leaves and header
 
 
 def _leaf_table(lora: Any) -> dict[str, dict[str, Any]]:
-    flat = paths.flatten(lora)
     table = {}
-    for p, x in flat.items():
+    for p, x in paths.flatten(lora).items():
         if not hasattr(x, "shape") or not hasattr(x, "dtype"):
             raise TypeError(f"save_adapter: lora leaf '{p}' is a {type(x).__name__}, expected an "
-                            "array; the lora tree holds only arrays (jlora.init).")
+                            "array; fix: save the tree jlora.init returned (it holds only arrays).")
         table[p] = {"shape": [int(d) for d in x.shape], "dtype": np.dtype(x.dtype).name}
     return table
 
 
-def _as_dtype(name: str):
-    return jax.numpy.dtype(name)
+def _check_describes(lora: Any, config: LoraConfig) -> None:
+    """Raises ValueError unless ``config`` describes every leaf of ``lora`` (rank, targets, trainable).
+
+    The one place save_adapter reads a tree's layout from its leaf names: ``<kernel>/A`` (rank
+    = its last axis over the enabled groups of a fused kernel), ``/B``, ``/m`` (DoRA),
+    ``<table>/rows``, and trained-whole leaves (the rest).
+    """
+    layouts = kernel_layouts(lora)
+    for p, x in paths.flatten(lora).items():
+        if paths.matches(config.trainable, p):
+            continue
+        kernel, _, part = p.rpartition("/")
+        if part == "rows":
+            rows = config.rows_for(kernel)
+            if rows is None or x.shape[:1] != (len(rows),):
+                raise ValueError(f"save_adapter: lora leaf {p!r} holds {x.shape[0]} trained rows, the config's "
+                                 f"embedding_rows gives {rows} for {kernel!r}; {_FIX_CONFIG}.")
+            continue
+        if part not in ("A", "B", "m"):
+            raise ValueError(f"save_adapter: lora leaf {p!r} is trained whole, but the config's trainable "
+                             f"{list(config.trainable)} does not match it; {_FIX_CONFIG}.")
+        if not paths.matches(config.targets, kernel) or paths.matches(config.exclude, kernel):
+            raise ValueError(f"save_adapter: lora leaf {p!r} adapts {kernel!r}, which the config's targets "
+                             f"{list(config.targets)} (exclude {list(config.exclude)}) do not select; "
+                             f"{_FIX_CONFIG}.")
+        if part == "m" and not config.use_dora:
+            raise ValueError(f"save_adapter: lora leaf {p!r} is a DoRA magnitude, but the config has "
+                             f"use_dora=False; {_FIX_CONFIG}.")
+        if part == "A":
+            groups = config.groups_for(kernel)
+            n = sum(groups) if groups else 1
+            conv_groups = layouts[kernel].groups if kernel in layouts else 1  # a grouped conv: rank per group
+            want = config.rank_for(kernel) // conv_groups
+            if x.shape[-1] != want * n:
+                per = f" over {n} enabled groups" if groups else ""
+                raise ValueError(f"save_adapter: lora factor {p!r} has rank {x.shape[-1] / n:g} (last axis "
+                                 f"{x.shape[-1]}{per}), the config gives rank {want} for {kernel!r}; "
+                                 f"{_FIX_CONFIG}, e.g. config.replace(rank=...) or rank_pattern.")
+
+
+def _header(directory: Path, verify: bool, who: str) -> dict[str, Any]:
+    check_manifest(directory, who, verify)
+    fix = "fix: restore from another copy, or save the adapter again"
+    item = directory / "jlora"
+    try:
+        with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
+            header = ckptr.restore(directory, ocp.args.Composite(jlora=ocp.args.JsonRestore()))["jlora"]
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{who}: the header in '{item}' is not UTF-8 text (byte {e.object[e.start]:#04x} at "
+                         f"offset {e.start}): the checkpoint is damaged; {fix}.") from e
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{who}: the header in '{item}' is not valid JSON ({e.msg} at line {e.lineno} "
+                         f"column {e.colno}): the checkpoint is damaged; {fix}.") from e
+    except Exception as e:  # orbax / filesystem errors: one clear message
+        raise ValueError(f"{who}: cannot read the header in '{item}' ({short(e)}); {fix}.") from e
+    version = header.get("version") if isinstance(header, dict) else None
+    if not isinstance(header, dict) or header.get("format") != FORMAT or not isinstance(version, int):
+        raise ValueError(f"{who}: '{directory}' has no jlora adapter header (format "
+                         f"{header.get('format') if isinstance(header, dict) else header!r}); fix: pass a "
+                         "directory written by save_adapter.")
+    if version > VERSION:
+        raise ValueError(f"{who}: '{directory}' has format version {version}; this jlora reads "
+                         f"{FORMAT!r} up to version {VERSION}; fix: upgrade jlora.")
+    try:
+        config = LoraConfig.from_json(header["config"])
+        leaves = {str(p): {"shape": [int(d) for d in v["shape"]], "dtype": str(np.dtype(v["dtype"]))}
+                  for p, v in header["leaves"].items()}
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise ValueError(f"{who}: the header in '{item}' does not hold a valid LoraConfig and leaf table "
+                         f"({short(e)}); {fix}.") from e
+    layouts = header.get("layouts") or {}
+    if not isinstance(layouts, dict):
+        raise ValueError(f"{who}: the header in '{item}' has a malformed layout table; {fix}.")
+    return {"config": config, "metadata": header.get("metadata") or {}, "leaves": leaves, "layouts": layouts}
 
 
 def _sharding_for(path: str, shardings: Any, flat_like: Mapping[str, Any] | None):
@@ -157,7 +142,7 @@ def _sharding_for(path: str, shardings: Any, flat_like: Mapping[str, Any] | None
         return shardings
     if isinstance(shardings, Mapping):
         if path not in shardings:
-            raise ValueError(f"restore_adapter: `shardings` has no entry for the saved leaf '{path}'; "
+            raise ValueError(f"restore_adapter: `shardings` has no entry for the saved leaf '{path}'; fix: "
                              "pass a tree with the lora structure (jlora.sharding.lora_shardings) or "
                              "one Sharding for every leaf.")
         return shardings[path]
@@ -178,13 +163,15 @@ def save_adapter(directory: str | os.PathLike, lora: Any, config: LoraConfig,
     The save is atomic: it is written to a hidden sibling directory, a manifest with the
     sha256 of every file is added last (the commit marker), then it is renamed to
     ``directory``. With ``overwrite=True`` an existing checkpoint is replaced only after
-    the new one is complete. Only the lora tree is written, never the base model. Every
-    process must call it in a multi-process run.
+    the new one is complete, and a process killed at any point leaves a name that loads
+    (the old adapter or the new one). Only the lora tree is written, never the base model.
+    Every process must call it in a multi-process run.
 
     Args:
       directory: the checkpoint directory to create (absent or empty unless ``overwrite``).
       lora: the lora tree (``jlora.init``), arrays of any sharding.
-      config: the ``LoraConfig`` the tree was made with (stored as JSON).
+      config: the ``LoraConfig`` the tree was made with (stored as JSON); it must describe
+        the tree (targets, ranks, trainable leaves).
       metadata: JSON-serialisable user metadata (base model name, step, metrics ...).
       overwrite: replace an existing adapter checkpoint at ``directory`` (never another
         kind of directory).
@@ -195,6 +182,8 @@ def save_adapter(directory: str | os.PathLike, lora: Any, config: LoraConfig,
     Raises:
       FileExistsError: ``directory`` exists and ``overwrite`` is False.
       TypeError: ``config`` is not a LoraConfig, ``metadata`` is not JSON-serialisable.
+      ValueError: ``config`` does not describe ``lora``.
+      RuntimeError: another process (or object) is saving to ``directory`` right now.
 
     Example:
       >>> import tempfile, jax.numpy as jnp, jlora
@@ -205,47 +194,57 @@ def save_adapter(directory: str | os.PathLike, lora: Any, config: LoraConfig,
       True
     """
     if not isinstance(config, LoraConfig):
-        raise TypeError(f"save_adapter: config must be a jlora.LoraConfig, got {type(config).__name__}.")
+        raise TypeError(f"save_adapter: config must be a jlora.LoraConfig, got {type(config).__name__}; "
+                        "fix: pass the LoraConfig given to jlora.init.")
     directory = Path(directory).absolute()
-    existing = directory.exists() and (not directory.is_dir() or any(directory.iterdir()))
-    if existing and not overwrite:
-        raise FileExistsError(f"save_adapter: '{directory}' already exists; pass overwrite=True to "
-                              "replace it, or choose a new directory.")
-    if existing and not (directory / MANIFEST).is_file():
-        raise FileExistsError(f"save_adapter: '{directory}' exists and is not a jlora adapter "
-                              f"checkpoint (no {MANIFEST}); refusing to replace it even with "
-                              "overwrite=True. Choose a new directory or delete it yourself.")
     try:
         meta = json.loads(json.dumps(dict(metadata or {})))
     except (TypeError, ValueError) as e:
-        raise TypeError(f"save_adapter: metadata must be JSON-serialisable: {e}.") from e
+        raise TypeError(f"save_adapter: metadata must be JSON-serialisable: {e}; fix: pass numbers, "
+                        "strings, lists and dicts only.") from e
     leaves = _leaf_table(lora)
     if not leaves:
-        raise ValueError("save_adapter: the lora tree is empty; nothing to save.")
+        raise ValueError("save_adapter: the lora tree is empty; nothing to save; fix: pass the tree "
+                         "jlora.init returned.")
+    _check_describes(lora, config)
     header = {"format": FORMAT, "version": VERSION, "config": json.loads(config.to_json()),
               "metadata": meta, "leaves": leaves,
               "layouts": {p: lay.to_json() for p, lay in kernel_layouts(lora).items()}}
     directory.parent.mkdir(parents=True, exist_ok=True)
-    token = uuid.uuid4().hex[:12] if _is_primary() else ""
-    if jax.process_count() > 1:
-        token = str(multihost_utils.broadcast_one_to_all(
-            np.frombuffer(token.encode().ljust(12, b"0"), np.uint8)).tobytes().decode())
-    staging = directory.parent / f".{directory.name}{PARTIAL}{token}"
-    with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
-        ckptr.save(staging, ocp.args.Composite(lora=ocp.args.StandardSave(lora),
-                                               jlora=ocp.args.JsonSave(header)))
-    if _is_primary():
-        _write_manifest(staging)
-        if existing:  # overwrite: swap in the complete new one, then drop the old
-            old = directory.parent / f".{directory.name}.jlora-old-{token}"
-            os.rename(directory, old)
-            os.rename(staging, directory)
-            shutil.rmtree(old)
-        else:
-            os.rename(staging, directory)
-        _fsync_dir(directory.parent)
-    _sync(f"jlora_save_adapter_{token}")
-    return sum(p.stat().st_size for p in _files(directory))
+    key = f"jlora_save_adapter_{zlib.crc32(str(directory).encode())}"
+    with WriterLock(directory.parent / f".{directory.name}.jlora-lock", "save_adapter", directory,
+                    "wait for the other save to finish (or stop that process), or save to another "
+                    "directory"):
+        if is_primary():
+            recover(directory)
+        sync(key + "_recovered")
+        existing = directory.exists() and (not directory.is_dir() or any(directory.iterdir()))
+        if existing and not overwrite:
+            raise FileExistsError(f"save_adapter: '{directory}' already exists; pass overwrite=True to "
+                                  "replace it, or choose a new directory.")
+        if existing and not (directory / MANIFEST).is_file():
+            raise FileExistsError(f"save_adapter: '{directory}' exists and is not a jlora adapter "
+                                  f"checkpoint (no {MANIFEST}); refusing to replace it even with "
+                                  "overwrite=True; fix: choose a new directory or delete it yourself.")
+        token = broadcast_text(uuid.uuid4().hex[:12] if is_primary() else "")
+        staging = staging_path(directory, token)
+        try:
+            with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
+                ckptr.save(staging, ocp.args.Composite(lora=ocp.args.StandardSave(lora),
+                                                       jlora=ocp.args.JsonSave(header)))
+            pause_point("adapter-written")
+            if is_primary():
+                write_manifest(staging)
+                pause_point("adapter-committed")
+                commit(staging, directory, replace=existing)
+        except BaseException:
+            if is_primary() and (directory.exists() or not existing):  # a failed save leaves nothing
+                for kind, path in leftovers(directory).get(token, {}).items():
+                    if kind != "old":
+                        shutil.rmtree(path, ignore_errors=True)
+            raise
+        sync(key + "_" + token)
+    return sum(p.stat().st_size for p in files(directory))
 
 
 def read_adapter_header(directory: str | os.PathLike, *, verify: bool = True) -> dict[str, Any]:
@@ -259,7 +258,7 @@ def read_adapter_header(directory: str | os.PathLike, *, verify: bool = True) ->
       ``{"config": LoraConfig, "metadata": dict, "leaves": {path: {"shape", "dtype"}}}``.
 
     Raises:
-      ValueError: missing, incomplete or corrupted checkpoint.
+      ValueError: missing, incomplete or corrupted checkpoint, or an unreadable header.
 
     Example:
       >>> import tempfile, jax.numpy as jnp, jlora
@@ -270,20 +269,7 @@ def read_adapter_header(directory: str | os.PathLike, *, verify: bool = True) ->
       {'shape': [2, 3], 'dtype': 'float32'}
     """
     directory = Path(directory).absolute()
-    _check_complete(directory, verify)
-    try:
-        with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
-            header = ckptr.restore(directory, ocp.args.Composite(jlora=ocp.args.JsonRestore()))["jlora"]
-        config = LoraConfig.from_json(json.dumps(header["config"]))
-    except Exception as e:  # orbax / json / config errors: one clear message
-        raise ValueError(f"restore_adapter: cannot read the header of '{directory}': "
-                         f"{type(e).__name__}: {e}") from e
-    if header.get("format") != FORMAT or header.get("version", 0) > VERSION:
-        raise ValueError(f"restore_adapter: '{directory}' has format {header.get('format')!r} "
-                         f"version {header.get('version')}; this jlora reads {FORMAT!r} up to "
-                         f"version {VERSION}. Upgrade jlora.")
-    return {"config": config, "metadata": header.get("metadata") or {}, "leaves": header["leaves"],
-            "layouts": header.get("layouts") or {}}
+    return read_resolved(directory, "read_adapter_header", lambda d: _header(d, verify, "read_adapter_header"))
 
 
 def validate_adapter(lora: Any, *, like: Any = None, frozen: Any = None,
@@ -330,7 +316,8 @@ def validate_adapter(lora: Any, *, like: Any = None, frozen: Any = None,
                                  f"target's {np.dtype(ref[p].dtype).name}; fix: cast after restoring.")
     if frozen is not None:
         if config is None:
-            raise ValueError("validate_adapter: pass config= with frozen=.")
+            raise ValueError("validate_adapter: pass config= with frozen=; fix: the adapter's LoraConfig "
+                             "(restore_adapter returns it).")
         try:
             adapted(frozen, lora, config)
         except ValueError as e:
@@ -343,7 +330,8 @@ def restore_adapter(directory: str | os.PathLike, *, shardings: Any = None, like
 
     The checkpoint is checked first (complete, every file's sha256 as in its manifest) and
     never written to. Arrays are restored straight into the requested shardings, so an
-    adapter saved on 8 devices restores on 1 and the reverse.
+    adapter saved on 8 devices restores on 1 and the reverse. If an overwriting save was
+    killed between its renames, the adapter it had finished writing is restored.
 
     Args:
       directory: the adapter checkpoint.
@@ -374,209 +362,32 @@ def restore_adapter(directory: str | os.PathLike, *, shardings: Any = None, like
       ((4, 2), 2, {'step': 3})
     """
     directory = Path(directory).absolute()
-    header = read_adapter_header(directory, verify=verify)
-    config = header["config"]
     flat_like = paths.flatten(like) if like is not None else None
     if shardings is not None and not isinstance(shardings, jax.sharding.Sharding):
         shardings = paths.flatten(shardings)
-    abstract = {}
-    for p, leaf in header["leaves"].items():
-        abstract[p] = jax.ShapeDtypeStruct(tuple(leaf["shape"]), _as_dtype(leaf["dtype"]),
-                                           sharding=_sharding_for(p, shardings, flat_like))
-    abstract = paths.unflatten_dict(abstract)
-    where = f"checkpoint '{directory}'"
-    validate_adapter(abstract, like=like, frozen=frozen, config=config, where=where)
-    try:
-        with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
-            lora = ckptr.restore(directory, ocp.args.Composite(
-                lora=ocp.args.StandardRestore(abstract)))["lora"]
-    except Exception as e:  # tensorstore/orbax errors on damaged data
-        raise ValueError(f"restore_adapter: cannot read the arrays of {where}: "
-                         f"{type(e).__name__}: {e}") from e
-    layouts = {p: Layout.from_json(v) for p, v in header.get("layouts", {}).items()}
-    return nest(paths.flatten(lora), layouts), config, header["metadata"]
 
+    def read(where: Path) -> tuple[Any, LoraConfig, dict]:
+        header = _header(where, verify, "restore_adapter")
+        config = header["config"]
+        abstract = paths.unflatten_dict({
+            p: jax.ShapeDtypeStruct(tuple(leaf["shape"]), jax.numpy.dtype(leaf["dtype"]),
+                                    sharding=_sharding_for(p, shardings, flat_like))
+            for p, leaf in header["leaves"].items()})
+        name = f"checkpoint '{where}'"
+        validate_adapter(abstract, like=like, frozen=frozen, config=config, where=name)
+        try:
+            with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
+                lora = ckptr.restore(where, ocp.args.Composite(
+                    lora=ocp.args.StandardRestore(abstract)))["lora"]
+        except Exception as e:  # tensorstore/orbax errors on damaged data
+            raise ValueError(f"restore_adapter: cannot read the arrays of {name} ({short(e)}): the data "
+                             "is damaged; fix: restore from another copy (verify=True checks every "
+                             "file's sha256 first).") from e
+        try:
+            layouts = {p: Layout.from_json(v) for p, v in header["layouts"].items()}
+        except (KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"restore_adapter: the layout table of {name} is malformed ({short(e)}); fix: "
+                             "restore from another copy, or save the adapter again.") from e
+        return nest(paths.flatten(lora), layouts), config, header["metadata"]
 
-# --------------------------------------------------------------------------- training
-
-
-@dataclasses.dataclass(frozen=True)
-class TrainState:
-    """What ``TrainCheckpointer.restore`` returns.
-
-    Attributes:
-      step: the saved step.
-      lora: the lora tree.
-      opt_state: the optimizer state (same structure as the template).
-      rng: the PRNG key (typed if a typed key was saved) or None.
-      metadata: the user metadata saved with this step.
-
-    Example:
-      >>> TrainState(step=3, lora={}, opt_state=(), rng=None, metadata={}).step
-      3
-    """
-
-    step: int
-    lora: Any
-    opt_state: Any
-    rng: Any
-    metadata: dict
-
-
-def _rng_to_json(rng: Any) -> dict[str, Any] | None:
-    """A PRNG key (typed or raw uint32) as JSON; it is tiny and the same on every host."""
-    if rng is None:
-        return None
-    typed = jax.dtypes.issubdtype(rng.dtype, jax.dtypes.prng_key)
-    data = np.asarray(jax.random.key_data(rng) if typed else rng)
-    return {"impl": str(jax.random.key_impl(rng)) if typed else None, "dtype": data.dtype.name,
-            "shape": list(data.shape), "data": data.ravel().tolist()}
-
-
-def _rng_from_json(info: Mapping[str, Any] | None) -> Any:
-    if info is None:
-        return None
-    data = np.asarray(info["data"], info["dtype"]).reshape(info["shape"])
-    if info["impl"] is None:
-        return jax.numpy.asarray(data)
-    return jax.random.wrap_key_data(data, impl=info["impl"])
-
-
-def _abstract(tree: Any, shardings: Any = None) -> Any:
-    default = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-
-    def one(x, s=None):
-        s = s if s is not None else getattr(x, "sharding", None)
-        if not isinstance(s, jax.sharding.Sharding):
-            s = default
-        return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)
-
-    if shardings is None:
-        return jax.tree.map(one, tree)
-    return jax.tree.map(one, tree, shardings)
-
-
-class TrainCheckpointer:
-    """Resumable LoRA training on ``orbax.checkpoint.CheckpointManager``.
-
-    Each step directory holds the items ``lora`` (the factors), ``state`` (optimizer
-    state) and ``jlora`` (config, the rng key as JSON, user metadata). Orbax
-    writes each step to a temporary directory and renames it when complete, so a killed
-    save leaves the previous steps restorable and is never listed as a step.
-
-    Example:
-      >>> import tempfile, jax, jax.numpy as jnp, optax, jlora
-      >>> cfg = jlora.LoraConfig(rank=2, targets=".*")
-      >>> lora = {"w": {"A": jnp.ones((4, 2)), "B": jnp.zeros((2, 3))}}
-      >>> opt = optax.adam(1e-3).init(lora)
-      >>> with TrainCheckpointer(tempfile.mkdtemp(), cfg, max_to_keep=2) as ckpt:
-      ...   for step in range(3):
-      ...     _ = ckpt.save(step, lora, opt, jax.random.key(step))
-      ...   ckpt.wait_until_finished()
-      ...   state = ckpt.restore(lora, opt)
-      ...   ckpt.all_steps(), state.step
-      ([1, 2], 2)
-    """
-
-    def __init__(self, directory: str | os.PathLike, config: LoraConfig, *, max_to_keep: int | None = 3,
-                 save_interval_steps: int = 1, async_save: bool = True) -> None:
-        """Opens (or creates) a checkpoint directory for training.
-
-        Args:
-          directory: the root; step directories go below it.
-          config: the LoraConfig of the run; restoring checks the saved one equals it.
-          max_to_keep: keep the last N steps (None: all).
-          save_interval_steps: save only every N steps (``save(..., force=True)`` overrides).
-          async_save: write in a background thread; ``save`` returns once arrays are copied.
-        """
-        if not isinstance(config, LoraConfig):
-            raise TypeError(f"TrainCheckpointer: config must be a jlora.LoraConfig, got "
-                            f"{type(config).__name__}.")
-        self.directory = Path(directory).absolute()
-        self.config = config
-        options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep,
-                                               save_interval_steps=save_interval_steps,
-                                               enable_async_checkpointing=async_save)
-        self._manager = ocp.CheckpointManager(self.directory, options=options,
-                                              item_names=("lora", "state", "jlora"))
-
-    def save(self, step: int, lora: Any, opt_state: Any, rng: Any = None, *,
-             metadata: Mapping[str, Any] | None = None, force: bool = False,
-             overwrite: bool = False) -> bool:
-        """Saves one step (asynchronously if enabled); returns whether a save started.
-
-        Raises:
-          FileExistsError: ``step`` is already saved and ``overwrite`` is False.
-        """
-        step = int(step)
-        if step in self._manager.all_steps():
-            if not overwrite:
-                raise FileExistsError(f"TrainCheckpointer.save: step {step} already exists in "
-                                      f"'{self.directory}'; pass overwrite=True or use a new step.")
-            self._manager.wait_until_finished()
-            self._manager.delete(step)
-        header = {"format": FORMAT, "version": VERSION, "config": json.loads(self.config.to_json()),
-                  "rng": _rng_to_json(rng), "metadata": json.loads(json.dumps(dict(metadata or {})))}
-        return self._manager.save(step, args=ocp.args.Composite(
-            lora=ocp.args.StandardSave(lora), state=ocp.args.StandardSave({"opt_state": opt_state}),
-            jlora=ocp.args.JsonSave(header)), force=force)
-
-    def restore(self, lora_like: Any, opt_state_like: Any, *,
-                step: int | None = None, shardings: Any = None,
-                opt_shardings: Any = None) -> TrainState:
-        """Restores a step (default: the latest) into the templates' structures and shardings.
-
-        Args:
-          lora_like: lora template (arrays or ShapeDtypeStructs, shardings are used).
-          opt_state_like: optimizer-state template (``jax.eval_shape(tx.init, lora_like)``).
-          step: the step to restore; None for the latest.
-          shardings: lora shardings overriding the template's.
-          opt_shardings: optimizer-state shardings overriding the template's.
-
-        Raises:
-          ValueError: no step saved, a config or shape mismatch (naming the path).
-        """
-        self._manager.wait_until_finished()
-        step = self._manager.latest_step() if step is None else int(step)
-        if step is None or step not in self._manager.all_steps():
-            raise ValueError(f"TrainCheckpointer.restore: no step {step if step is not None else ''} "
-                             f"in '{self.directory}' (saved: {self._manager.all_steps()}).")
-        header = self._manager.restore(step, args=ocp.args.Composite(jlora=ocp.args.JsonRestore()))["jlora"]
-        saved = LoraConfig.from_json(json.dumps(header["config"]))
-        if saved != self.config:
-            raise ValueError(f"TrainCheckpointer.restore: step {step} was saved with config {saved}, "
-                             f"this run uses {self.config}; fix: use the saved config "
-                             "(read_adapter_header) or a new directory.")
-        meta = self._manager.item_metadata(step)
-        lora_meta = getattr(meta, "lora", None) if meta is not None else None
-        lora_abs = _abstract(lora_like, shardings)
-        tree_meta = getattr(lora_meta, "tree", lora_meta)
-        if tree_meta is not None:
-            validate_adapter(tree_meta, like=lora_abs, where=f"step {step} of '{self.directory}'")
-        state_abs = {"opt_state": _abstract(opt_state_like, opt_shardings)}
-        out = self._manager.restore(step, args=ocp.args.Composite(
-            lora=ocp.args.StandardRestore(lora_abs), state=ocp.args.StandardRestore(state_abs)))
-        return TrainState(step, out["lora"], out["state"]["opt_state"], _rng_from_json(header.get("rng")),
-                          header.get("metadata") or {})
-
-    def latest_step(self) -> int | None:
-        """The latest finished step, or None."""
-        return self._manager.latest_step()
-
-    def all_steps(self) -> list[int]:
-        """The finished steps on disk (incomplete saves are never listed)."""
-        return list(self._manager.all_steps())
-
-    def wait_until_finished(self) -> None:
-        """Blocks until pending asynchronous saves are on disk."""
-        self._manager.wait_until_finished()
-
-    def close(self) -> None:
-        """Waits for pending saves and releases the manager."""
-        self._manager.close()
-
-    def __enter__(self) -> "TrainCheckpointer":
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.close()
+    return read_resolved(directory, "restore_adapter", read)

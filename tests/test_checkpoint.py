@@ -54,6 +54,7 @@ def _equal(a, b):
 
 def test_roundtrip_size_and_no_config_needed(tmp_path):
     frozen, lora = _lora(_params(d=128, h=256))
+    saved = {p: np.array(x) for p, x in jlora.paths.flatten(lora).items()}  # copies before saving
     size = ckpt.save_adapter(tmp_path / "a", lora, CFG, {"base": "toy", "step": 7})
     factor_bytes = sum(x.nbytes for x in jax.tree.leaves(lora))
     frozen_bytes = sum(x.nbytes for x in jax.tree.leaves(frozen))
@@ -62,14 +63,19 @@ def test_roundtrip_size_and_no_config_needed(tmp_path):
     # factors + metadata only: never the base (orbax/json/manifest overhead is a few KiB).
     assert factor_bytes <= size < factor_bytes + 32 * 1024, (size, factor_bytes)
     assert size < frozen_bytes / 4, (size, frozen_bytes)
-    print(f"adapter on disk: {size} B; factors {factor_bytes} B; base {frozen_bytes} B")
     restored, cfg, meta = ckpt.restore_adapter(tmp_path / "a")
-    _equal(restored, lora)
+    for p, x in jlora.paths.flatten(restored).items():
+        np.testing.assert_array_equal(np.asarray(x), saved[p], err_msg=p)
+        assert x.dtype == saved[p].dtype, p
     assert cfg == CFG and meta == {"base": "toy", "step": 7}
-    # the restored adapter works with the core: same merged params
-    np.testing.assert_allclose(
-        np.asarray(jlora.merge(frozen, restored, cfg)["params"]["up"]["kernel"]),
-        np.asarray(jlora.merge(frozen, lora, CFG)["params"]["up"]["kernel"]), rtol=0, atol=0)
+    # the restored adapter works with the core: merged = W + alpha/r * A @ B in float64 from the
+    # numpy copies taken before saving (an independent reference, not jlora against itself)
+    for name in ("up", "down", "head"):
+        w = np.asarray(frozen["params"][name]["kernel"], np.float64)
+        a, b = (np.asarray(saved[f"params/{name}/kernel/{k}"], np.float64) for k in "AB")
+        np.testing.assert_allclose(np.asarray(jlora.merge(frozen, restored, cfg)["params"][name]["kernel"]),
+                                   w + CFG.alpha / CFG.rank * a @ b, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(np.asarray(restored["params"]["head"]["bias"]), saved["params/head/bias"])
     # validated against the template and the frozen model it belongs to
     ckpt.restore_adapter(tmp_path / "a", like=jax.eval_shape(lambda: lora), frozen=frozen)
 
@@ -174,7 +180,7 @@ def test_corrupted_or_truncated_is_a_clear_error(tmp_path):
 _SAVER = textwrap.dedent("""
     import sys, jax, jax.numpy as jnp, numpy as np, optax, jlora
     from jlora import checkpoint as ckpt
-    cfg = jlora.LoraConfig(rank=4, targets=".*")
+    cfg = jlora.LoraConfig(rank=64, targets=".*")
     big = {"w": {"A": jnp.asarray(np.random.default_rng(0).normal(size=(int(sys.argv[3]), 64)), jnp.float32),
                  "B": jnp.ones((64, 8))}}
     if sys.argv[1] == "adapter":
@@ -237,7 +243,7 @@ def test_killed_training_save_keeps_previous_step(tmp_path):
     root, rows = killed
     leftovers = [p for p in root.iterdir() if ocp.step.is_tmp_checkpoint(p)]
     assert leftovers and all("orbax-checkpoint-tmp" in p.name for p in leftovers)
-    cfg = jlora.LoraConfig(rank=4, targets=".*")
+    cfg = jlora.LoraConfig(rank=64, targets=".*")
     like = {"w": {"A": jax.ShapeDtypeStruct((rows, 64), jnp.float32),
                   "B": jax.ShapeDtypeStruct((64, 8), jnp.float32)}}
     with ckpt.TrainCheckpointer(root, cfg) as tc:
@@ -293,7 +299,7 @@ def test_resumed_run_continues_exactly(tmp_path):
                                              r"does not match the target's \(32, 8\) \(rank 8\)"):
             tc.restore(lora8, tx.init(lora8))
         with pytest.raises(ValueError, match="saved with config"):
-            ckpt.TrainCheckpointer(tmp_path / "run", CFG.replace(rank=2)).restore(like_l, None)
+            ckpt.TrainCheckpointer(tmp_path / "run", CFG.replace(rank=2), read_only=True).restore(like_l, None)
     assert state.step == 4 and state.metadata == {"loss": first[-1]}
     _, _, _, rest = _train(frozen, state.lora, state.opt_state, state.rng, tx, 4)
     assert first + rest == full  # bit-identical continuation
@@ -394,3 +400,120 @@ def test_two_processes(tmp_path):
     lora, cfg, meta = ckpt.restore_adapter(tmp_path / "adapter")
     assert meta == {"hosts": 2} and lora["up"]["kernel"]["B"].shape == (4, 32)
     np.testing.assert_array_equal(np.asarray(lora["up"]["kernel"]["B"]), np.ones((4, 32)))
+
+
+def test_save_refuses_a_config_that_does_not_describe_the_tree(tmp_path):
+    _, lora = _lora()  # CFG: rank 4 on every kernel, head/bias trained whole
+    bad = {
+        r"lora factor 'params/down/kernel/A' has rank 4 \(last axis 4\), the config gives rank 8 for "
+        r"'params/down/kernel'; fix: pass the LoraConfig the tree was made with": CFG.replace(rank=8),
+        r"'params/up/kernel/A' has rank 4 .* gives rank 2": CFG.replace(rank_pattern={".*/up/.*": 2}),
+        r"lora leaf 'params/down/kernel/A' adapts 'params/down/kernel', which the config's targets "
+        r"\['.\*/up/kernel'\] \(exclude \[\]\) do not select": CFG.replace(targets=r".*/up/kernel"),
+        r"'params/head/kernel/A' adapts .* \(exclude \['.\*/head/kernel'\]\)": CFG.replace(exclude=r".*/head/kernel"),
+        r"lora leaf 'params/head/bias' is trained whole, but the config's trainable \[\] does not "
+        r"match it; fix:": CFG.replace(trainable=()),
+    }
+    for message, cfg in bad.items():
+        with pytest.raises(ValueError, match="save_adapter: .*" + message):
+            ckpt.save_adapter(tmp_path / "a", lora, cfg)
+        assert list(tmp_path.iterdir()) == []  # refused before writing anything
+    # fused kernels: A's last axis is rank x enabled groups
+    fused = jlora.LoraConfig(rank=2, targets=".*kernel", fused={".*qkv.*": (True, False, True)})
+    _, flora = jlora.init(jax.random.key(0), {"qkv": {"kernel": jnp.ones((8, 12))}}, fused)
+    assert flora["qkv"]["kernel"]["A"].shape == (8, 4)
+    ckpt.save_adapter(tmp_path / "fused", flora, fused)
+    with pytest.raises(ValueError, match=r"'qkv/kernel/A' has rank 1 \(last axis 4 over 4 enabled groups\), "
+                                         r"the config gives rank 2"):
+        ckpt.save_adapter(tmp_path / "f2", flora, fused.replace(fused={".*qkv.*": (True,) * 4}))
+    dora = dict(flora["qkv"]["kernel"], m=jnp.ones(12))
+    with pytest.raises(ValueError, match=r"'qkv/kernel/m' is a DoRA magnitude, but the config has use_dora=False"):
+        ckpt.save_adapter(tmp_path / "d", {"qkv": {"kernel": dora}}, fused)
+
+
+def _rewrite_header(directory: Path, edit) -> None:
+    """Edits the header file and re-signs the manifest, so only the header itself is bad."""
+    from jlora import ckpt_io
+    f = directory / "jlora" / "metadata"
+    f.write_bytes(edit(f.read_bytes()))
+    (directory / ckpt.MANIFEST).unlink()
+    ckpt_io.write_manifest(directory)
+
+
+def test_header_errors_name_the_function_called_and_the_fix(tmp_path):
+    _, lora = _lora()
+    with pytest.raises(ValueError, match=r"read_adapter_header: no adapter checkpoint at '.*nothing'; fix: pass "
+                                         r"the directory given to save_adapter \('.*' holds no adapter"):
+        ckpt.read_adapter_header(tmp_path / "nothing")
+    for name in ("a", "utf8", "json", "config"):
+        ckpt.save_adapter(tmp_path / name, lora, CFG)
+    with pytest.raises(ValueError, match=r"restore_adapter: no adapter checkpoint at '.*nothing'; fix: pass the "
+                                         r"directory given to save_adapter \(adapter checkpoints in '.*': a, config, "
+                                         r"json, utf8\)"):
+        ckpt.restore_adapter(tmp_path / "nothing")
+    with pytest.raises(ValueError, match=r"restore_adapter: no adapter .*'.*/nowhere' does not exist"):
+        ckpt.restore_adapter(tmp_path / "nowhere" / "a")
+    _rewrite_header(tmp_path / "utf8", lambda b: b.replace(b'"rank"', b'"r\xffnk"'))
+    _rewrite_header(tmp_path / "json", lambda b: b[: len(b) // 2])
+    _rewrite_header(tmp_path / "config", lambda b: b.replace(b'"rank": 4', b'"rank": -4'))
+    for fn in (ckpt.read_adapter_header, ckpt.restore_adapter):
+        who = fn.__name__
+        with pytest.raises(ValueError, match=rf"{who}: the header in '.*utf8/jlora' is not UTF-8 text \(byte 0xff "
+                                             r"at offset \d+\): the checkpoint is damaged; fix: restore from"):
+            fn(tmp_path / "utf8")
+        with pytest.raises(ValueError, match=rf"{who}: the header in '.*json/jlora' is not valid JSON \(.* at line "):
+            fn(tmp_path / "json")
+        with pytest.raises(ValueError, match=rf"{who}: the header in '.*config/jlora' does not hold a valid "
+                                             r"LoraConfig .*LoraConfig.rank: expected an int > 0"):
+            fn(tmp_path / "config")
+    # without re-signing, the sha256 check catches the edit first, naming the function called
+    f = tmp_path / "a" / "jlora" / "metadata"
+    f.write_bytes(f.read_bytes().replace(b'"rank"', b'"r\xffnk"'))
+    with pytest.raises(ValueError, match=r"read_adapter_header: checkpoint '.*' is corrupted: 'jlora/metadata' "
+                                         r"does not match its sha256"):
+        ckpt.read_adapter_header(tmp_path / "a")
+
+
+def test_train_restore_errors_are_jloras_own(tmp_path):
+    import shutil
+    _, lora = _lora()
+    adam = optax.adam(1e-3)
+    with ckpt.TrainCheckpointer(tmp_path / "run", CFG) as tc:
+        tc.save(1, lora, adam.init(lora), jax.random.key(0))
+    for name in ("flip", "trunc", "utf8"):
+        shutil.copytree(tmp_path / "run", tmp_path / name)
+    step_dir = r"step 1 of '.*run'"
+    with ckpt.TrainCheckpointer(tmp_path / "run", CFG) as tc:
+        with pytest.raises(ValueError, match=step_dir + r": the optimizer-state template has other leaves than "
+                                           r"the saved optimizer-state: only in the checkpoint: opt_state/0/count.*"
+                                           r"fix: pass opt_state_like = jax.eval_shape\(tx.init, lora_like\)"):
+            tc.restore(lora, optax.sgd(0.1).init(lora))
+        _, lora8 = jlora.init(jax.random.key(0), _params(), CFG.replace(rank=8))
+        with pytest.raises(ValueError, match=step_dir + r": optimizer-state leaf 'opt_state/0/mu/params/down/kernel/"
+                                           r"A': shape \(32, 4\) \(rank 4\) does not match the target's "
+                                           r"\(32, 8\) \(rank 8\)"):
+            tc.restore(lora, adam.init(lora8))
+        with pytest.raises(ValueError, match=step_dir + r": the optimizer-state template has another structure "
+                                           r"than the saved state .*fix: pass opt_state_like"):
+            tc.restore(lora, optax.adamw(1e-3).init(lora))  # same leaves, one more EmptyState
+        with pytest.raises(ValueError, match=r"no step 7 in '.*run' \(saved: \[1\]\); fix: pass one of the saved"):
+            tc.restore(lora, adam.init(lora), step=7)
+    with ckpt.TrainCheckpointer(tmp_path / "empty", CFG) as tc:
+        with pytest.raises(ValueError, match=r"no step saved in '.*empty'; fix: save one first"):
+            tc.restore(lora, adam.init(lora))
+    for f in _data_files(tmp_path / "flip" / "1" / "lora"):
+        data = bytearray(f.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        f.write_bytes(bytes(data))
+    for f in _data_files(tmp_path / "trunc" / "1" / "lora"):
+        f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    f = tmp_path / "utf8" / "1" / "jlora" / "metadata"
+    f.write_bytes(f.read_bytes().replace(b'"rank"', b'"r\xffnk"'))
+    damaged = r"the step is damaged; fix: restore another step \(saved: \[1\]\) with step=..., or delete '.*/1'"
+    for name, what in (("flip", r"cannot read its (metadata|arrays) \(ValueError: DATA_LOSS"),
+                       ("trunc", r"cannot read its (metadata|arrays) \(ValueError: OUT_OF_RANGE"),
+                       ("utf8", r"its header 'jlora/metadata' is not UTF-8 text \(byte 0xff at offset \d+\)")):
+        with ckpt.TrainCheckpointer(tmp_path / name, CFG) as tc:
+            with pytest.raises(ValueError,
+                               match=rf"TrainCheckpointer.restore: step 1 of '.*{name}': {what}.*{damaged}"):
+                tc.restore(lora, adam.init(lora))
