@@ -259,15 +259,17 @@ def conv(eqn: Any, invals: list[Any], ctx: Any) -> list[Any] | None:
             order += list(view[j])
             a_shape.append(math.prod(w.sizes[c] for c in view[j]))
     a_conv = w.a.transpose(order).reshape(a_shape)
+    feat = p["dimension_numbers"].out_spec[1]
+    bs = w.scaled_b()  # (g?) + (r,) + out
+    lead = [0] if g > 1 else []
+    bs = bs.transpose(lead + [w.ns] + [w.b_axis(c) for c in outs]).reshape((g, r, -1) if g > 1 else (r, -1))
+    if g == 1 and w.factor is None and not ctx.dropout_on and x.dtype == w.w0.dtype == w.a.dtype == bs.dtype:
+        return [_conv_merged(eqn, spec[0], feat)(x, w.w0, a_conv, bs)]
     base_of = lambda xx: bind(eqn, [xx, w.w0])[0]  # noqa: E731
     base = base_of(x)
     xd, base_dropped = _dropped(x, w, ctx, base_of)
     low = bind(eqn, [xd, a_conv], preferred_element_type=None)[0]  # a conv to g·r channels
-    feat = p["dimension_numbers"].out_spec[1]
     low = jnp.moveaxis(low, feat, -1)
-    bs = w.scaled_b()  # (g?) + (r,) + out
-    lead = [0] if g > 1 else []
-    bs = bs.transpose(lead + [w.ns] + [w.b_axis(c) for c in outs]).reshape((g, r, -1) if g > 1 else (r, -1))
     if g > 1:
         y = jnp.einsum("...gr,gro->...go", low.reshape(low.shape[:-1] + (g, r)), bs).reshape(low.shape[:-1] + (-1,))
     else:
@@ -278,6 +280,45 @@ def conv(eqn: Any, invals: list[Any], ctx: Any) -> list[Any] | None:
         f = w.factor.transpose(lead + [w.factor_axis(c) for c in outs]).reshape(-1)
         factor = f.reshape([-1 if k == feat else 1 for k in range(base.ndim)])
     return [_finish(base, y, factor, base_dropped)]
+
+
+def _conv_merged(eqn: Any, o_axis: int, feat: int) -> Callable[..., jax.Array]:
+    """The conv LoRA op for training on XLA:CPU (benchmarks/conv_forms.py, form e): a conv kernel is
+    small next to its activations, so the forward is ONE conv over ``[W0 + A⊗Bs | A]`` (the output
+    and ``low = conv(x, A)`` at once) and ``dX`` one input-gradient conv with the merged kernel; the
+    factors get ``dA`` (a filter gradient on r channels, ``dlow = dY·Bsᵀ``) and ``dBs = lowᵀ·dY``.
+    ``W0`` gets no gradient and no full-size filter gradient is ever formed."""
+
+    def conv_with(xx: jax.Array, kernel: jax.Array) -> jax.Array:
+        return bind(eqn, [xx, kernel], preferred_element_type=None)[0]
+
+    def merged(w0: jax.Array, a: jax.Array, bs: jax.Array) -> jax.Array:
+        d = jnp.moveaxis(jnp.tensordot(a, bs, axes=[[o_axis], [0]]), -1, o_axis)
+        return (w0.astype(jnp.float32) + d.astype(jnp.float32)).astype(w0.dtype)
+
+    def fwd(x, w0, a, bs):
+        wm = merged(w0, a, bs)
+        both = conv_with(x, jnp.concatenate([wm, a], axis=o_axis))
+        cout = w0.shape[o_axis]
+        y = lax.slice_in_dim(both, 0, cout, axis=feat)
+        low = lax.slice_in_dim(both, cout, cout + a.shape[o_axis], axis=feat)
+        return y, (x, wm, a, bs, low)
+
+    def bwd(res, dy):
+        x, wm, a, bs, low = res
+        dlow = jnp.moveaxis(jnp.tensordot(dy, bs, axes=[[feat], [1]]), -1, feat)  # dY·Bsᵀ
+        dx = jax.vjp(lambda xx: conv_with(xx, wm), x)[1](dy)[0]
+        da = jax.vjp(lambda aa: conv_with(x, aa), a)[1](dlow)[0]
+        others = [k for k in range(dy.ndim) if k != feat]
+        dbs = jnp.tensordot(low, dy, axes=[others, others])  # (r, cout)
+        return dx, jnp.zeros_like(wm), da, dbs.astype(bs.dtype)
+
+    @jax.custom_vjp
+    def op(x, w0, a, bs):
+        return fwd(x, w0, a, bs)[0]
+
+    op.defvjp(fwd, bwd)
+    return op
 
 
 def ragged_dot(eqn: Any, invals: list[Any], ctx: Any) -> list[Any] | None:
