@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import importlib
+import importlib.machinery
 import importlib.util
 import os
 import pathlib
@@ -22,7 +23,7 @@ import types
 from collections.abc import Callable
 from typing import Any
 
-os.environ.setdefault("KERAS_BACKEND", "jax")  # keras reads it at import
+os.environ["KERAS_BACKEND"] = "jax"  # keras reads it once, at its import
 
 import jax
 import jax.numpy as jnp
@@ -157,12 +158,12 @@ def gemma_block() -> Family:
                     query_pre_attn_scalar=H ** -0.5, transpose_gating_einsum=False)
     x = _tokens_x(1, (B, T, D))
     pos, mask = _causal(B, T)
-    params = block.init(jax.random.key(0), x, pos, None, mask)
+    params = jax.jit(block.init)(jax.random.key(0), x, pos, None, mask)
 
     def apply(params: Any, x: jax.Array) -> jax.Array:
         return block.apply(params, x, pos, None, mask)[1]
 
-    own = block.apply(params, x, pos, None, mask)[1]
+    own = jax.jit(block.apply)(params, x, pos, None, mask)[1]
     targets = (r"params/attn/(q_einsum|kv_einsum|attn_vec_einsum)/w", r"params/mlp/(gating_einsum|linear)")
     return Family("gemma_block", params, apply, (x,), targets, own)
 
@@ -174,12 +175,12 @@ def gemma_attention_mha() -> Family:
                        query_pre_attn_scalar=H ** -0.5)
     x = _tokens_x(2, (B, T, D))
     pos, mask = _causal(B, T)
-    params = attn.init(jax.random.key(0), x, pos, None, mask)
+    params = jax.jit(attn.init)(jax.random.key(0), x, pos, None, mask)
 
     def apply(params: Any, x: jax.Array) -> jax.Array:
         return attn.apply(params, x, pos, None, mask)[1]
 
-    own = attn.apply(params, x, pos, None, mask)[1]
+    own = jax.jit(attn.apply)(params, x, pos, None, mask)[1]
     return Family("gemma_attention_mha", params, apply, (x,), (r"params/(qkv_einsum|attn_vec_einsum)/w",), own)
 
 
@@ -191,23 +192,28 @@ def tunix_module(name: str) -> types.ModuleType:
         spec = importlib.util.find_spec("tunix")
         if spec is None:
             raise ImportError("No module named 'tunix' (pip install --no-deps google-tunix==0.1.7)")
-        package = types.ModuleType("tunix")
-        package.__path__ = list(spec.submodule_search_locations)
-        sys.modules["tunix"] = package
+        bare = importlib.machinery.ModuleSpec("tunix", None, origin=spec.origin, is_package=True)
+        bare.submodule_search_locations = list(spec.submodule_search_locations)
+        sys.modules["tunix"] = importlib.util.module_from_spec(bare)
     return importlib.import_module(f"tunix.{name}")
 
 
-def _nnx_family(name: str, model: nnx.Module, args: tuple[Any, ...], targets: tuple[str, ...],
+def _nnx_family(name: str, make: Callable[[], nnx.Module], args: tuple[Any, ...], targets: tuple[str, ...],
                 call: Callable[..., Any]) -> Family:
-    graphdef, state = nnx.split(model)
-    state = _fill_zero_kernels(state, jax.random.key(7))
-    nnx.update(model, state)
-    own = call(model, *args)
+    """``make()`` builds the module (run under jit: no eager init); ``own`` is ``call(module, *args)``."""
+    graphdef, _ = nnx.split(nnx.eval_shape(make))
+    state = _fill_zero_kernels(jax.jit(lambda: nnx.split(make())[1])(), jax.random.key(7))
+
+    @jax.jit
+    def own(state: Any, *args: Any) -> Any:
+        model = make()
+        nnx.update(model, state)
+        return call(model, *args)
 
     def apply(state: Any, *args: Any) -> jax.Array:
         return call(nnx.merge(graphdef, state), *args)
 
-    return Family(name, state, apply, args, targets, own)
+    return Family(name, state, apply, args, targets, own(state, *args))
 
 
 def tunix_qwen3() -> Family:
@@ -216,11 +222,11 @@ def tunix_qwen3() -> Family:
     q3 = tunix_module("models.qwen3.model")
     cfg = q3.ModelConfig(num_layers=1, vocab_size=64, embed_dim=D, hidden_dim=F, num_heads=N, head_dim=H,
                          num_kv_heads=K, rope_theta=10_000, norm_eps=1e-6)
-    model = q3.Qwen3(cfg, rngs=nnx.Rngs(0))
     tokens = jax.random.randint(jax.random.key(3), (B, T), 0, 64)
     pos, mask = _causal(B, T)
     targets = (r"layers/0/attn/(q|k|v|o)_proj/w", r"layers/0/mlp/(gate|up|down)_proj/kernel")
-    return _nnx_family("tunix_qwen3", model, (tokens,), targets, lambda m, t: m(t, pos, None, mask)[0])
+    return _nnx_family("tunix_qwen3", lambda: q3.Qwen3(cfg, rngs=nnx.Rngs(0)), (tokens,), targets,
+                       lambda m, t: m(t, pos, None, mask)[0])
 
 
 def tunix_qwen3_moe() -> Family:
@@ -229,9 +235,9 @@ def tunix_qwen3_moe() -> Family:
     q3 = tunix_module("models.qwen3.model")
     cfg = q3.ModelConfig(num_layers=1, vocab_size=64, embed_dim=D, hidden_dim=128, num_heads=N, head_dim=H,
                          num_kv_heads=K, rope_theta=10_000, norm_eps=1e-6, num_experts=4, num_experts_per_tok=2)
-    layer = q3.MoELayer(cfg, rngs=nnx.Rngs(0))
     x = _tokens_x(4, (B, T, D))
-    return _nnx_family("tunix_qwen3_moe", layer, (x,), (r"(gate|up|down)_proj",), lambda m, x: m(x))
+    return _nnx_family("tunix_qwen3_moe", lambda: q3.MoELayer(cfg, rngs=nnx.Rngs(0)), (x,),
+                       (r"(gate|up|down)_proj",), lambda m, x: m(x))
 
 
 # ---------------------------------------------------------------- equinox
@@ -244,7 +250,7 @@ def _eqx_family(name: str, model: Any, x: jax.Array, targets: tuple[str, ...]) -
     def apply(params: Any, x: jax.Array) -> jax.Array:
         return jax.vmap(eqx.combine(params, static))(x)
 
-    return Family(name, params, apply, (x,), targets, jax.vmap(model)(x))
+    return Family(name, params, apply, (x,), targets, jax.jit(jax.vmap(model))(x))
 
 
 def equinox_attention() -> Family:
@@ -301,12 +307,22 @@ def _keras_family(name: str, model: Any, x: np.ndarray, targets: tuple[str, ...]
         leaves = flat(params)
         return model.stateless_call([leaves[p] for p in paths], ntv, x)[0]
 
-    return Family(name, params, apply, (jnp.asarray(x),), targets, jnp.asarray(model(x)))
+    own = jax.jit(lambda x: model(x))(x)  # the Keras call (not stateless_call), traced once
+    return Family(name, params, apply, (jnp.asarray(x),), targets, own)
+
+
+def _keras() -> types.ModuleType:
+    import keras
+
+    if keras.backend.backend() != "jax":
+        raise RuntimeError(f"keras runs on the {keras.backend.backend()!r} backend: it was imported before "
+                           "real_models set KERAS_BACKEND=jax; fix: import real_models first")
+    return keras
 
 
 def keras_dense() -> Family:
     """keras Dense (128, D), EinsumDense 'btd,dnh->btnh' (D, N, H) and 'btnh,nhd->btd' (N, H, D)."""
-    import keras
+    keras = _keras()
 
     keras.utils.set_random_seed(0)
     inp = keras.Input((T, 128))
@@ -320,7 +336,7 @@ def keras_dense() -> Family:
 
 def keras_conv() -> Family:
     """keras DepthwiseConv2D (3, 3, 4, 2), Conv2D(groups=2) (3, 3, 4, 8), Conv2DTranspose (3, 3, 6, 8)."""
-    import keras
+    keras = _keras()
 
     keras.utils.set_random_seed(0)
     inp = keras.Input((8, 8, 4))
@@ -375,7 +391,7 @@ def stock_einsum() -> Family:
                 jnp.einsum("BNTS,BSNH->BTNH", probs, v))
 
     x = _tokens_x(9, (B, T, D))
-    params = Model().init(jax.random.key(0), x)
+    params = jax.jit(Model().init)(jax.random.key(0), x)
     xs, wq, kv, wo = _f64(x, params["params"]["q"]["kernel"], params["params"]["kv"], params["params"]["o"]["kernel"])
     q = np.einsum("btd,ndh->btnh", xs, wq)
     k, v = np.einsum("bsd,ckdh->cbskh", xs, kv)
@@ -411,8 +427,8 @@ def stock_conv_oihw() -> Family:
 
 def _flax_conv_family(name: str, module: nn.Module, x: jax.Array, targets: tuple[str, ...],
                       own: Callable[[Any, np.ndarray], np.ndarray] | None = None) -> Family:
-    params = module.init(jax.random.key(0), x)
-    ref = module.apply(params, x) if own is None else own(params, np.asarray(x, np.float64))
+    params = jax.jit(module.init)(jax.random.key(0), x)
+    ref = jax.jit(module.apply)(params, x) if own is None else own(params, np.asarray(x, np.float64))
     return Family(name, params, module.apply, (x,), targets, ref)
 
 
