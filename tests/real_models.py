@@ -75,23 +75,29 @@ def replace(tree: Any, new: dict[str, Any]) -> Any:
     return jax.tree_util.tree_map_with_path(one, tree, is_leaf=is_variable)
 
 
-def _fill_zero_kernels(params: Any, key: jax.Array) -> Any:
-    """Zero-initialised kernels (tunix's MLP) get random values, so a wrong delta cannot hide behind W = 0."""
+def _normal(seed: int, shape: tuple[int, ...], std: float = 1.0) -> jax.Array:
+    return jnp.asarray(std * np.random.default_rng(seed).standard_normal(shape), jnp.float32)
+
+
+def random_params(abstract: Any, seed: int) -> Any:
+    """Concrete values for an abstract parameter tree (``jax.eval_shape`` of the package's init), drawn
+    with NumPy: the packages' initializers would compile a PRNG program per shape (seconds per model).
+    Kernels (2+ axes) are N(0, 1/fan), fan = all axes but the last; vectors (norm scales, biases) 1 + N(0, 0.01)."""
     new = {}
-    for i, (p, x) in enumerate(flat(params).items()):
-        if x.ndim >= 2 and not np.any(np.asarray(x)):
-            new[p] = 0.05 * jax.random.normal(jax.random.fold_in(key, i), x.shape, x.dtype)
-    return replace(params, new)
+    for i, (p, x) in enumerate(flat(abstract).items()):
+        fan = int(np.prod(x.shape[:-1])) if len(x.shape) >= 2 else 0
+        new[p] = _normal(seed + i, x.shape, fan ** -0.5) if fan else 1.0 + _normal(seed + i, x.shape, 0.1)
+    return replace(abstract, new)
 
 
-def _tokens_x(key: int, shape: tuple[int, ...]) -> jax.Array:
-    return jax.random.normal(jax.random.key(key), shape, jnp.float32)
+def _tokens_x(seed: int, shape: tuple[int, ...]) -> jax.Array:
+    return _normal(seed, shape)
 
 
 def _causal(b: int, t: int) -> tuple[jax.Array, jax.Array]:
-    pos = jnp.broadcast_to(jnp.arange(t), (b, t))
-    mask = jnp.broadcast_to(jnp.tril(jnp.ones((t, t), bool)), (b, t, t))
-    return pos, mask
+    pos = np.broadcast_to(np.arange(t), (b, t))
+    mask = np.broadcast_to(np.tril(np.ones((t, t), bool)), (b, t, t))
+    return jnp.asarray(pos), jnp.asarray(mask)
 
 
 # ---------------------------------------------------------------- gemma 3.3.0 (Flax Linen)
@@ -158,7 +164,7 @@ def gemma_block() -> Family:
                     query_pre_attn_scalar=H ** -0.5, transpose_gating_einsum=False)
     x = _tokens_x(1, (B, T, D))
     pos, mask = _causal(B, T)
-    params = jax.jit(block.init)(jax.random.key(0), x, pos, None, mask)
+    params = random_params(jax.eval_shape(block.init, jax.random.key(0), x, pos, None, mask), 100)
 
     def apply(params: Any, x: jax.Array) -> jax.Array:
         return block.apply(params, x, pos, None, mask)[1]
@@ -175,7 +181,7 @@ def gemma_attention_mha() -> Family:
                        query_pre_attn_scalar=H ** -0.5)
     x = _tokens_x(2, (B, T, D))
     pos, mask = _causal(B, T)
-    params = jax.jit(attn.init)(jax.random.key(0), x, pos, None, mask)
+    params = random_params(jax.eval_shape(attn.init, jax.random.key(0), x, pos, None, mask), 200)
 
     def apply(params: Any, x: jax.Array) -> jax.Array:
         return attn.apply(params, x, pos, None, mask)[1]
@@ -200,20 +206,15 @@ def tunix_module(name: str) -> types.ModuleType:
 
 def _nnx_family(name: str, make: Callable[[], nnx.Module], args: tuple[Any, ...], targets: tuple[str, ...],
                 call: Callable[..., Any]) -> Family:
-    """``make()`` builds the module (run under jit: no eager init); ``own`` is ``call(module, *args)``."""
-    graphdef, _ = nnx.split(nnx.eval_shape(make))
-    state = _fill_zero_kernels(jax.jit(lambda: nnx.split(make())[1])(), jax.random.key(7))
-
-    @jax.jit
-    def own(state: Any, *args: Any) -> Any:
-        model = make()
-        nnx.update(model, state)
-        return call(model, *args)
+    """``make()`` builds the module (abstractly); ``own`` is ``call(module, *args)`` under ``nnx.jit``."""
+    graphdef, abstract = nnx.split(nnx.eval_shape(make))
+    state = random_params(abstract, 300)
+    own = nnx.jit(call)(nnx.merge(graphdef, state), *args)
 
     def apply(state: Any, *args: Any) -> jax.Array:
         return call(nnx.merge(graphdef, state), *args)
 
-    return Family(name, state, apply, args, targets, own(state, *args))
+    return Family(name, state, apply, args, targets, own)
 
 
 def tunix_qwen3() -> Family:
@@ -222,7 +223,7 @@ def tunix_qwen3() -> Family:
     q3 = tunix_module("models.qwen3.model")
     cfg = q3.ModelConfig(num_layers=1, vocab_size=64, embed_dim=D, hidden_dim=F, num_heads=N, head_dim=H,
                          num_kv_heads=K, rope_theta=10_000, norm_eps=1e-6)
-    tokens = jax.random.randint(jax.random.key(3), (B, T), 0, 64)
+    tokens = jnp.asarray(np.random.default_rng(3).integers(0, 64, (B, T)), jnp.int32)
     pos, mask = _causal(B, T)
     targets = (r"layers/0/attn/(q|k|v|o)_proj/w", r"layers/0/mlp/(gate|up|down)_proj/kernel")
     return _nnx_family("tunix_qwen3", lambda: q3.Qwen3(cfg, rngs=nnx.Rngs(0)), (tokens,), targets,
@@ -242,10 +243,13 @@ def tunix_qwen3_moe() -> Family:
 
 # ---------------------------------------------------------------- equinox
 
-def _eqx_family(name: str, model: Any, x: jax.Array, targets: tuple[str, ...]) -> Family:
+def _eqx_family(name: str, make: Callable[[], Any], x: jax.Array, targets: tuple[str, ...]) -> Family:
     import equinox as eqx
 
-    params, static = eqx.partition(model, eqx.is_array)
+    abstract = eqx.filter_eval_shape(make)
+    params, static = eqx.partition(abstract, lambda v: isinstance(v, jax.ShapeDtypeStruct))
+    params = random_params(params, 400)
+    model = eqx.combine(params, static)
 
     def apply(params: Any, x: jax.Array) -> jax.Array:
         return jax.vmap(eqx.combine(params, static))(x)
@@ -265,10 +269,10 @@ def equinox_attention() -> Family:
             h = jax.vmap(self.embed)(x)
             return self.attn(h, h, h)
 
-    k1, k2 = jax.random.split(jax.random.key(0))
-    model = Model(eqx.nn.Linear(128, D, key=k1), eqx.nn.MultiheadAttention(N, D, key=k2))
+    key = jax.random.key(0)
+    make = lambda: Model(eqx.nn.Linear(128, D, key=key), eqx.nn.MultiheadAttention(N, D, key=key))
     targets = (r"embed/weight", r"attn/(query|key|value|output)_proj/weight")
-    return _eqx_family("equinox_attention", model, _tokens_x(5, (B, T, 128)), targets)
+    return _eqx_family("equinox_attention", make, _tokens_x(5, (B, T, 128)), targets)
 
 
 def equinox_conv() -> Family:
@@ -282,16 +286,17 @@ def equinox_conv() -> Family:
         def __call__(self, x: jax.Array) -> jax.Array:
             return self.convt(jnp.tanh(self.conv(x)))
 
-    k1, k2 = jax.random.split(jax.random.key(0))
-    model = Model(eqx.nn.Conv2d(4, 8, 3, padding=1, key=k1),
-                  eqx.nn.ConvTranspose2d(8, 6, 3, stride=2, padding=1, output_padding=1, key=k2))
-    return _eqx_family("equinox_conv", model, _tokens_x(6, (B, 4, 8, 8)), (r"(conv|convt)/weight",))
+    key = jax.random.key(0)
+    make = lambda: Model(eqx.nn.Conv2d(4, 8, 3, padding=1, key=key),
+                         eqx.nn.ConvTranspose2d(8, 6, 3, stride=2, padding=1, output_padding=1, key=key))
+    return _eqx_family("equinox_conv", make, _tokens_x(6, (B, 4, 8, 8)), (r"(conv|convt)/weight",))
 
 
 # ---------------------------------------------------------------- keras 3, JAX backend
 
 def _keras_family(name: str, model: Any, x: np.ndarray, targets: tuple[str, ...]) -> Family:
-    """params: the trainable variables as nested dicts keyed by ``variable.path`` ('dense/kernel')."""
+    """params: the trainable variables as nested dicts keyed by ``variable.path`` ('dense/kernel'), set to
+    :func:`random_params` values (the layers are built with zeros initializers: nothing compiles)."""
     tv = list(model.trainable_variables)
     ntv = [v.value for v in model.non_trainable_variables]
     params: dict[str, Any] = {}
@@ -300,7 +305,11 @@ def _keras_family(name: str, model: Any, x: np.ndarray, targets: tuple[str, ...]
         node = params
         for part in outer:
             node = node.setdefault(part, {})
-        node[leaf] = jnp.asarray(v.value)
+        node[leaf] = jax.ShapeDtypeStruct(tuple(v.shape), jnp.float32)
+    params = random_params(params, 500)
+    values = flat(params)
+    for v in tv:
+        v.assign(values[v.path])
     paths = [v.path for v in tv]
 
     def apply(params: Any, x: jax.Array) -> jax.Array:
@@ -324,11 +333,11 @@ def keras_dense() -> Family:
     """keras Dense (128, D), EinsumDense 'btd,dnh->btnh' (D, N, H) and 'btnh,nhd->btd' (N, H, D)."""
     keras = _keras()
 
-    keras.utils.set_random_seed(0)
+    zeros = {"kernel_initializer": "zeros", "bias_initializer": "zeros"}
     inp = keras.Input((T, 128))
-    h = keras.layers.Dense(D, name="dense")(inp)
-    h = keras.layers.EinsumDense("btd,dnh->btnh", output_shape=(None, N, H), name="q_proj")(h)
-    h = keras.layers.EinsumDense("btnh,nhd->btd", output_shape=(None, D), name="o_proj")(h)
+    h = keras.layers.Dense(D, name="dense", **zeros)(inp)
+    h = keras.layers.EinsumDense("btd,dnh->btnh", output_shape=(None, N, H), name="q_proj", **zeros)(h)
+    h = keras.layers.EinsumDense("btnh,nhd->btd", output_shape=(None, D), name="o_proj", **zeros)(h)
     model = keras.Model(inp, h)
     x = np.asarray(_tokens_x(7, (B, T, 128)))
     return _keras_family("keras_dense", model, x, (r"(dense|q_proj|o_proj)/kernel",))
@@ -338,21 +347,18 @@ def keras_conv() -> Family:
     """keras DepthwiseConv2D (3, 3, 4, 2), Conv2D(groups=2) (3, 3, 4, 8), Conv2DTranspose (3, 3, 6, 8)."""
     keras = _keras()
 
-    keras.utils.set_random_seed(0)
+    zeros = {"kernel_initializer": "zeros", "bias_initializer": "zeros"}
     inp = keras.Input((8, 8, 4))
-    h = keras.layers.DepthwiseConv2D(3, padding="same", depth_multiplier=2, name="depthwise")(inp)
-    h = keras.layers.Conv2D(8, 3, padding="same", groups=2, name="grouped")(h)
-    h = keras.layers.Conv2DTranspose(6, 3, strides=2, padding="same", name="transposed")(h)
+    h = keras.layers.DepthwiseConv2D(3, padding="same", depth_multiplier=2, name="depthwise",
+                                     depthwise_initializer="zeros", bias_initializer="zeros")(inp)
+    h = keras.layers.Conv2D(8, 3, padding="same", groups=2, name="grouped", **zeros)(h)
+    h = keras.layers.Conv2DTranspose(6, 3, strides=2, padding="same", name="transposed", **zeros)(h)
     model = keras.Model(inp, h)
     x = np.asarray(_tokens_x(8, (B, 8, 8, 4)))
     return _keras_family("keras_conv", model, x, (r"(depthwise|grouped|transposed)/kernel",))
 
 
 # ---------------------------------------------------------------- stock JAX/Flax reproductions of each layout
-
-def _normal(key: int, shape: tuple[int, ...], fan_in: int) -> jax.Array:
-    return jax.random.normal(jax.random.key(key), shape, jnp.float32) / np.sqrt(fan_in)
-
 
 def _f64(*xs: Any) -> list[np.ndarray]:
     return [np.asarray(x, np.float64) for x in xs]
@@ -391,7 +397,7 @@ def stock_einsum() -> Family:
                 jnp.einsum("BNTS,BSNH->BTNH", probs, v))
 
     x = _tokens_x(9, (B, T, D))
-    params = jax.jit(Model().init)(jax.random.key(0), x)
+    params = random_params(jax.eval_shape(Model().init, jax.random.key(0), x), 600)
     xs, wq, kv, wo = _f64(x, params["params"]["q"]["kernel"], params["params"]["kv"], params["params"]["o"]["kernel"])
     q = np.einsum("btd,ndh->btnh", xs, wq)
     k, v = np.einsum("bsd,ckdh->cbskh", xs, kv)
@@ -402,7 +408,7 @@ def stock_einsum() -> Family:
 
 def stock_dense_out_in() -> Family:
     """Hand-written dense layers stored (out, in), PyTorch layout: ``x @ W.T``; w1 (D, 128), w2 (128, D)."""
-    params = {"w1": _normal(10, (D, 128), 128), "w2": _normal(11, (128, D), D)}
+    params = {"w1": _normal(10, (D, 128), 128 ** -0.5), "w2": _normal(11, (128, D), D ** -0.5)}
 
     def apply(p: Any, x: jax.Array) -> jax.Array:
         return jnp.tanh(x @ p["w1"].T) @ p["w2"].T
@@ -414,7 +420,7 @@ def stock_dense_out_in() -> Family:
 
 def stock_conv_oihw() -> Family:
     """An OIHW kernel (8, 4, 3, 3) through lax.conv_general_dilated(('NHWC', 'OIHW', 'NHWC'))."""
-    params = {"conv": {"w": _normal(13, (8, 4, 3, 3), 36)}}
+    params = {"conv": {"w": _normal(13, (8, 4, 3, 3), 36 ** -0.5)}}
 
     def apply(p: Any, x: jax.Array) -> jax.Array:
         return jax.lax.conv_general_dilated(x, p["conv"]["w"], (1, 1), "SAME",
@@ -427,7 +433,7 @@ def stock_conv_oihw() -> Family:
 
 def _flax_conv_family(name: str, module: nn.Module, x: jax.Array, targets: tuple[str, ...],
                       own: Callable[[Any, np.ndarray], np.ndarray] | None = None) -> Family:
-    params = jax.jit(module.init)(jax.random.key(0), x)
+    params = random_params(jax.eval_shape(module.init, jax.random.key(0), x), 700)
     ref = jax.jit(module.apply)(params, x) if own is None else own(params, np.asarray(x, np.float64))
     return Family(name, params, module.apply, (x,), targets, ref)
 
@@ -466,8 +472,8 @@ E = 4  # experts
 def stock_experts() -> Family:
     """Stacked kernels (E, in, out) used per expert: ``W[i]``, ``jnp.take(W, i, 0)``, and
     ``lax.dynamic_index_in_dim(W, e)`` with a traced expert index ``e``."""
-    params = {"w_index": _normal(18, (E, D, 128), D), "w_take": _normal(19, (E, D, 128), D),
-              "w_dyn": _normal(20, (E, 128, D), 128)}
+    params = {"w_index": _normal(18, (E, D, 128), D ** -0.5), "w_take": _normal(19, (E, D, 128), D ** -0.5),
+              "w_dyn": _normal(20, (E, 128, D), 128 ** -0.5)}
 
     def apply(p: Any, x: jax.Array, e: jax.Array) -> jax.Array:
         h = sum(jnp.tanh(x @ p["w_index"][i]) for i in range(E))
@@ -484,8 +490,8 @@ def stock_views() -> Family:
     """Kernels reached through views: w_merge (D, N, H) used as ``reshape(D, N*H)``; w_perm (D, N, H) used
     as ``transpose(1, 2, 0)`` in 'btnh,nhd->btd'; w_split (D, N*H) used as ``reshape(D, N, H)`` in
     'btd,dnh->btnh'; w_rev (N*H, D) used as ``jnp.flip(w, 0)``."""
-    params = {"w_merge": _normal(22, (D, N, H), D), "w_perm": _normal(23, (D, N, H), N * H),
-              "w_split": _normal(24, (D, N * H), D), "w_rev": _normal(25, (N * H, D), N * H)}
+    params = {"w_merge": _normal(22, (D, N, H), D ** -0.5), "w_perm": _normal(23, (D, N, H), (N * H) ** -0.5),
+              "w_split": _normal(24, (D, N * H), D ** -0.5), "w_rev": _normal(25, (N * H, D), (N * H) ** -0.5)}
 
     def apply(p: Any, x: jax.Array) -> jax.Array:
         q = (x @ p["w_merge"].reshape(D, N * H)).reshape(B, T, N, H)
