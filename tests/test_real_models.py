@@ -168,15 +168,15 @@ def _last_key(keypath: tuple[Any, ...]) -> Any:
 
 
 def _randomize(lora: Any) -> Any:
-    """B (and any all-zero factor) random, so every delta is non-zero; A keeps its init otherwise."""
+    """Every factor drawn with NumPy (A: N(0, 1/fan), B: N(0, 0.01)), so every delta is non-zero; the
+    lora tree's structure (and its per-kernel node type) is kept."""
 
     def one(keypath: tuple[Any, ...], x: Any) -> Any:
         role = _last_key(keypath)
-        if role not in ("A", "B") or (role == "A" and np.any(np.asarray(x))):
-            return x
-        key = jax.random.key(zlib.crc32(rm.path_str(keypath).encode()))
-        std = 0.1 if role == "B" else 1 / np.sqrt(np.prod(x.shape[:-1]))
-        return (std * jax.random.normal(key, x.shape)).astype(x.dtype)
+        assert role in ("A", "B"), (rm.path_str(keypath), "a lora leaf that is not a factor")
+        rng = np.random.default_rng(zlib.crc32(rm.path_str(keypath).encode()))
+        std = 0.1 if role == "B" else float(np.prod(x.shape[:-1])) ** -0.5
+        return jnp.asarray(std * rng.standard_normal(x.shape), x.dtype)
 
     return jax.tree_util.tree_map_with_path(one, lora)
 
@@ -198,11 +198,24 @@ def _config(name: str, fam: rm.Family) -> jlora.LoraConfig:
 
 @functools.cache
 def _setup(name: str) -> tuple[rm.Family, jlora.LoraConfig, Any, Any]:
+    """``jlora.init`` runs under ``jax.eval_shape`` (its trace, roles and shapes are all the tests read: its
+    kaiming draws would compile a PRNG program per kernel shape, ~25 s over the families); frozen is the
+    params tree itself, which init must leave unchanged."""
     fam = _family(name)
     cfg = _config(name, fam)
     with _no_warnings():
-        frozen, lora = jlora.init(jax.random.key(0), fam.params, cfg, apply_fn=fam.apply, args=fam.args)
-    return fam, cfg, frozen, _randomize(lora)
+        frozen, lora = jax.eval_shape(
+            lambda p: jlora.init(jax.random.key(0), p, cfg, apply_fn=fam.apply, args=fam.args), fam.params)
+    assert jax.tree.structure(frozen) == jax.tree.structure(fam.params)
+    return fam, cfg, fam.params, _randomize(lora)
+
+
+@functools.cache
+def _merged(name: str) -> dict[str, Any]:
+    """``jlora.merge(frozen, lora, cfg)``, flat, under jit (one compile), warnings as errors."""
+    _, cfg, frozen, lora = _setup(name)
+    with _no_warnings():
+        return rm.flat(jax.jit(lambda f, l: jlora.merge(f, l, cfg))(frozen, lora))
 
 
 def _delta(exp: Expect, a: Any, b: Any, shape: tuple[int, ...], xp: Any = np) -> Any:
@@ -216,7 +229,6 @@ def _reference_kernels(name: str) -> dict[str, np.ndarray]:
     """float64 W + delta per target kernel (for a depthwise kernel, ``ANY``: jlora.merge's own kernel)."""
     fam, cfg, frozen, lora = _setup(name)
     w0, factors = rm.flat(fam.params), _factors(lora)
-    merged = None
     out = {}
     for p, exp in EXPECT[name].items():
         got = tuple(factors[p]["A"].shape), tuple(factors[p]["B"].shape)
@@ -224,15 +236,14 @@ def _reference_kernels(name: str) -> dict[str, np.ndarray]:
             raise AssertionError(f"{p}: jlora gave A, B {got}, expected {(exp.a, exp.b)}: the float64 "
                                  "reference needs the expected roles (see test_factor_shapes_by_role)")
         if exp.spec is None:
-            merged = rm.flat(jlora.merge(frozen, lora, cfg)) if merged is None else merged
-            out[p] = np.asarray(merged[p], np.float64)
+            out[p] = np.asarray(_merged(name)[p], np.float64)
         else:
             out[p] = np.asarray(w0[p], np.float64) + _delta(exp, factors[p]["A"], factors[p]["B"], w0[p].shape)
     return out
 
 
 def _cotangent(out: Any) -> jax.Array:
-    return jax.random.normal(jax.random.key(42), out.shape, jnp.float32)
+    return jnp.asarray(np.random.default_rng(42).standard_normal(out.shape), jnp.float32)
 
 
 @functools.cache
@@ -284,9 +295,7 @@ def test_factor_shapes_by_role(name: str) -> None:
 
 @pytest.mark.parametrize("name", NAMES)
 def test_merge_is_w_plus_float64_delta(name: str) -> None:
-    fam, cfg, frozen, lora = _setup(name)
-    with _no_warnings():
-        merged = rm.flat(jlora.merge(frozen, lora, cfg))
+    fam, merged = _setup(name)[0], _merged(name)
     w0, want = rm.flat(fam.params), _reference_kernels(name)
     for p, x in merged.items():
         if p not in want:
