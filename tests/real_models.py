@@ -113,12 +113,13 @@ def _load_file(name: str, path: pathlib.Path) -> types.ModuleType:
 def gemma_modules() -> types.ModuleType:
     """gemma's ``gemma.gm.nn._modules`` (Attention, FeedForward, Block), the package's own source.
 
-    The real import needs kauldron's typing module, which imports tensorflow (and clu, lark,
-    immutabledict); with those missing, the file is executed under a private name with three
+    The real import needs kauldron, whose typing module imports tensorflow (and clu, lark,
+    immutabledict); where that fails, the file is executed under a private name with three
     import-time names stood in: ``gemma.gm.math`` (gemma's own ``_positional_embeddings.py``, loaded
     without the package ``__init__``), ``kauldron.typing.{Bool, Int}`` (annotations only) and
-    ``kauldron.kd.nn.Identity`` (the identity module gemma uses to name attention weights).
-    ``gemma.gm.nn._layers`` (Einsum, RMSNorm) is imported for real.
+    ``kauldron.kd.nn.Identity`` (the identity module gemma uses to name attention weights); the
+    stand-ins leave ``sys.modules`` as they found it. ``gemma.gm.nn._layers`` (Einsum, RMSNorm) is
+    imported for real. Only gemma itself must be installed (``pip install --no-deps gemma==3.3.0``).
     """
     try:
         return importlib.import_module("gemma.gm.nn._modules")
@@ -138,21 +139,22 @@ def gemma_modules() -> types.ModuleType:
         def __class_getitem__(cls, item: Any) -> Any:
             return Any
 
+    kd = types.SimpleNamespace(nn=types.SimpleNamespace(Identity=Identity))
+    typing = types.SimpleNamespace(Bool=_Annotation, Int=_Annotation)
     stand_ins = {
         "gemma.gm.math": types.SimpleNamespace(_positional_embeddings=rope),
-        "kauldron.kd": types.SimpleNamespace(nn=types.SimpleNamespace(Identity=Identity)),
-        "kauldron.typing": types.SimpleNamespace(Bool=_Annotation, Int=_Annotation),
+        "kauldron": types.SimpleNamespace(kd=kd, typing=typing),  # kauldron itself need not be installed
+        "kauldron.kd": kd,
+        "kauldron.typing": typing,
     }
-    saved = {k: sys.modules.get(k) for k in stand_ins}
+    saved = {k: sys.modules[k] for k in stand_ins if k in sys.modules}
     sys.modules.update(stand_ins)
     try:
         return _load_file("_real_models_gemma_modules", root / "gm" / "nn" / "_modules.py")
     finally:
-        for k, v in saved.items():
-            if v is None:
-                sys.modules.pop(k, None)
-            else:
-                sys.modules[k] = v
+        for k in stand_ins:
+            sys.modules.pop(k, None)
+        sys.modules.update(saved)
 
 
 def gemma_block() -> Family:
