@@ -168,7 +168,7 @@ def _last_key(keypath: tuple[Any, ...]) -> Any:
 
 
 def _randomize(lora: Any) -> Any:
-    """Every factor drawn with NumPy (A: N(0, 1/fan), B: N(0, 0.01)), so every delta is non-zero; the
+    """Every factor drawn with NumPy (A: std 1/sqrt(fan), B: std 0.1), so every delta is non-zero; the
     lora tree's structure (and its per-kernel node type) is kept."""
 
     def one(keypath: tuple[Any, ...], x: Any) -> Any:
@@ -218,10 +218,9 @@ def _merged(name: str) -> dict[str, Any]:
         return rm.flat(jax.jit(lambda f, l: jlora.merge(f, l, cfg))(frozen, lora))
 
 
-def _delta(exp: Expect, a: Any, b: Any, shape: tuple[int, ...], xp: Any = np) -> Any:
-    if xp is np:
-        a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return (SCALE * xp.einsum(exp.spec, a, b)).reshape(shape)
+def _delta(exp: Expect, a: Any, b: Any, shape: tuple[int, ...]) -> np.ndarray:
+    """float64 ``s * einsum(spec, A, B)`` in the stored order of a kernel of ``shape``."""
+    return (SCALE * np.einsum(exp.spec, np.asarray(a, np.float64), np.asarray(b, np.float64))).reshape(shape)
 
 
 @functools.cache
@@ -282,6 +281,7 @@ def test_builder_is_the_package_forward(name: str) -> None:
 
 @pytest.mark.parametrize("name", NAMES)
 def test_factor_shapes_by_role(name: str) -> None:
+    """A = stack + in + (r,), B = stack + (r,) + out, as written in EXPECT (depthwise: any 2+-axis pair)."""
     fam, _, _, lora = _setup(name)
     factors = _factors(lora)
     assert sorted(factors) == sorted(EXPECT[name])
@@ -295,6 +295,7 @@ def test_factor_shapes_by_role(name: str) -> None:
 
 @pytest.mark.parametrize("name", NAMES)
 def test_merge_is_w_plus_float64_delta(name: str) -> None:
+    """``jlora.merge`` == W + the float64 delta of EXPECT's einsum; every other leaf untouched."""
     fam, merged = _setup(name)[0], _merged(name)
     w0, want = rm.flat(fam.params), _reference_kernels(name)
     for p, x in merged.items():
@@ -315,6 +316,7 @@ def _reference_output(name: str) -> np.ndarray:
 
 @pytest.mark.parametrize("name", NAMES)
 def test_merged_mode_matches_reference(name: str) -> None:
+    """``lora_apply(mode='merged')`` == ``apply`` on the float64 W + delta kernels."""
     _, out, _ = _compiled(name, "merged")
     assert _rel(out, _reference_output(name)) < 1e-5
     assert _rel(out, _setup(name)[0].own) > 1e-3  # the adapter changes the output
@@ -341,5 +343,6 @@ def _flops(exe: Any) -> float:
 
 @pytest.mark.parametrize("name", FLOPS)
 def test_lazy_flops_below_merged(name: str) -> None:
+    """XLA's FLOP count of the compiled lazy ``value_and_grad``: no full-size delta or kernel gradient."""
     lazy, merged = _flops(_compiled(name, "lazy")[0]), _flops(_compiled(name, "merged")[0])
     assert lazy < 0.75 * merged, f"lazy value_and_grad {lazy:.3g} FLOPs vs merged {merged:.3g}"
