@@ -30,6 +30,9 @@ def kernel_layouts(lora: Any) -> dict[str, Layout]:
     >>> kernel_layouts(lora)["w"].roles
     'oi'
     """
+    if lora is None or isinstance(lora, (str, bytes, int, float)):
+        raise TypeError(f"kernel_layouts: lora must be a lora tree (nested dicts from jlora.init), got "
+                        f"{type(lora).__name__}; fix: pass the tree jlora.init returned")
     nodes = jax.tree_util.tree_flatten_with_path(lora, is_leaf=is_kernel_node)[0]
     return {paths.path_str(k): n.layout for k, n in nodes if is_kernel_node(n)}
 

@@ -53,6 +53,7 @@ def _in_axes(f: Factored) -> tuple[int, ...]:
 
 def _expand(v: jax.Array, f: Factored) -> jax.Array:
     """``stack + out`` (canonical) -> an array of the kernel's stored shape, constant along the inputs."""
+    checks.factored("jlora.dora", f)
     lay = f.layout
     c = v.reshape(lay.stack_shape + (1,) * f.n_in + lay.out_shape)
     return lay.from_canonical(jnp.broadcast_to(c, lay.canonical_shape))
@@ -78,6 +79,7 @@ def column_norm(v: jax.Array, f: Factored) -> jax.Array:
     >>> column_norm(jnp.array([[3.0, 0.0], [4.0, 1.0]]), f).tolist()
     [5.0, 1.0]
     """
+    checks.factored("jlora.dora.column_norm", f)
     v = f.layout.to_canonical(v.astype(jnp.float32))
     return jnp.sqrt(jnp.sum(v * v, axis=_in_axes(f)))
 
@@ -129,6 +131,7 @@ def kernel_sq_norm(w0: jax.Array, f: Factored) -> jax.Array:
     >>> kernel_sq_norm(jnp.array([[3.0, 0.0], [4.0, 1.0]]), f).tolist()
     [25.0, 1.0]
     """
+    checks.factored("jlora.dora.kernel_sq_norm", f)
     w = f.layout.to_canonical(jax.lax.stop_gradient(w0).astype(jnp.float32))
     return jnp.sum(w * w, axis=_in_axes(f))
 

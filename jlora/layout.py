@@ -78,7 +78,7 @@ class Layout:
         if "i" not in self.roles or "o" not in self.roles:
             raise ValueError(
                 f"Layout: roles {self.roles!r} for a kernel of shape {self.shape} need at least one input ('i') "
-                "and one output ('o') axis"
+                "and one output ('o') axis; fix: a kernel maps its input axes to its output axes, e.g. 'io'"
             )
         if self.groups < 1 or (self.groups > 1 and (not self.n_stack or self.stack_shape[0] != self.groups)):
             raise ValueError(f"Layout: {self.groups} groups need a first stack axis of that size, got {self.stack_shape}")
@@ -328,7 +328,8 @@ class LoraKernel(MutableMapping):
 
     def __init__(self, parts: Mapping[str, Any], layout: Layout):
         if not isinstance(layout, Layout):
-            raise TypeError(f"LoraKernel: layout must be a jlora Layout, got {type(layout).__name__}")
+            raise TypeError(f"LoraKernel: layout must be a jlora Layout, got {type(layout).__name__}; fix: "
+                            "LoraKernel(parts, jlora.Layout(kernel_shape, roles))")
         self._parts = dict(sorted(dict(parts).items()))
         self._layout = layout
 

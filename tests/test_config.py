@@ -52,7 +52,7 @@ def test_patterns_and_scaling():
     assert cfg.scale_for("p/layer_1/q/kernel") == 2.0 / np.sqrt(8)
 
 
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=10, deadline=None)
 @given(
     n_stack=st.integers(0, 1),
     ins=st.lists(st.integers(1, 5), min_size=1, max_size=2),

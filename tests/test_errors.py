@@ -200,6 +200,11 @@ def _mesh():
 
 IDS_RANGE = r"adapter_ids must be in \[0, 1\].*got \[{}\]; negative ids are not wrapped.*fix: use Stack.id"
 CASES = [
+    # kernel layouts
+    ("Layout", "roles of another length", lambda t: jlora.Layout((4, 3), "ioo"), ValueError, r"roles 'ioo' must give one of 's' \(stack\), 'i' \(input\), 'o' \(output\) to each of the 2 axes.*fix: e.g. 'io'"),
+    ("Layout", "no output axis", lambda t: jlora.Layout((4, 3), "ii"), ValueError, r"need at least one input \('i'\) and one output \('o'\) axis; fix"),
+    ("LoraKernel", "layout not a Layout", lambda t: jlora.LoraKernel({"A": 1, "B": 2}, "io"), TypeError, r"layout must be a jlora Layout, got str; fix"),
+    ("kernel_layouts", "not a pytree of arrays", lambda t: jlora.kernel_layouts(None), TypeError, r"kernel_layouts: lora must be a lora tree.*fix"),
     # LoraConfig and its JSON form
     ("LoraConfig", "alpha=inf", lambda t: jlora.LoraConfig(alpha=math.inf), ValueError, r"alpha: expected a finite number > 0, got inf"),
     ("LoraConfig", "alpha=nan", lambda t: jlora.LoraConfig(alpha=math.nan), ValueError, r"alpha: expected a finite number > 0, got nan"),
@@ -286,7 +291,7 @@ CASES = [
     ("TrainCheckpointer", "config a dict", lambda t: jlora.TrainCheckpointer(t / "c", {"rank": 2}), TypeError, r"config must be a jlora.LoraConfig, got dict"),
     # dora
     ("dora.magnitude_shape", "a str for f", lambda t: dora.magnitude_shape("d/kernel"), TypeError, r"magnitude_shape: `f` must be a jlora.Factored.*got str; fix"),
-    ("dora.magnitude", "w0 of another shape", lambda t: dora.magnitude(jnp.ones((4, 8)), jnp.ones((8, 2)), jnp.ones((2, 8)), jlora.Factored("d", 0, 1, 2, 1.0, None, (8, 8))), ValueError, r"`w0` of 'd' has shape \(4, 8\), expected the kernel's shape \(8, 8\); fix"),
+    ("dora.magnitude", "w0 of another shape", lambda t: dora.magnitude(jnp.ones((4, 8)), jnp.ones((8, 2)), jnp.ones((2, 8)), jlora.Factored("d", jlora.Layout((8, 8), "io"), 2, 1.0)), ValueError, r"`w0` of 'd' has shape \(4, 8\), expected the kernel's shape \(8, 8\); fix"),
     ("dora.column_norm", "a str for f", lambda t: dora.column_norm(jnp.ones((2, 2)), "d"), TypeError, r"`f` must be a jlora.Factored"),
     ("dora.dora_kernel", "a str for f", lambda t: dora.dora_kernel(jnp.ones((2, 2)), jnp.ones((2, 2)), jnp.ones(2), "d"), TypeError, r"`f` must be a jlora.Factored"),
     ("dora.kernel_sq_norm", "a str for f", lambda t: dora.kernel_sq_norm(jnp.ones((2, 2)), "d"), TypeError, r"`f` must be a jlora.Factored"),

@@ -156,7 +156,7 @@ def test_jlora_adapter_loads_into_peft(base, tmp_path, name):
     d, flax_model, params = base
     cfg = JLORA_CONFIGS[name]
     lora = jlora_adapter(params, cfg)
-    out = jpeft.save(tmp_path / "adapter", lora, cfg, jpeft.LLAMA_KEY_MAP)
+    out = jpeft.save(tmp_path / "adapter", lora, cfg, jpeft.LLAMA_KEY_MAP, params=params)
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)  # e.g. PEFT's "unexpected keys" warning
         pm = peft.PeftModel.from_pretrained(torch_base(d), out).eval()
@@ -175,7 +175,7 @@ def test_jlora_adapter_loads_into_peft(base, tmp_path, name):
 def test_saved_config_and_keys(base, tmp_path):
     _, _, params = base
     cfg = JLORA_CONFIGS["head_and_biases"]
-    out = jpeft.save(tmp_path, jlora_adapter(params, cfg), cfg, jpeft.LLAMA_KEY_MAP)
+    out = jpeft.save(tmp_path, jlora_adapter(params, cfg), cfg, jpeft.LLAMA_KEY_MAP, params=params)
     body = json.loads((out / "adapter_config.json").read_text())
     assert body["peft_type"] == "LORA" and body["bias"] == "all" and body["modules_to_save"] == ["lm_head"]
     assert "model.layers.0.self_attn.q_proj" in body["target_modules"]
