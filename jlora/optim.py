@@ -8,6 +8,7 @@ import jax
 import optax
 
 from jlora import paths
+from jlora.describe import kernel_layouts
 
 
 def _find(tree: Any, target: Any, prefix: tuple[Any, ...] = ()) -> tuple[Any, ...] | None:
@@ -30,8 +31,9 @@ def _find(tree: Any, target: Any, prefix: tuple[Any, ...] = ()) -> tuple[Any, ..
 def labels(params: Any, lora: Any) -> Any:
     """Labels each leaf of ``params`` 'A', 'B' (for LoRA+) or 'frozen'.
 
-    As PEFT's LoRA+ does, 'B' marks the B factors and every 1-D trainable leaf (DoRA magnitudes,
-    biases); everything else in the lora tree is 'A'.
+    As PEFT's LoRA+ does, 'B' marks the B factors and DoRA magnitudes (read from each adapted
+    kernel's node: ``"B"``, ``"m"``), and every 1-D leaf trained whole (biases, norms: PEFT's
+    ``param.ndim == 1`` rule, the one place a role is read from a shape); everything else is 'A'.
 
     ``params`` is the lora tree itself, or a tree holding it as a subtree (``(frozen, lora)``,
     ``{"frozen": ..., "lora": ...}``); leaves outside that subtree are 'frozen'. Trained-whole
@@ -51,11 +53,15 @@ def labels(params: Any, lora: Any) -> Any:
             "(frozen, lora)"
         )
     prefix = paths.path_str(where)
+    kernels = {(prefix + "/" + p) if prefix else p for p in kernel_layouts(lora)}
 
     def label(path: str, leaf: Any) -> str:
         if prefix and not (path == prefix or path.startswith(prefix + "/")):
             return "frozen"
-        return "B" if path.endswith("/B") or leaf.ndim == 1 else "A"
+        kernel, _, part = path.rpartition("/")
+        if kernel in kernels or part in ("A", "B"):  # a factor pair's node (or a plain dict one)
+            return "B" if part in ("B", "m") else "A"
+        return "B" if leaf.ndim == 1 else "A"
 
     return paths.map_with_path(label, params)
 
