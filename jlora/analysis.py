@@ -149,15 +149,19 @@ def _roles_layout(view: _View, roles: dict[Atom, str], shape: Sequence[int], kin
 def _dot_use(eqn: Any, pos: int, view: _View, shape: Sequence[int]) -> Use | str:
     (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
     contract, batch = (lc, lb) if pos == 0 else (rc, rb)
+    return _matmul_use(view, shape, contract, batch, f"dot_general contracting {tuple(contract)} batch {tuple(batch)}")
+
+
+def _matmul_use(view: _View, shape: Sequence[int], contract: Sequence[int], stack: Sequence[int], where: str
+                ) -> Use | str:
+    """Contracted view axes are inputs, ``stack`` ones stack axes, the rest outputs."""
     roles: dict[Atom, str] = {}
     for j, atoms in enumerate(view.axes):
-        role = "i" if j in contract else "s" if j in batch else "o"
+        role = "i" if j in contract else "s" if j in stack else "o"
         for a in atoms:
             roles[a] = role
     lay = _roles_layout(view, roles, shape, "dense")
-    if isinstance(lay, str):
-        return f"dot_general contracting axes {tuple(contract)} batch {tuple(batch)}: {lay}"
-    return Use(lay, f"dot_general contracting {tuple(contract)} batch {tuple(batch)}")
+    return f"{where}: {lay}" if isinstance(lay, str) else Use(lay, where)
 
 
 def _conv_use(eqn: Any, view: _View, shape: Sequence[int]) -> Use | str:
@@ -197,15 +201,7 @@ def _ragged_use(eqn: Any, view: _View, shape: Sequence[int]) -> Use | str:
     groups = tuple(dn.rhs_group_dimensions)
     if not groups:
         return "ragged_dot_general with the kernel as the gradient output (no group axis)"
-    roles: dict[Atom, str] = {}
-    for j, atoms in enumerate(view.axes):
-        role = "i" if j in rc else "s" if (j in rb or j in groups) else "o"
-        for a in atoms:
-            roles[a] = role
-    lay = _roles_layout(view, roles, shape, "dense")
-    if isinstance(lay, str):
-        return f"ragged_dot_general (groups on axes {groups}): {lay}"
-    return Use(lay, f"ragged_dot_general contracting {tuple(rc)}, groups on {groups}")
+    return _matmul_use(view, shape, rc, tuple(rb) + groups, f"ragged_dot_general contracting {tuple(rc)}, groups on {groups}")
 
 
 def _sub_jaxprs(eqn: Any) -> list[Any]:
