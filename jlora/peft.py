@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jlora import analysis, paths
+from jlora import analysis, paths, peft_experts
 from jlora.config import LoraConfig
 from jlora.describe import kernel_layouts, nest
 from jlora.layout import Layout
@@ -78,7 +78,8 @@ def _adapter_dir(directory: str | os.PathLike[str], adapter_name: str | None) ->
 
 def save(directory: str | os.PathLike[str], lora: Mapping[str, Any], config: LoraConfig, key_map: KeyMap, *,
          adapter_name: str | None = None, overwrite: bool = False, conv: str | Sequence[str] = (),
-         base_model_name_or_path: str | None = None, task_type: str | None = None) -> Path:
+         base_model_name_or_path: str | None = None, task_type: str | None = None,
+         param_order: Sequence[str] = peft_experts.PARAM_ORDER) -> Path:
     """Writes a jlora adapter as a PEFT adapter (``adapter_config.json`` + ``adapter_model.safetensors``).
 
     ``peft.PeftModel.from_pretrained(model, directory)`` then loads it onto the equivalent
@@ -96,6 +97,9 @@ def save(directory: str | os.PathLike[str], lora: Mapping[str, Any], config: Lor
         kernel is otherwise a dense map flattened to ``nn.Linear``.
       base_model_name_or_path: recorded in the config (PEFT uses it only when no model is passed).
       task_type: PEFT task type (e.g. ``'CAUSAL_LM'``), or None for a plain ``PeftModel``.
+      param_order: expert kernels (a stack axis, e.g. ``(E, in, out)``) are written as PEFT
+        ``target_parameters`` (key_map gives the torch parameter name); this is the torch module's
+        order of its expert parameters (:mod:`jlora.peft_experts`).
 
     Returns:
       The folder holding the two files.
@@ -132,6 +136,7 @@ def save(directory: str | os.PathLike[str], lora: Mapping[str, Any], config: Lor
     modules: dict[str, str] = {}  # module -> jlora kernel path
     rank_pattern: dict[str, int] = {}
     alpha_pattern: dict[str, int | float] = {}
+    experts: dict[str, tuple[Any, Any, Layout]] = {}
 
     def place(path: str) -> str:
         name = _place(fn, path)
@@ -176,6 +181,9 @@ def save(directory: str | os.PathLike[str], lora: Mapping[str, Any], config: Lor
                 f"jlora.peft.save: {path!r} has rank {r} (A {A.shape}) but config.rank_for gives "
                 f"{config.rank_for(path)}; fix: pass the config the lora tree was made with"
             )
+        if peft_experts.is_expert(layout):  # one (E, ., .) parameter: PEFT target_parameters
+            experts[path] = (A, B, layout)
+            continue
         module = place(path)
         if module in modules:
             raise ValueError(f"jlora.peft.save: key_map sends both {modules[module]!r} and {path!r} to {module!r}")
@@ -187,6 +195,12 @@ def save(directory: str | os.PathLike[str], lora: Mapping[str, Any], config: Lor
             rank_pattern[re.escape(module)] = int(r)
         if config.alpha_for(path) != config.alpha:
             alpha_pattern[re.escape(module)] = _number(config.alpha_for(path))
+
+    expert_tensors, target_parameters, expert_ranks, expert_alphas = peft_experts.export(experts, place, config,
+                                                                                         param_order)
+    tensors.update(expert_tensors)
+    rank_pattern.update(expert_ranks)
+    alpha_pattern.update(expert_alphas)
 
     token_indices: dict[str, list[int]] = {}
     for path, value in sorted(rows.items()):
@@ -233,6 +247,7 @@ def save(directory: str | os.PathLike[str], lora: Mapping[str, Any], config: Lor
         "lora_dropout": float(config.dropout),
         "use_rslora": bool(config.rslora),
         "target_modules": sorted(modules),
+        "target_parameters": target_parameters or None,
         "exclude_modules": None,
         "rank_pattern": rank_pattern,
         "alpha_pattern": alpha_pattern,
@@ -271,7 +286,8 @@ def _atomic_write(target: Path, write: Callable[[str], Any]) -> None:
 
 def load(directory: str | os.PathLike[str], params: Any, key_map: KeyMap, *,
          adapter_name: str | None = None, apply_fn: Callable[..., Any] | None = None, args: Sequence[Any] = (),
-         layouts: Mapping[str, Layout] | None = None) -> tuple[dict[str, Any], LoraConfig]:
+         layouts: Mapping[str, Layout] | None = None,
+         param_order: Sequence[str] = peft_experts.PARAM_ORDER) -> tuple[dict[str, Any], LoraConfig]:
     """Reads a PEFT LoRA adapter into a jlora ``(lora, config)`` pair for ``params``.
 
     Args:
@@ -285,6 +301,8 @@ def load(directory: str | os.PathLike[str], params: Any, key_map: KeyMap, *,
         kernel are read from the trace (needed for kernels not stored ``(in..., out...)``, e.g. an
         ``(out, in)`` PyTorch-style or Gemma einsum kernel, and for OIHW or grouped convs).
       layouts: ``{path: Layout}`` given directly instead (e.g. ``jlora.kernel_layouts(lora)``).
+      param_order: for ``target_parameters`` (expert kernels): the torch module's order of its
+        expert parameters (:mod:`jlora.peft_experts`).
 
     Returns:
       ``(lora, config)``: the lora tree (nested dicts of ``jax.Array``) and a
@@ -352,6 +370,8 @@ def load(directory: str | os.PathLike[str], params: Any, key_map: KeyMap, *,
             )
         return path
 
+    experts = peft_experts.read(tensors, body, params, lambda p: _place(fn, p), layouts=layouts, apply_fn=apply_fn,
+                                args=args, param_order=param_order)  # pops the target_parameters tensors
     factors: dict[str, dict[str, tuple[str, np.ndarray]]] = {}
     full: dict[tuple[str, str], tuple[str, np.ndarray]] = {}
     token_rows: dict[str, tuple[str, np.ndarray]] = {}
@@ -449,6 +469,10 @@ def load(directory: str | os.PathLike[str], params: Any, key_map: KeyMap, *,
             )
         if m is not None:
             out[path + "/m"] = jnp.asarray(m)
+
+    for path, (A, B, lay, r, a) in experts.items():
+        out[path + "/A"], out[path + "/B"] = jnp.asarray(A), jnp.asarray(B)
+        used[path], ranks[path], alphas[path] = lay, r, a
 
     embedding_rows: dict[str, tuple[int, ...]] = {}
     for module, (key, value) in sorted(token_rows.items()):

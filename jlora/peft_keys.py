@@ -49,7 +49,6 @@ _KNOWN_KEYS = {
 _REFUSED_UNLESS_DEFAULT = {
     "lora_bias": "a bias on lora_B (lora_bias=True)",
     "use_qalora": "QA-LoRA (use_qalora=True)",
-    "target_parameters": "LoRA on raw nn.Parameters (target_parameters)",
     "layer_replication": "layer replication (layer_replication)",
     "alora_invocation_tokens": "activated LoRA (alora_invocation_tokens)",
     "megatron_config": "Megatron parallel layers (megatron_config)",

@@ -240,3 +240,107 @@ def test_example_trains_and_experts_shard_on_8_devices():
     assert res["one"][-1] < res["one"][0], res["one"]
     assert res["specs"]["params/layer_0/moe/w_in/A"] == "PartitionSpec('expert', None, None)"
     assert res["specs"]["params/layer_0/moe/w_out/B"] == "PartitionSpec('expert', None, None)"
+
+
+# --- PEFT target_parameters on transformers' Qwen3-MoE --------------------------------------------
+
+QWEN_MAP = [(r"experts/(gate_up_proj|down_proj)", r"model.layers.0.mlp.experts.\1")]
+RAGGED_NT = lax.RaggedDotDimensionNumbers((((1,), (2,)), ((), ())), (0,), (0,))  # kernel (E, out, in)
+
+
+def qwen3_moe_block(p, x, top_k):
+    """A JAX port of transformers' ``Qwen3MoeSparseMoeBlock`` on tokens (T, H) (norm_topk_prob=True),
+    experts as stored by transformers, ``(E, out, in)``, run with ``ragged_dot_general``."""
+    probs = jax.nn.softmax(x @ p["gate"]["weight"].T, axis=-1)
+    top, ids = lax.top_k(probs, top_k)
+    top = top / top.sum(-1, keepdims=True)
+    e = p["experts"]["gate_up_proj"].shape[0]
+    order, sizes = jlora.moe.group_tokens(ids.reshape(-1), e)
+    xs = x[order // top_k]
+    gate, up = jnp.split(lax.ragged_dot_general(xs, p["experts"]["gate_up_proj"], sizes, RAGGED_NT), 2, axis=-1)
+    ys = lax.ragged_dot_general(jax.nn.silu(gate) * up, p["experts"]["down_proj"], sizes, RAGGED_NT)
+    return jnp.einsum("tkh,tk->th", ys[jnp.argsort(order)].reshape(x.shape[0], top_k, -1), top)
+
+
+@pytest.fixture(scope="module")
+def qwen():
+    torch = pytest.importorskip("torch")
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    cfg = Qwen3MoeConfig(vocab_size=32, hidden_size=16, intermediate_size=32, moe_intermediate_size=8,
+                         num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1, head_dim=8, num_experts=4,
+                         num_experts_per_tok=2, norm_topk_prob=True, mlp_only_layers=[])
+
+    def model():
+        torch.manual_seed(0)
+        return Qwen3MoeForCausalLM(cfg).eval()
+
+    mlp = model().model.layers[0].mlp
+    params = {"experts": {n: jnp.asarray(getattr(mlp.experts, n).detach().numpy()) for n in ("gate_up_proj",
+                                                                                          "down_proj")},
+              "gate": {"weight": jnp.asarray(mlp.gate.weight.detach().numpy())}}
+    x = _x(10, 16, seed=4)
+    return torch, model, params, x, (lambda p, xx: qwen3_moe_block(p, xx, 2))
+
+
+def _torch_block(torch, peft_model, x):
+    with torch.no_grad():
+        mlp = peft_model.base_model.model.model.layers[0].mlp
+        return mlp(torch.from_numpy(np.asarray(x))[None]).numpy()[0]
+
+
+def test_peft_target_parameters_export(qwen, tmp_path):
+    torch, model, params, x, block = qwen
+    from peft import PeftModel
+
+    lc = jlora.LoraConfig(rank=2, alpha=5.0, targets=r"experts/.*", rank_pattern={r".*down_proj": 3})
+    frozen, lora = jlora.init(KEY, params, lc, apply_fn=block, args=(x,))
+    assert lora["experts"]["gate_up_proj"].layout.roles == "soi"
+    assert lora["experts"]["down_proj"]["A"].shape == (4, 8, 3)
+    lora = _randomise(lora)
+    out = jlora.peft.save(tmp_path, lora, lc, QWEN_MAP)
+    body = json.loads((out / "adapter_config.json").read_text())
+    assert sorted(body["target_parameters"]) == ["model.layers.0.mlp.experts.down_proj",
+                                                 "model.layers.0.mlp.experts.gate_up_proj"]
+    assert body["rank_pattern"] == {r"model\.layers\.0\.mlp\.experts\.down_proj": 3}
+    pm = PeftModel.from_pretrained(model(), str(out))
+    got = jax.jit(jlora.lora_apply(block, lc, "lazy", strict=True))(frozen, lora, x)
+    want = _torch_block(torch, pm, x)
+    assert np.abs(want - np.asarray(block(frozen, x))).max() > 1e-2  # the adapter changes the output
+    np.testing.assert_allclose(np.asarray(got), want, atol=1e-4)
+    # and back: the exported file reads into the same factors
+    with pytest.raises(ValueError, match=r"cannot tell which axis of the expert kernel 'experts/gate_up_proj' "
+                                         r"\(4, 16, 16\) is the input.*fix: pass apply_fn/args"):
+        jlora.peft.load(out, params, QWEN_MAP)  # (E, 2I, H) with 2I == H: the sizes do not tell
+    back, cfg = jlora.peft.load(out, params, QWEN_MAP, layouts=jlora.kernel_layouts(lora))
+    for name in ("gate_up_proj", "down_proj"):
+        for part in "AB":
+            np.testing.assert_array_equal(np.asarray(back["experts"][name][part]), np.asarray(lora["experts"][name][part]))
+    assert cfg.scale_for("experts/down_proj") == 5.0 / 3
+
+
+def test_peft_target_parameters_import_and_bad_ranks(qwen, tmp_path):
+    torch, model, params, x, block = qwen
+    import peft
+
+    pcfg = peft.LoraConfig(r=2, lora_alpha=3, target_modules=[], init_lora_weights=False,
+                           target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"])
+    pm = peft.get_peft_model(model(), pcfg)
+    pm.save_pretrained(str(tmp_path / "a"))
+    lora, lc = jlora.peft.load(tmp_path / "a", params, QWEN_MAP, apply_fn=block, args=(x,))
+    assert lora["experts"]["gate_up_proj"].layout.roles == "soi" and lora["experts"]["gate_up_proj"]["A"].shape == (4, 16, 2)
+    got = jlora.lora_apply(block, lc, "lazy", strict=True)(params, lora, x)
+    np.testing.assert_allclose(np.asarray(got), _torch_block(torch, pm, x), atol=1e-4)
+    # a config whose r does not match the stored r·E sizes, and sizes that are no multiple of E
+    body = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
+    (tmp_path / "a" / "adapter_config.json").write_text(json.dumps(dict(body, r=3)))
+    with pytest.raises(ValueError, match=r"lora_A rows = 8, but PEFT stores rank r per expert as r·E = 3·4 = 12.*"
+                                         r"fits rank 2"):
+        jlora.peft.load(tmp_path / "a", params, QWEN_MAP, apply_fn=block, args=(x,))
+    from safetensors.numpy import load_file, save_file
+    t = load_file(str(tmp_path / "a" / "adapter_model.safetensors"))
+    t = {k: (v[:7] if k.endswith("base_layer.lora_A.weight") else v) for k, v in t.items()}
+    save_file(t, str(tmp_path / "a" / "adapter_model.safetensors"))
+    (tmp_path / "a" / "adapter_config.json").write_text(json.dumps(body))
+    with pytest.raises(ValueError, match=r"lora_A rows = 7.*not a multiple of 4 experts"):
+        jlora.peft.load(tmp_path / "a", params, QWEN_MAP, layouts=jlora.kernel_layouts(lora))
