@@ -207,6 +207,12 @@ def read(tensors: dict[str, np.ndarray], body: Mapping[str, Any], params: Any,
         if name is not None and len(getattr(leaf, "shape", ())) == 3 and any(
                 name == t or name.endswith("." + t) for t in targets):
             owner[name] = path
+    if not owner:
+        raise ValueError(
+            f"jlora.peft.load: adapter_config.json's target_parameters {list(targets)} match no 3-D params leaf "
+            "through key_map (an expert kernel maps to its torch parameter name, e.g. "
+            "'model.layers.0.mlp.experts.gate_up_proj'); fix: add a (regex, parameter name) pair to key_map"
+        )
     prefixes = wrapper_prefixes(list(owner), param_order)
     rank, alpha = int(body["r"]), float(body["lora_alpha"])
     rank_pattern, alpha_pattern = body.get("rank_pattern") or {}, body.get("alpha_pattern") or {}

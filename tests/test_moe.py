@@ -344,3 +344,55 @@ def test_peft_target_parameters_import_and_bad_ranks(qwen, tmp_path):
     (tmp_path / "a" / "adapter_config.json").write_text(json.dumps(body))
     with pytest.raises(ValueError, match=r"lora_A rows = 7.*not a multiple of 4 experts"):
         jlora.peft.load(tmp_path / "a", params, QWEN_MAP, layouts=jlora.kernel_layouts(lora))
+
+
+# --- tunix Qwen3-MoE (Flax NNX; experts indexed W[i] on its CPU path) -------------------------------
+
+def _tunix(name):
+    """``tunix.<name>`` without tunix's package ``__init__`` (it imports trainers needing metrax)."""
+    import importlib
+    import importlib.machinery
+    import importlib.util
+
+    if "tunix" not in sys.modules:
+        spec = importlib.util.find_spec("tunix")
+        if spec is None:
+            raise ImportError("No module named 'tunix'")
+        bare = importlib.machinery.ModuleSpec("tunix", None, origin=spec.origin, is_package=True)
+        bare.submodule_search_locations = list(spec.submodule_search_locations)
+        sys.modules["tunix"] = importlib.util.module_from_spec(bare)
+    return importlib.import_module(f"tunix.{name}")
+
+
+def test_tunix_qwen3_moe_lazy_strict():
+    try:
+        q3 = _tunix("models.qwen3.model")
+    except ImportError:
+        pytest.skip("tunix's Qwen3 module is not importable")
+    from flax import nnx
+
+    cfg = q3.ModelConfig(num_layers=1, vocab_size=32, embed_dim=16, hidden_dim=8, num_heads=2, head_dim=8,
+                         num_kv_heads=1, rope_theta=10_000, norm_eps=1e-6, num_experts=4, num_experts_per_tok=2)
+    graphdef, state = nnx.split(q3.Qwen3(cfg, rngs=nnx.Rngs(0)))
+    b, t = 2, 6
+    tokens = jnp.asarray(np.random.default_rng(3).integers(0, 32, (b, t)), jnp.int32)
+    pos = jnp.broadcast_to(jnp.arange(t), (b, t))
+    mask = jnp.broadcast_to(jnp.tril(jnp.ones((t, t), bool)), (b, t, t))
+
+    def apply(state, tokens):
+        return nnx.merge(graphdef, state)(tokens, pos, None, mask)[0]
+
+    lc = jlora.LoraConfig(rank=2, targets=(r"layers/0/mlp/(gate|up|down)_proj", r"layers/0/attn/(q|o)_proj/w"))
+    frozen, lora = jlora.init(KEY, state, lc, apply_fn=apply, args=(tokens,))
+    node = jlora.kernel_layouts(lora)["layers/0/mlp/down_proj"]
+    shapes = {p: x.shape for p, x in jlora.paths.flatten(lora).items()}
+    assert node.roles == "sio", node
+    assert shapes["layers/0/mlp/down_proj/A"] == (4, 8, 2) and shapes["layers/0/mlp/down_proj/B"] == (4, 2, 16)
+    lora = _randomise(lora, seed=7)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        warnings.simplefilter("ignore", DeprecationWarning)  # tunix reads Variable.value
+        got = jax.jit(jlora.lora_apply(apply, lc, "lazy", strict=True))(frozen, lora, tokens)
+    want = jax.jit(apply)(jlora.merge(frozen, lora, lc), tokens)
+    assert np.abs(np.asarray(want) - np.asarray(jax.jit(apply)(frozen, tokens))).max() > 1e-2
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-5, rtol=1e-5)
