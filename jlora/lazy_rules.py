@@ -283,30 +283,48 @@ def conv(eqn: Any, invals: list[Any], ctx: Any) -> list[Any] | None:
 def ragged_dot(eqn: Any, invals: list[Any], ctx: Any) -> list[Any] | None:
     """``ragged_dot_general`` with the kernel ``(groups, in, out)`` (any stored order) on the rhs:
     ``ragged_dot(x, W0) + ragged_dot(ragged_dot(x, A), s·B)``, both with the same group sizes (and
-    ``group_offset``): one factor pair per expert, never an ``(E, in, out)`` delta or gradient."""
+    ``group_offset``): one factor pair per expert, never an ``(E, in, out)`` delta or gradient.
+
+    A factor shared by all experts (the expert axis stated as an output axis: one ``A (in, r)``,
+    ``B (r, E, out)``; or as an input axis: ``A (E, in, r)``, one ``B (r, out)``) runs as a plain
+    dot on the shared factor and a ``ragged_dot`` on the per-expert one."""
     x, v, sizes = invals[0], invals[1], invals[2:]
     if is_lora(x) or not is_lora(v) or any(is_lora(g) for g in sizes):
         return None
     dn = eqn.params["ragged_dot_dimension_numbers"]
     (lc, rc), (lb, rb) = dn.dot_dimension_numbers
     w = v.squeeze_units()
-    if lb or rb or len(dn.rhs_group_dimensions) != 1 or len(lc) != 1 or (w.ns, w.ni, w.no) != (1, 1, 1):
-        return None
+    if lb or rb or len(dn.rhs_group_dimensions) != 1 or len(lc) != 1 or len(w.shape) != 3 or w.factor is not None:
+        return None  # (DoRA on experts would need a per-token factor gather: the merged kernel)
     g_axis, c_axis = dn.rhs_group_dimensions[0], rc[0]
-    free = [j for j in range(len(w.shape)) if j not in (g_axis, c_axis)]
-    if w.view[g_axis] != (0,) or w.view[c_axis] != (1,) or len(free) != 1 or w.view[free[0]] != (2,):
+    (f_axis,) = [j for j in range(3) if j not in (g_axis, c_axis)]
+    if any(len(w.view[j]) != 1 for j in range(3)):
         return None
-    if w.factor is not None:
-        return None  # DoRA on experts would need a per-token factor gather: the merged kernel
+    cg, cc, cf = w.view[g_axis][0], w.view[c_axis][0], w.view[f_axis][0]
+    shared = w.role(cg)  # 's': per-expert factors; 'o': one A; 'i': one B
+    if len(w.sizes) != 3 or w.role(cc) != "i" or w.role(cf) != "o":
+        return None
     (ragged,) = dn.lhs_ragged_dimensions
     base = bind(eqn, [x, w.w0, *sizes])[0]
     xd, base_dropped = _dropped(x, w, ctx, lambda xx: bind(eqn, [xx, w.w0, *sizes])[0])
     first = lax.RaggedDotDimensionNumbers(((tuple(lc), (1,)), ((), ())), tuple(dn.lhs_ragged_dimensions), (0,))
-    low = bind(eqn, [xd, w.a, *sizes], ragged_dot_dimension_numbers=first, preferred_element_type=None)[0]
     n_free_x = x.ndim - 1
     ragged_low = ragged - (ragged > lc[0])  # x's ragged axis in low (x free axes, then r)
     second = lax.RaggedDotDimensionNumbers((((n_free_x,), (1,)), ((), ())), (ragged_low,), (0,))
-    y = bind(eqn, [low, w.scaled_b(), *sizes], ragged_dot_dimension_numbers=second, preferred_element_type=None)[0]
+    r_axis = w.a.ndim - 1
+    if shared == "o":  # x·A (one A), then per expert: ragged_dot(low, B_e)
+        low = lax.dot_general(xd, w.a, ((tuple(lc), (w.a_axis(cc),)), ((), ())))
+        b_e = w.scaled_b().transpose(w.b_axis(cg), w.ns, w.b_axis(cf))
+        y = bind(eqn, [low, b_e, *sizes], ragged_dot_dimension_numbers=second, preferred_element_type=None)[0]
+    else:
+        a_e = w.a.transpose(w.a_axis(cg), w.a_axis(cc), r_axis)
+        low = bind(eqn, [xd, a_e, *sizes], ragged_dot_dimension_numbers=first, preferred_element_type=None)[0]
+        if shared == "i":  # per expert ragged_dot(x, A_e), then low·B (one B)
+            b = w.scaled_b().transpose(w.ns, w.b_axis(cf))
+            y = lax.dot_general(low, b, (((low.ndim - 1,), (0,)), ((), ())))
+        else:
+            b_e = w.scaled_b().transpose(w.b_axis(cg), w.ns, w.b_axis(cf))
+            y = bind(eqn, [low, b_e, *sizes], ragged_dot_dimension_numbers=second, preferred_element_type=None)[0]
     return [_finish(base, y, None, base_dropped)]
 
 

@@ -107,6 +107,34 @@ def test_forms_lazy_equal_merged_and_float64(form, transposed):
         np.testing.assert_allclose(np.asarray(g), ref, atol=1e-4 * max(1.0, np.abs(ref).max()), err_msg=p)
 
 
+@pytest.mark.parametrize("shared", ["A", "B"])
+def test_factor_shared_across_experts_on_ragged_dot(shared):
+    """One A for all experts (the expert axis stated as an output axis: A (in, r), B (r, E, out)) or
+    one B (expert axis as an input axis: A (E, in, r), B (r, out)): lazy on ragged_dot == float64."""
+    cfg, params, fn = _layer("ragged", True)
+    roles = "ooi" if shared == "A" else "ioi"  # stored (E, out, in)
+    lc = jlora.LoraConfig(rank=R, alpha=2.0 * R, targets=r"w_in|w_out", layout={r"w_in|w_out": roles})
+    x = _x()
+    frozen, lora = jlora.init(KEY, params, lc, apply_fn=fn, args=(x,))
+    lora = _randomise(lora)
+    a, b = lora["w_in"]["A"], lora["w_in"]["B"]
+    assert (a.shape, b.shape) == (((D, R), (R, E, H)) if shared == "A" else ((E, D, R), (R, H)))
+    per_expert = {}  # the same adapter written as per-expert factors, for the float64 reference
+    for name, node in lora.items():
+        a, b = np.asarray(node["A"]), np.asarray(node["B"])
+        if shared == "A":
+            per_expert[name] = {"A": np.broadcast_to(a, (E,) + a.shape), "B": np.transpose(b, (1, 0, 2))}
+        else:
+            per_expert[name] = {"A": a, "B": np.broadcast_to(b, (E,) + b.shape)}
+    want = _reference(frozen, per_expert, cfg, x, 2.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = jax.jit(jlora.lora_apply(fn, lc, "lazy", strict=True))(frozen, lora, x)
+    np.testing.assert_allclose(np.asarray(got), want, atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(jlora.lora_apply(fn, lc, "merged")(frozen, lora, x)), want, atol=1e-5,
+                               rtol=1e-5)
+
+
 def _views_of_inputs(jaxpr, full_shapes):
     """Equations of ``jaxpr`` (recursively) whose output has a full expert-kernel shape but is not a
     view (transpose / reshape / cast / copy / call) of a top-level input: a formed delta, merged
