@@ -45,13 +45,13 @@ LORA = jlora.LoraConfig(rank=8, alpha=16.0, targets=M.ALL_TARGETS)
 BATCH, SEQ = 16, 16
 
 
-def make_batch(step: int) -> jax.Array:
+def make_batch(step: int, vocab: int = CFG.vocab) -> jax.Array:
     """Sequences of the synthetic recurrence, two random seed tokens each."""
     rng = np.random.default_rng(step)
     t = np.zeros((BATCH, SEQ), np.int32)
-    t[:, :2] = rng.integers(0, CFG.vocab, (BATCH, 2))
+    t[:, :2] = rng.integers(0, vocab, (BATCH, 2))
     for i in range(2, SEQ):
-        t[:, i] = (3 * t[:, i - 1] + t[:, i - 2]) % CFG.vocab
+        t[:, i] = (3 * t[:, i - 1] + t[:, i - 2]) % vocab
     return jnp.asarray(t)
 
 
@@ -65,12 +65,14 @@ def _base_specs(params: Any) -> Any:
     return jlora.paths.map_with_path(lambda p, w: P("expert", None, None) if w.ndim == 3 else P(), params)
 
 
-def train(steps: int = 40, devices: int = 1, lr: float = 1e-2, seed: int = 0) -> dict[str, Any]:
+def train(steps: int = 40, devices: int = 1, lr: float = 1e-2, seed: int = 0, cfg: M.MoEConfig = CFG
+          ) -> dict[str, Any]:
     """Trains the experts' (and attention's) LoRA factors; returns losses, the final lora tree (flat
     NumPy) and the factors' partition specs."""
-    apply = lambda p, t: M.apply(p, t, CFG)  # noqa: E731
-    params = M.init_params(jax.random.key(seed), CFG)
-    frozen, lora = jlora.init(jax.random.key(seed + 1), params, LORA, apply_fn=apply, args=(make_batch(0),))
+    apply = lambda p, t: M.apply(p, t, cfg)  # noqa: E731
+    params = M.init_params(jax.random.key(seed), cfg)
+    frozen, lora = jlora.init(jax.random.key(seed + 1), params, LORA, apply_fn=apply,
+                              args=(make_batch(0, cfg.vocab),))
     fn = jlora.lora_apply(apply, LORA, "lazy", strict=True)
     tx = jlora.optimizer(optax.adam(lr), lora)
     opt = tx.init(lora)
@@ -85,8 +87,8 @@ def train(steps: int = 40, devices: int = 1, lr: float = 1e-2, seed: int = 0) ->
         if jax.device_count() < devices:
             raise ValueError(f"--devices {devices}: only {jax.device_count()} devices; fix: set XLA_FLAGS="
                              f"--xla_force_host_platform_device_count={devices} before importing jax")
-        if CFG.experts % devices:
-            raise ValueError(f"--devices {devices} must divide the {CFG.experts} experts")
+        if cfg.experts % devices:
+            raise ValueError(f"--devices {devices} must divide the {cfg.experts} experts")
         mesh = Mesh(np.array(jax.devices()[:devices]), ("expert",))
         base = jax.tree.map(lambda s: NamedSharding(mesh, s), _base_specs(frozen), is_leaf=lambda x: isinstance(x, P))
         lora_sh = jlora.lora_shardings(base, lora, LORA, frozen=frozen)
@@ -99,7 +101,7 @@ def train(steps: int = 40, devices: int = 1, lr: float = 1e-2, seed: int = 0) ->
         jstep = jax.jit(step)
     losses = []
     for i in range(steps):
-        lora, opt, loss = jstep(lora, opt, frozen, make_batch(i % 8))
+        lora, opt, loss = jstep(lora, opt, frozen, make_batch(i % 8, cfg.vocab))
         losses.append(float(loss))
     return {"losses": losses, "lora": {p: np.asarray(x) for p, x in jlora.paths.flatten(lora).items()},
             "specs": specs}

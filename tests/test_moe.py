@@ -249,8 +249,9 @@ _TRAIN = textwrap.dedent("""
     import jax
     assert jax.device_count() == 8, jax.devices()
     from examples import moe_train
-    one = moe_train.train(steps=4, devices=1)
-    eight = moe_train.train(steps=4, devices=8)
+    small = moe_train.M.MoEConfig(vocab=16, d=16, hidden=16, experts=8, top_k=2, layers=1)
+    one = moe_train.train(steps=4, devices=1, cfg=small)
+    eight = moe_train.train(steps=4, devices=8, cfg=small)
     print(json.dumps({"one": one["losses"], "eight": eight["losses"], "specs": eight["specs"],
                       "lora": {p: float(abs(one["lora"][p] - eight["lora"][p]).max()) for p in one["lora"]}}))
 """)
@@ -266,8 +267,8 @@ def test_example_trains_and_experts_shard_on_8_devices():
     np.testing.assert_allclose(res["eight"], res["one"], rtol=1e-5)
     assert max(res["lora"].values()) < 1e-4, res["lora"]  # after 4 adam steps (which amplify tiny gradients)
     assert res["one"][-1] < res["one"][0], res["one"]
-    assert res["specs"]["params/layer_0/moe/w_in/A"] == "PartitionSpec('expert', None, None)"
-    assert res["specs"]["params/layer_0/moe/w_out/B"] == "PartitionSpec('expert', None, None)"
+    assert res["specs"]["params/layer_0/moe/w_in/A"] == "P('expert', None, None)"
+    assert res["specs"]["params/layer_0/moe/w_out/B"] == "P('expert', None, None)"
 
 
 # --- PEFT target_parameters on transformers' Qwen3-MoE --------------------------------------------
