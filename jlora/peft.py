@@ -12,6 +12,8 @@ Layouts (PyTorch on the left, jlora on the right)::
                lora_embedding_B (d, r)         B (r, d)
     Conv       lora_A.weight (r, cin, k...)    A (k..., cin, r)  a conv to r channels
                lora_B.weight (cout, r, 1...)   B (r, cout)       a 1x1 conv
+    Experts    lora_A.weight (E·r, in)         A (E, in, r)      PEFT target_parameters (one (E, ., .)
+               lora_B.weight (out, r·E)        B (E, r, out)     parameter; see jlora.peft_experts)
 
 Whole trained leaves (jlora's ``trainable``) become PEFT's ``modules_to_save`` (weights of a whole
 module) and ``bias`` (``'lora_only'`` or ``'all'``). Only safetensors is read or written; a

@@ -138,8 +138,8 @@ def export(experts: Mapping[str, tuple[Any, Any, Layout]], place: Callable[[str]
     >>> from jlora import LoraConfig
     >>> t, names, _, _ = export({"w": (np.ones((2, 3, 1)), np.ones((2, 1, 4)), Layout((2, 4, 3), "soi"))},
     ...                         lambda p: "m.experts.down_proj", LoraConfig(rank=1, targets="w"))
-    >>> sorted((k, v.shape) for k, v in t.items()), names
-    ([('base_model.model.m.experts.lora_A.weight', (2, 3)), ('base_model.model.m.experts.lora_B.weight', (4, 2))], ['m.experts.down_proj'])
+    >>> sorted((k.removeprefix(PREFIX), v.shape) for k, v in t.items()), names
+    ([('m.experts.lora_A.weight', (2, 3)), ('m.experts.lora_B.weight', (4, 2))], ['m.experts.down_proj'])
     """
     if experts and (config.dropout or config.use_dora):
         raise ValueError(

@@ -344,7 +344,8 @@ def test_peft_target_parameters_export(qwen, tmp_path):
     back, cfg = jlora.peft.load(out, params, QWEN_MAP, layouts=jlora.kernel_layouts(lora))
     for name in ("gate_up_proj", "down_proj"):
         for part in "AB":
-            np.testing.assert_array_equal(np.asarray(back["experts"][name][part]), np.asarray(lora["experts"][name][part]))
+            np.testing.assert_array_equal(np.asarray(back["experts"][name][part]),
+                                          np.asarray(lora["experts"][name][part]))
     assert cfg.scale_for("experts/down_proj") == 5.0 / 3
 
 
@@ -357,7 +358,8 @@ def test_peft_target_parameters_import_and_bad_ranks(qwen, tmp_path):
     pm = peft.get_peft_model(model(), pcfg)
     pm.save_pretrained(str(tmp_path / "a"))
     lora, lc = jlora.peft.load(tmp_path / "a", params, QWEN_MAP, apply_fn=block, args=(x,))
-    assert lora["experts"]["gate_up_proj"].layout.roles == "soi" and lora["experts"]["gate_up_proj"]["A"].shape == (4, 16, 2)
+    node = lora["experts"]["gate_up_proj"]
+    assert node.layout.roles == "soi" and node["A"].shape == (4, 16, 2)
     got = jlora.lora_apply(block, lc, "lazy", strict=True)(params, lora, x)
     np.testing.assert_allclose(np.asarray(got), _torch_block(torch, pm, x), atol=1e-4)
     # a config whose r does not match the stored r·E sizes, and sizes that are no multiple of E
