@@ -150,7 +150,10 @@ def _general_dot(eqn: Any, v: LoraValue, x: jax.Array, kernel_lhs: bool, ctx: An
     w = v.squeeze_units()
     view, nd = w.view, len(w.shape)
     contracted = [c for j in kc for c in view[j]]
-    roles = {w.role(c) for c in contracted}
+    summed = [c for c in contracted if w.role(c) == "s"]  # stack axes summed over (experts with combine weights)
+    roles = {w.role(c) for c in contracted if c not in summed}
+    if summed and (roles != {"i"} or w.factor is not None):
+        return None
     if roles <= {"i"}:
         group, other, transposed = "i", "o", False
     elif roles == {"o"}:
@@ -160,13 +163,13 @@ def _general_dot(eqn: Any, v: LoraValue, x: jax.Array, kernel_lhs: bool, ctx: An
     if transposed and w.factor is not None:
         return None  # DoRA contracted over its output axes (a tied attend): the merged kernel
     n_canon = len(w.sizes)
-    if set(contracted) != {c for c in range(n_canon) if w.role(c) == group}:
+    if set(contracted) - set(summed) != {c for c in range(n_canon) if w.role(c) == group}:
         return None
     batched = [c for j in kb for c in view[j]]
     free_k = [j for j in range(nd) if j not in kc and j not in kb]
     if any(w.role(c) != "s" for c in batched) or any(w.role(c) == group for j in free_k for c in view[j]):
         return None
-    free_stack = [c for c in range(w.ns) if c not in batched]
+    free_stack = [c for c in range(w.ns) if c not in batched and c not in summed]
 
     base_of = lambda xx: bind(eqn, [w.w0, xx] if kernel_lhs else [xx, w.w0])[0]  # noqa: E731
     base = base_of(x)
@@ -192,10 +195,12 @@ def _general_dot(eqn: Any, v: LoraValue, x: jax.Array, kernel_lhs: bool, ctx: An
     low = lax.dot_general(xe, f1, ((tuple(x_con), tuple(ax1(labels[k][1]) for k in x_con)),
                                    (tuple(x_bat), tuple(ax1(labels[k][1]) for k in x_bat))))
     x_free = [lab for lab in labels if lab[0] == "x"]
-    stack_order = [labels[k] for k in x_bat] + [("c", c) for c in free_stack]
-    n_b = len(x_bat)
-    low_bat = list(range(n_b)) + [low.ndim - 1 - len(free_stack) + k for k in range(len(free_stack))]
-    out = lax.dot_general(low, f2, (((low.ndim - 1,), (r2,)),
+    # a summed stack axis batches the first product and is contracted with r in the second
+    low_sum = [k for k, i in enumerate(x_bat) if labels[i][1] in summed]
+    stack_order = [labels[i] for i in x_bat if labels[i][1] not in summed] + [("c", c) for c in free_stack]
+    low_bat = ([k for k, i in enumerate(x_bat) if labels[i][1] not in summed]
+               + [low.ndim - 1 - len(free_stack) + k for k in range(len(free_stack))])
+    out = lax.dot_general(low, f2, (((low.ndim - 1, *low_sum), (r2, *(ax2(labels[x_bat[k]][1]) for k in low_sum))),
                                     (tuple(low_bat), tuple(ax2(lab[1]) for lab in stack_order))))
     rest = [("c", c) for c in range(n_canon) if w.role(c) == other]
     out_labels = stack_order + x_free + rest

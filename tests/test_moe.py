@@ -135,6 +135,41 @@ def test_factor_shared_across_experts_on_ragged_dot(shared):
                                rtol=1e-5)
 
 
+def test_einsum_summing_the_expert_axis_with_combine_weights():
+    """Dense dispatch with the combine folded into the contraction (``tef,efd->td``: the expert axis
+    is summed): read from the trace it is an input axis (one shared B); stated ``'sio'`` it gets
+    per-expert factors, and the lazy rewrite batches x·A over experts and sums them with r in (x·A)·B."""
+    rng = np.random.default_rng(3)
+    w0 = jnp.asarray(rng.normal(size=(E, H, D)) / 3, jnp.float32)
+    combine = jnp.asarray(rng.random((T, E)), jnp.float32)
+    h = jnp.asarray(rng.normal(size=(T, E, H)), jnp.float32)
+
+    def apply(p, h):
+        return jnp.einsum("teh,ehd->td", h * combine[:, :, None], p["w"])
+
+    for roles, shapes in ((None, ((E, H, R), (R, D))), ("sio", ((E, H, R), (E, R, D)))):
+        lc = jlora.LoraConfig(rank=R, alpha=2.0 * R, targets="w", layout={"w": roles} if roles else ())
+        frozen, lora = jlora.init(KEY, {"w": w0}, lc, apply_fn=apply, args=(h,))
+        assert lora["w"].layout.roles == (roles or "iio")
+        assert (lora["w"]["A"].shape, lora["w"]["B"].shape) == shapes
+        lora = _randomise(lora)
+        a, b = np.asarray(lora["w"]["A"], np.float64), np.asarray(lora["w"]["B"], np.float64)
+        delta = 2.0 * (np.einsum("ehr,erd->ehd", a, b) if roles else np.einsum("ehr,rd->ehd", a, b))
+        want = np.einsum("teh,ehd->td", np.asarray(h * combine[:, :, None], np.float64),
+                         np.asarray(w0, np.float64) + delta)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            lazy = jlora.lora_apply(apply, lc, "lazy", strict=True)
+            got = jax.jit(lazy)(frozen, lora, h)
+        np.testing.assert_allclose(np.asarray(got), want, atol=1e-5, rtol=1e-5)
+        merged = jlora.lora_apply(apply, lc, "merged")
+        g = jax.jit(jax.grad(lambda l: jnp.sum(lazy(frozen, l, h) ** 2)))(lora)
+        g_ref = jax.jit(jax.grad(lambda l: jnp.sum(merged(frozen, l, h) ** 2)))(lora)
+        for part in "AB":
+            ref = np.asarray(g_ref["w"][part])
+            np.testing.assert_allclose(np.asarray(g["w"][part]), ref, atol=1e-4 * np.abs(ref).max())
+
+
 def _views_of_inputs(jaxpr, full_shapes):
     """Equations of ``jaxpr`` (recursively) whose output has a full expert-kernel shape but is not a
     view (transpose / reshape / cast / copy / call) of a top-level input: a formed delta, merged
