@@ -170,6 +170,40 @@ def test_einsum_summing_the_expert_axis_with_combine_weights():
             np.testing.assert_allclose(np.asarray(g["w"][part]), ref, atol=1e-4 * np.abs(ref).max())
 
 
+@pytest.mark.parametrize("loop", ["fori_loop", "scan"])
+def test_expert_loops_in_lax_control_flow(loop):
+    """Experts visited by ``lax.fori_loop`` (``dynamic_index_in_dim(W, e)``) or ``lax.scan`` over the
+    expert axis: per-expert factors, lazy (strict) == float64."""
+    rng = np.random.default_rng(4)
+    w0 = jnp.asarray(rng.normal(size=(E, D, H)) / 4, jnp.float32)
+    combine = jnp.asarray(rng.random((T, E)), jnp.float32)
+
+    def fori(p, x):
+        def body(e, acc):
+            w = lax.dynamic_index_in_dim(p["w"], e, 0, keepdims=False)
+            return acc + lax.dynamic_index_in_dim(combine, e, 1, keepdims=True) * (x @ w)
+        return lax.fori_loop(0, E, body, jnp.zeros((x.shape[0], H)))
+
+    def scan(p, x):
+        return lax.scan(lambda acc, wc: (acc + wc[1][:, None] * (x @ wc[0]), None), jnp.zeros((x.shape[0], H)),
+                        (p["w"], combine.T))[0]
+
+    apply = fori if loop == "fori_loop" else scan
+    lc = jlora.LoraConfig(rank=R, alpha=2.0 * R, targets="w")
+    x = _x()
+    frozen, lora = jlora.init(KEY, {"w": w0}, lc, apply_fn=apply, args=(x,))
+    assert lora["w"].layout.roles == "sio" and lora["w"]["B"].shape == (E, R, H)
+    lora = _randomise(lora)
+    w = np.asarray(w0, np.float64) + 2.0 * np.einsum("eir,ero->eio", np.asarray(lora["w"]["A"], np.float64),
+                                                     np.asarray(lora["w"]["B"], np.float64))
+    per_expert = np.einsum("ti,eio->teo", np.asarray(x, np.float64), w)
+    want = np.einsum("te,ted->td", np.asarray(combine, np.float64), per_expert)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = jax.jit(jlora.lora_apply(apply, lc, "lazy", strict=True))(frozen, lora, x)
+    np.testing.assert_allclose(np.asarray(got), want, atol=1e-5, rtol=1e-5)
+
+
 def _views_of_inputs(jaxpr, full_shapes):
     """Equations of ``jaxpr`` (recursively) whose output has a full expert-kernel shape but is not a
     view (transpose / reshape / cast / copy / call) of a top-level input: a formed delta, merged
