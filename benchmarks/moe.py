@@ -1,6 +1,6 @@
 """MoE expert LoRA train step: jlora lazy vs merged-in-step vs full fine-tuning of the same MoE.
 
-Run: python benchmarks/moe.py [--rounds 15] [--form ragged|dense|indexed] [--quick]
+Run: python benchmarks/moe.py [--rounds 15] [--forms ragged dense indexed] [--quick]
 Workload: the decoder of ``examples/models/moe.py`` (d 256, expert hidden 512, 8 experts, top-2,
 2 layers, vocab 512) on a batch of 8 sequences of 64 tokens, float32; LoRA r 8 on the expert
 kernels only (``A (E, in, r)``, ``B (E, r, out)``). Each variant is one jitted train step (forward,
@@ -45,15 +45,31 @@ def _step(loss_of, tx):
 def main(argv=None) -> str:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=15)
-    parser.add_argument("--form", choices=M.FORMS, default="ragged")
+    parser.add_argument("--forms", nargs="+", choices=M.FORMS, default=["ragged", "dense"])
     parser.add_argument("--quick", action="store_true", help="tiny shapes, 2 rounds (smoke run)")
     parser.add_argument("--out", default=str(pathlib.Path(__file__).parent / "results" / "moe.md"))
     args = parser.parse_args(argv)
-    if args.quick:
-        cfg, batch, seq, rounds = M.MoEConfig(vocab=32, d=16, hidden=16, experts=4, layers=1, form=args.form), 2, 8, 2
+    rounds = 2 if args.quick else args.rounds
+    head = (f"# MoE expert LoRA train step\n\n{time.strftime('%Y-%m-%d')}, {platform.machine()} {os.cpu_count()} "
+            f"CPUs, jax {jax.__version__}, {jax.devices()[0].platform}; `python benchmarks/moe.py"
+            f"{' --quick' if args.quick else ''} --forms {' '.join(args.forms)} --rounds {rounds}`. Full "
+            "fine-tuning trains every weight. XLA:CPU runs `ragged_dot` as a masked dense dot over all E experts "
+            "(E x the routed FLOPs, in every variant alike); GPUs/TPUs run it as a grouped matmul.\n\n")
+    table = head + "\n".join(run_form(form, args.quick, rounds) for form in args.forms)
+    out = pathlib.Path(args.out)
+    out.parent.mkdir(exist_ok=True, parents=True)
+    out.write_text(table)
+    print(table)
+    return table
+
+
+def run_form(form: str, quick: bool, rounds: int) -> str:
+    """One table: the three variants with the experts run as ``form``."""
+    if quick:
+        cfg, batch, seq = M.MoEConfig(vocab=32, d=16, hidden=16, experts=4, layers=1, form=form), 2, 8
     else:
-        cfg = M.MoEConfig(vocab=512, d=256, hidden=512, experts=8, top_k=2, layers=2, form=args.form)
-        batch, seq, rounds = 8, 64, args.rounds
+        cfg = M.MoEConfig(vocab=512, d=256, hidden=512, experts=8, top_k=2, layers=2, form=form)
+        batch, seq = 8, 64
     rank = 8
     apply = lambda p, t: M.apply(p, t, cfg)  # noqa: E731
     tokens = jnp.asarray(np.random.default_rng(0).integers(0, cfg.vocab, (batch, seq)), jnp.int32)
@@ -112,21 +128,12 @@ def main(argv=None) -> str:
                     f"[{min(ratios):.2f}-{max(ratios):.2f}] | {stats[k]['flops'] / 1e9:.3f} | "
                     f"{stats[k]['mem'] / 2**20:.1f} ({stats[k]['temp'] / 2**20:.1f}) |")
     n_expert = sum(x.size for p, x in jlora.paths.flatten(frozen).items() if x.ndim == 3)
-    head = (f"MoE expert LoRA train step, {time.strftime('%Y-%m-%d')}, {platform.machine()} {os.cpu_count()} CPUs, "
-            f"jax {jax.__version__}, {jax.devices()[0].platform}; `python benchmarks/moe.py"
-            f"{' --quick' if args.quick else ''} --form {cfg.form} --rounds {rounds}`\n\n"
-            f"Decoder: d {cfg.d}, expert hidden {cfg.hidden}, {cfg.experts} experts, top-{cfg.top_k}, {cfg.layers} "
-            f"layers, vocab {cfg.vocab}; batch {batch}x{seq} tokens, float32; experts as `{cfg.form}`; LoRA r {rank} "
-            f"on the expert kernels ({n_expert:,} expert weights, "
-            f"{sum(x.size for x in jax.tree.leaves(lora)):,} trainable); loss at init equal within 1e-4. Full "
-            "fine-tuning trains every weight. XLA:CPU runs `ragged_dot` as a masked dense dot over all E experts "
-            "(E x the routed FLOPs, in every variant alike); GPUs/TPUs run it as a grouped matmul.\n\n")
-    table = head + "\n".join(rows) + "\n"
-    out = pathlib.Path(args.out)
-    out.parent.mkdir(exist_ok=True, parents=True)
-    out.write_text(table)
-    print(table)
-    return table
+    head = (f"## experts as `{cfg.form}`\n\nDecoder: d {cfg.d}, expert hidden {cfg.hidden}, {cfg.experts} experts, "
+            f"top-{cfg.top_k}, {cfg.layers} layers, vocab {cfg.vocab}; batch {batch}x{seq} tokens, float32; LoRA r "
+            f"{rank} on the expert kernels ({n_expert:,} expert weights, {sum(x.size for x in jax.tree.leaves(lora)):,}"
+            f" trainable); loss at init equal within 1e-4; {rounds} rounds.\n\n")
+    print(head + "\n".join(rows), file=sys.stderr)
+    return head + "\n".join(rows) + "\n"
 
 
 if __name__ == "__main__":
