@@ -1,6 +1,6 @@
 """jlora: LoRA for JAX as pure functions over parameter pytrees."""
 
-from jlora import checkpoint, dora, layout, multi, peft, quant, sharding
+from jlora import checkpoint, dora, layout, moe, multi, peft, quant, sharding
 from jlora.apply import lora_apply
 from jlora.checkpoint import TrainCheckpointer, restore_adapter, save_adapter
 from jlora.config import LoraConfig
@@ -37,6 +37,7 @@ __all__ = [
     "lora_shardings",
     "lora_specs",
     "merge",
+    "moe",
     "multi",
     "optimizer",
     "peft",

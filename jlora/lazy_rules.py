@@ -150,7 +150,10 @@ def _general_dot(eqn: Any, v: LoraValue, x: jax.Array, kernel_lhs: bool, ctx: An
     w = v.squeeze_units()
     view, nd = w.view, len(w.shape)
     contracted = [c for j in kc for c in view[j]]
-    roles = {w.role(c) for c in contracted}
+    summed = [c for c in contracted if w.role(c) == "s"]  # stack axes summed over (experts with combine weights)
+    roles = {w.role(c) for c in contracted if c not in summed}
+    if summed and (roles != {"i"} or w.factor is not None):
+        return None
     if roles <= {"i"}:
         group, other, transposed = "i", "o", False
     elif roles == {"o"}:
@@ -160,13 +163,13 @@ def _general_dot(eqn: Any, v: LoraValue, x: jax.Array, kernel_lhs: bool, ctx: An
     if transposed and w.factor is not None:
         return None  # DoRA contracted over its output axes (a tied attend): the merged kernel
     n_canon = len(w.sizes)
-    if set(contracted) != {c for c in range(n_canon) if w.role(c) == group}:
+    if set(contracted) - set(summed) != {c for c in range(n_canon) if w.role(c) == group}:
         return None
     batched = [c for j in kb for c in view[j]]
     free_k = [j for j in range(nd) if j not in kc and j not in kb]
     if any(w.role(c) != "s" for c in batched) or any(w.role(c) == group for j in free_k for c in view[j]):
         return None
-    free_stack = [c for c in range(w.ns) if c not in batched]
+    free_stack = [c for c in range(w.ns) if c not in batched and c not in summed]
 
     base_of = lambda xx: bind(eqn, [w.w0, xx] if kernel_lhs else [xx, w.w0])[0]  # noqa: E731
     base = base_of(x)
@@ -192,10 +195,12 @@ def _general_dot(eqn: Any, v: LoraValue, x: jax.Array, kernel_lhs: bool, ctx: An
     low = lax.dot_general(xe, f1, ((tuple(x_con), tuple(ax1(labels[k][1]) for k in x_con)),
                                    (tuple(x_bat), tuple(ax1(labels[k][1]) for k in x_bat))))
     x_free = [lab for lab in labels if lab[0] == "x"]
-    stack_order = [labels[k] for k in x_bat] + [("c", c) for c in free_stack]
-    n_b = len(x_bat)
-    low_bat = list(range(n_b)) + [low.ndim - 1 - len(free_stack) + k for k in range(len(free_stack))]
-    out = lax.dot_general(low, f2, (((low.ndim - 1,), (r2,)),
+    # a summed stack axis batches the first product and is contracted with r in the second
+    low_sum = [k for k, i in enumerate(x_bat) if labels[i][1] in summed]
+    stack_order = [labels[i] for i in x_bat if labels[i][1] not in summed] + [("c", c) for c in free_stack]
+    low_bat = ([k for k, i in enumerate(x_bat) if labels[i][1] not in summed]
+               + [low.ndim - 1 - len(free_stack) + k for k in range(len(free_stack))])
+    out = lax.dot_general(low, f2, (((low.ndim - 1, *low_sum), (r2, *(ax2(labels[x_bat[k]][1]) for k in low_sum))),
                                     (tuple(low_bat), tuple(ax2(lab[1]) for lab in stack_order))))
     rest = [("c", c) for c in range(n_canon) if w.role(c) == other]
     out_labels = stack_order + x_free + rest
@@ -324,30 +329,48 @@ def _conv_merged(eqn: Any, o_axis: int, feat: int) -> Callable[..., jax.Array]:
 def ragged_dot(eqn: Any, invals: list[Any], ctx: Any) -> list[Any] | None:
     """``ragged_dot_general`` with the kernel ``(groups, in, out)`` (any stored order) on the rhs:
     ``ragged_dot(x, W0) + ragged_dot(ragged_dot(x, A), s·B)``, both with the same group sizes (and
-    ``group_offset``): one factor pair per expert, never an ``(E, in, out)`` delta or gradient."""
+    ``group_offset``): one factor pair per expert, never an ``(E, in, out)`` delta or gradient.
+
+    A factor shared by all experts (the expert axis stated as an output axis: one ``A (in, r)``,
+    ``B (r, E, out)``; or as an input axis: ``A (E, in, r)``, one ``B (r, out)``) runs as a plain
+    dot on the shared factor and a ``ragged_dot`` on the per-expert one."""
     x, v, sizes = invals[0], invals[1], invals[2:]
     if is_lora(x) or not is_lora(v) or any(is_lora(g) for g in sizes):
         return None
     dn = eqn.params["ragged_dot_dimension_numbers"]
     (lc, rc), (lb, rb) = dn.dot_dimension_numbers
     w = v.squeeze_units()
-    if lb or rb or len(dn.rhs_group_dimensions) != 1 or len(lc) != 1 or (w.ns, w.ni, w.no) != (1, 1, 1):
-        return None
+    if lb or rb or len(dn.rhs_group_dimensions) != 1 or len(lc) != 1 or len(w.shape) != 3 or w.factor is not None:
+        return None  # (DoRA on experts would need a per-token factor gather: the merged kernel)
     g_axis, c_axis = dn.rhs_group_dimensions[0], rc[0]
-    free = [j for j in range(len(w.shape)) if j not in (g_axis, c_axis)]
-    if w.view[g_axis] != (0,) or w.view[c_axis] != (1,) or len(free) != 1 or w.view[free[0]] != (2,):
+    (f_axis,) = [j for j in range(3) if j not in (g_axis, c_axis)]
+    if any(len(w.view[j]) != 1 for j in range(3)):
         return None
-    if w.factor is not None:
-        return None  # DoRA on experts would need a per-token factor gather: the merged kernel
+    cg, cc, cf = w.view[g_axis][0], w.view[c_axis][0], w.view[f_axis][0]
+    shared = w.role(cg)  # 's': per-expert factors; 'o': one A; 'i': one B
+    if len(w.sizes) != 3 or w.role(cc) != "i" or w.role(cf) != "o":
+        return None
     (ragged,) = dn.lhs_ragged_dimensions
     base = bind(eqn, [x, w.w0, *sizes])[0]
     xd, base_dropped = _dropped(x, w, ctx, lambda xx: bind(eqn, [xx, w.w0, *sizes])[0])
     first = lax.RaggedDotDimensionNumbers(((tuple(lc), (1,)), ((), ())), tuple(dn.lhs_ragged_dimensions), (0,))
-    low = bind(eqn, [xd, w.a, *sizes], ragged_dot_dimension_numbers=first, preferred_element_type=None)[0]
     n_free_x = x.ndim - 1
     ragged_low = ragged - (ragged > lc[0])  # x's ragged axis in low (x free axes, then r)
     second = lax.RaggedDotDimensionNumbers((((n_free_x,), (1,)), ((), ())), (ragged_low,), (0,))
-    y = bind(eqn, [low, w.scaled_b(), *sizes], ragged_dot_dimension_numbers=second, preferred_element_type=None)[0]
+    r_axis = w.a.ndim - 1
+    if shared == "o":  # x·A (one A), then per expert: ragged_dot(low, B_e)
+        low = lax.dot_general(xd, w.a, ((tuple(lc), (w.a_axis(cc),)), ((), ())))
+        b_e = w.scaled_b().transpose(w.b_axis(cg), w.ns, w.b_axis(cf))
+        y = bind(eqn, [low, b_e, *sizes], ragged_dot_dimension_numbers=second, preferred_element_type=None)[0]
+    else:
+        a_e = w.a.transpose(w.a_axis(cg), w.a_axis(cc), r_axis)
+        low = bind(eqn, [xd, a_e, *sizes], ragged_dot_dimension_numbers=first, preferred_element_type=None)[0]
+        if shared == "i":  # per expert ragged_dot(x, A_e), then low·B (one B)
+            b = w.scaled_b().transpose(w.ns, w.b_axis(cf))
+            y = lax.dot_general(low, b, (((low.ndim - 1,), (0,)), ((), ())))
+        else:
+            b_e = w.scaled_b().transpose(w.b_axis(cg), w.ns, w.b_axis(cf))
+            y = bind(eqn, [low, b_e, *sizes], ragged_dot_dimension_numbers=second, preferred_element_type=None)[0]
     return [_finish(base, y, None, base_dropped)]
 
 

@@ -12,6 +12,8 @@ Layouts (PyTorch on the left, jlora on the right)::
                lora_embedding_B (d, r)         B (r, d)
     Conv       lora_A.weight (r, cin, k...)    A (k..., cin, r)  a conv to r channels
                lora_B.weight (cout, r, 1...)   B (r, cout)       a 1x1 conv
+    Experts    lora_A.weight (E·r, in)         A (E, in, r)      PEFT target_parameters (one (E, ., .)
+               lora_B.weight (out, r·E)        B (E, r, out)     parameter; see jlora.peft_experts)
 
 Whole trained leaves (jlora's ``trainable``) become PEFT's ``modules_to_save`` (weights of a whole
 module) and ``bias`` (``'lora_only'`` or ``'all'``). Only safetensors is read or written; a
@@ -32,7 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jlora import analysis, paths
+from jlora import analysis, paths, peft_experts
 from jlora.config import LoraConfig
 from jlora.describe import kernel_layouts, nest
 from jlora.layout import Layout
@@ -94,7 +96,8 @@ def _adapter_dir(directory: str | os.PathLike[str], adapter_name: str | None) ->
 def save(directory: str | os.PathLike[str], lora: Mapping[str, Any], config: LoraConfig, key_map: KeyMap, *,
          adapter_name: str | None = None, overwrite: bool = False, conv: str | Sequence[str] = (),
          fan_in_fan_out: str | Sequence[str] = (), params: Any = None,
-         base_model_name_or_path: str | None = None, task_type: str | None = None) -> Path:
+         base_model_name_or_path: str | None = None, task_type: str | None = None,
+         param_order: Sequence[str] = peft_experts.PARAM_ORDER) -> Path:
     """Writes a jlora adapter as a PEFT adapter (``adapter_config.json`` + ``adapter_model.safetensors``).
 
     ``peft.PeftModel.from_pretrained(model, directory)`` then loads it onto the equivalent
@@ -118,6 +121,9 @@ def save(directory: str | os.PathLike[str], lora: Mapping[str, Any], config: Lor
         trained takes it from here (PEFT saves every parameter of such a module).
       base_model_name_or_path: recorded in the config (PEFT uses it only when no model is passed).
       task_type: PEFT task type (e.g. ``'CAUSAL_LM'``), or None for a plain ``PeftModel``.
+      param_order: expert kernels (a stack axis, e.g. ``(E, in, out)``) are written as PEFT
+        ``target_parameters`` (key_map gives the torch parameter name); this is the torch module's
+        order of its expert parameters (:mod:`jlora.peft_experts`).
 
     Returns:
       The folder holding the two files.
@@ -155,6 +161,7 @@ def save(directory: str | os.PathLike[str], lora: Mapping[str, Any], config: Lor
     modules: dict[str, str] = {}  # module -> jlora kernel path
     rank_pattern: dict[str, int] = {}
     alpha_pattern: dict[str, int | float] = {}
+    experts: dict[str, tuple[Any, Any, Layout]] = {}
 
     def place(path: str) -> str:
         name = _place(fn, path)
@@ -199,6 +206,9 @@ def save(directory: str | os.PathLike[str], lora: Mapping[str, Any], config: Lor
                 f"jlora.peft.save: {path!r} has rank {r} (A {A.shape}) but config.rank_for gives "
                 f"{config.rank_for(path)}; fix: pass the config the lora tree was made with"
             )
+        if peft_experts.is_expert(layout):  # one (E, ., .) parameter: PEFT target_parameters
+            experts[path] = (A, B, layout)
+            continue
         module = place(path)
         if module in modules:
             raise ValueError(f"jlora.peft.save: key_map sends both {modules[module]!r} and {path!r} to {module!r}")
@@ -210,6 +220,12 @@ def save(directory: str | os.PathLike[str], lora: Mapping[str, Any], config: Lor
             rank_pattern[re.escape(module)] = int(r)
         if config.alpha_for(path) != config.alpha:
             alpha_pattern[re.escape(module)] = _number(config.alpha_for(path))
+
+    expert_tensors, target_parameters, expert_ranks, expert_alphas = peft_experts.export(experts, place, config,
+                                                                                         param_order)
+    tensors.update(expert_tensors)
+    rank_pattern.update(expert_ranks)
+    alpha_pattern.update(expert_alphas)
 
     token_indices: dict[str, list[int]] = {}
     for path, value in sorted(rows.items()):
@@ -272,6 +288,7 @@ def save(directory: str | os.PathLike[str], lora: Mapping[str, Any], config: Lor
         "lora_dropout": float(config.dropout),
         "use_rslora": bool(config.rslora),
         "target_modules": sorted(modules),
+        "target_parameters": target_parameters or None,
         "exclude_modules": None,
         "rank_pattern": rank_pattern,
         "alpha_pattern": alpha_pattern,
@@ -311,7 +328,8 @@ def _atomic_write(target: Path, write: Callable[[str], Any]) -> None:
 def load(directory: str | os.PathLike[str], params: Any, key_map: KeyMap, *,
          adapter_name: str | None = None, apply_fn: Callable[..., Any] | None = None, args: Sequence[Any] = (),
          layouts: Mapping[str, Layout] | None = None, ignore: str | Sequence[str] = (),
-         fan_in_fan_out: str | Sequence[str] | None = None) -> tuple[dict[str, Any], LoraConfig]:
+         fan_in_fan_out: str | Sequence[str] | None = None,
+         param_order: Sequence[str] = peft_experts.PARAM_ORDER) -> tuple[dict[str, Any], LoraConfig]:
     """Reads a PEFT LoRA adapter into a jlora ``(lora, config)`` pair for ``params``.
 
     Args:
@@ -331,6 +349,8 @@ def load(directory: str | os.PathLike[str], params: Any, key_map: KeyMap, *,
         ``Conv1D``: :data:`GPT2_FAN_IN_FAN_OUT`); their weights saved whole are not transposed.
         Default: inferred from shapes, and a square one is refused when the adapter says
         ``fan_in_fan_out``.
+      param_order: for ``target_parameters`` (expert kernels): the torch module's order of its
+        expert parameters (:mod:`jlora.peft_experts`).
 
     Returns:
       ``(lora, config)``: the lora tree (nested dicts of ``jax.Array``) and a
@@ -402,6 +422,8 @@ def load(directory: str | os.PathLike[str], params: Any, key_map: KeyMap, *,
             )
         return path
 
+    experts = peft_experts.read(tensors, body, params, lambda p: _place(fn, p), layouts=layouts, apply_fn=apply_fn,
+                                args=args, param_order=param_order)  # pops the target_parameters tensors
     factors: dict[str, dict[str, tuple[str, np.ndarray]]] = {}
     full: dict[tuple[str, str], tuple[str, np.ndarray]] = {}
     token_rows: dict[str, tuple[str, np.ndarray]] = {}
@@ -505,6 +527,10 @@ def load(directory: str | os.PathLike[str], params: Any, key_map: KeyMap, *,
             )
         if m is not None:
             out[path + "/m"] = jnp.asarray(m)
+
+    for path, (A, B, lay, r, a) in experts.items():
+        out[path + "/A"], out[path + "/B"] = jnp.asarray(A), jnp.asarray(B)
+        used[path], ranks[path], alphas[path] = lay, r, a
 
     embedding_rows: dict[str, tuple[int, ...]] = {}
     for module, (key, value) in sorted(token_rows.items()):

@@ -39,7 +39,7 @@ _TORCH_PARAM = {"kernel": "weight", "embedding": "weight", "scale": "weight", "w
 # PEFT LoraConfig keys (peft 0.21) that jlora reads, or that do not change the adapter's function.
 _KNOWN_KEYS = {
     "task_type", "peft_type", "auto_mapping", "peft_version", "base_model_name_or_path", "revision",
-    "inference_mode", "r", "target_modules", "exclude_modules", "lora_alpha", "lora_dropout",
+    "inference_mode", "r", "target_modules", "target_parameters", "exclude_modules", "lora_alpha", "lora_dropout",
     "fan_in_fan_out", "bias", "use_rslora", "modules_to_save", "init_lora_weights", "layers_to_transform",
     "layers_pattern", "rank_pattern", "alpha_pattern", "megatron_core", "qalora_group_size",
     "use_dora", "runtime_config", "eva_config", "corda_config", "lora_ga_config", "velora_config",
@@ -49,7 +49,6 @@ _KNOWN_KEYS = {
 _REFUSED_UNLESS_DEFAULT = {
     "lora_bias": "a bias on lora_B (lora_bias=True)",
     "use_qalora": "QA-LoRA (use_qalora=True)",
-    "target_parameters": "LoRA on raw nn.Parameters (target_parameters)",
     "layer_replication": "layer replication (layer_replication)",
     "alora_invocation_tokens": "activated LoRA (alora_invocation_tokens)",
     "megatron_config": "Megatron parallel layers (megatron_config)",

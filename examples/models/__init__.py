@@ -1,0 +1,1 @@
+"""Model ports used by the examples, tests and benchmarks (imported as ``examples.models.<name>``)."""
