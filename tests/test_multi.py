@@ -180,3 +180,36 @@ def test_dora_adapters_are_refused_not_dropped(setup):
         multi.stack(params, {"dora": (lora, cfg), **adapters})
     with pytest.raises(ValueError, match="carries a DoRA magnitude"):
         multi.combine(params, [(lora, cfg)], [1.0], "cat")
+
+
+def test_hot_swap_never_recompiles(setup):
+    """Same shapes, same paths, same dtypes: any mix of ids, any slot, another stack, a new adapter put in a slot."""
+    model, x, params, adapters = setup
+    s = multi.stack(params, adapters, rank=4)  # every path padded to rank 4: stacks of these adapters share shapes
+    fn = multi.mixed_apply(model.apply, s.config)
+    traces = []
+
+    @jax.jit
+    def serve(stacked, ids, x):
+        traces.append(1)  # runs only when jax traces (compiles) again
+        return fn(params, stacked, ids, x)
+
+    def check(st, ads, ids):
+        names = list(st.names)
+        got = serve(st.lora, jnp.array(ids), x)
+        np.testing.assert_allclose(got, np_mixed(params, ads, names, ids, x), rtol=1e-5, atol=1e-5)
+
+    check(s, adapters, [0, 1, 2, 3, 1, 0])
+    check(s, adapters, [2, 2, 2, 2, 2, 2])  # another mix
+    reordered = {k: adapters[k] for k in ("code", "sql", "chat")}
+    check(multi.stack(params, reordered, rank=4), reordered, [0, 1, 2, 0, 1, 3])  # another stack, same shapes
+    _, lora = jlora.init(jax.random.key(5), params, adapters["chat"][1])  # a freshly trained "chat" into its slot
+    fresh = dict(adapters, chat=(randomize(lora, 9), adapters["chat"][1]))
+    check(multi.put(s, "chat", params, *fresh["chat"]), fresh, [1, 1, 0, 2, 3, 1])
+    assert len(traces) == 1 and serve._cache_size() == 1
+    small = multi.stack(params, {"sql": adapters["sql"]})  # rank 2 at fc1 only
+    with pytest.raises(ValueError, match=r"has leaves the stack lacks: \['params/fc2/kernel/A'"):
+        multi.put(small, "sql", params, *adapters["chat"])
+    cfg4 = jlora.LoraConfig(rank=4, targets=r".*/fc1/kernel")
+    with pytest.raises(ValueError, match=r"has rank 4 at 'params/fc1/kernel', the stack 2.*fix: .*rank="):
+        multi.put(small, "sql", params, jlora.init(KEY, params, cfg4)[1], cfg4)
