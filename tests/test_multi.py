@@ -213,3 +213,40 @@ def test_hot_swap_never_recompiles(setup):
     cfg4 = jlora.LoraConfig(rank=4, targets=r".*/fc1/kernel")
     with pytest.raises(ValueError, match=r"has rank 4 at 'params/fc1/kernel', the stack 2.*fix: .*rank="):
         multi.put(small, "sql", params, jlora.init(KEY, params, cfg4)[1], cfg4)
+
+
+class Decoder(nn.Module):  # one decode step: (token embedding, recurrent cache) -> (logits, new cache)
+    @nn.compact
+    def __call__(self, x, cache, temperature=1.0):
+        h = jnp.tanh(nn.Dense(16, name="fc1")(x) + nn.Dense(16, name="fc2", use_bias=False)(cache["h"]))
+        return nn.Dense(4, name="head")(h) / temperature, {"h": h}
+
+
+def test_decode_loop_with_four_adapters_in_one_batch():
+    """Generation calls mixed_apply's function per step: batched args (tokens, cache) on axis 0, shared kwargs."""
+    model = Decoder()
+    x, cache = jax.random.normal(KEY, (4, 8)), {"h": jnp.zeros((4, 16))}
+    params = model.init(KEY, x, cache)
+    cfg = jlora.LoraConfig(rank=2, alpha=4, targets=r".*/(fc1|fc2|head)/kernel")
+    adapters = {f"user{i}": (randomize(jlora.init(jax.random.key(i), params, cfg)[1], i), cfg) for i in range(4)}
+    s = multi.stack(params, adapters)
+    ids = jnp.array([3, 0, 2, 1])
+    step = multi.mixed_apply(model.apply, s.config)
+
+    @jax.jit
+    def generate(stacked, ids, x, cache):
+        def body(_, carry):
+            x, cache = carry
+            logits, cache = step(params, stacked, ids, x, cache, temperature=0.5)
+            return jnp.tile(logits, (1, 2)), cache  # the next "token embedding"
+        return jax.lax.fori_loop(0, 3, body, (x, cache))
+
+    got = generate(s.lora, ids, x, cache)
+    single = jax.jit(jlora.lora_apply(model.apply, cfg), static_argnames="temperature")
+    for row, i in enumerate(ids.tolist()):
+        xe, ce = x[row : row + 1], {"h": cache["h"][row : row + 1]}
+        for _ in range(3):
+            logits, ce = single(params, adapters[f"user{i}"][0], xe, ce, temperature=0.5)
+            xe = jnp.tile(logits, (1, 2))
+        np.testing.assert_allclose(got[0][row], xe[0], rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(got[1]["h"][row], ce["h"][0], rtol=1e-5, atol=1e-5)
