@@ -250,3 +250,18 @@ def test_decode_loop_with_four_adapters_in_one_batch():
             xe = jnp.tile(logits, (1, 2))
         np.testing.assert_allclose(got[0][row], xe[0], rtol=1e-5, atol=1e-5)
         np.testing.assert_allclose(got[1]["h"][row], ce["h"][0], rtol=1e-5, atol=1e-5)
+
+
+def test_bgmv_and_sgmv_kernels_equal_the_per_row_product():
+    rng = np.random.default_rng(0)
+    x, a, b = rng.standard_normal((7, 5)), rng.standard_normal((4, 5, 2)), rng.standard_normal((4, 2, 3))
+    ids = np.array([3, 0, 2, 2, 0, 1, 3])
+    want = np.stack([x[t] @ a[i] @ b[i] for t, i in enumerate(ids)])
+    f32 = lambda v: jnp.asarray(v, jnp.float32)  # noqa: E731
+    for kernel in (multi.gathered_lowrank, multi.grouped_lowrank):
+        got = jax.jit(kernel)(f32(x), jnp.asarray(ids), f32(a), f32(b))
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5, err_msg=kernel.__name__)
+    with pytest.raises(ValueError, match=r"grouped_lowrank: expected x \(rows, in\).*got x \(7, 5\), ids \(6,\).*fix"):
+        multi.grouped_lowrank(f32(x), jnp.asarray(ids[:6]), f32(a), f32(b))
+    with pytest.raises(ValueError, match=r"does not record its adapters' configs"):
+        multi.unstack(multi.Stack({}, jlora.LoraConfig(targets=".*"), ("a",)))
