@@ -149,6 +149,16 @@ def save_stack(directory: str | os.PathLike, s: Stack, metadata: Mapping[str, An
     ``directory/<name>``, then ``stack.json`` (names, stack ranks, folded). Returns bytes written.
 
     Each ``directory/<name>`` is an ordinary adapter checkpoint (``jlora.restore_adapter``).
+
+    >>> import tempfile, jlora
+    >>> frozen = {"w": jnp.zeros((4, 4))}
+    >>> cfg = jlora.LoraConfig(rank=1, alpha=2, targets="w")
+    >>> s = stack(frozen, {"a": ({"w": {"A": jnp.ones((4, 1)), "B": jnp.ones((1, 4))}}, cfg)}, rank=2)
+    >>> d = tempfile.mkdtemp() + "/stack"
+    >>> save_stack(d, s) > 0, restore_stack(d, frozen).lora["w"]["A"].shape
+    (True, (2, 4, 2))
+    >>> jlora.restore_adapter(d + "/a")[0]["w"]["A"].shape   # one adapter, its own rank
+    (4, 1)
     """
     root = pathlib.Path(directory)
     if (root / "stack.json").exists() and not overwrite:
@@ -168,7 +178,7 @@ def save_stack(directory: str | os.PathLike, s: Stack, metadata: Mapping[str, An
 def restore_stack(directory: str | os.PathLike, frozen: Any) -> Stack:
     """The stack saved by :func:`save_stack`, with the same names, order, shapes and scale folding.
 
-    One adapter alone: ``jlora.restore_adapter(directory + "/" + name)``.
+    One adapter alone: ``jlora.restore_adapter(directory + "/" + name)`` (see :func:`save_stack`).
     """
     root = pathlib.Path(directory)
     meta = json.loads((root / "stack.json").read_text())
