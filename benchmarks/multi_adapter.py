@@ -121,16 +121,19 @@ def throughput(args) -> str:
         return hand_trunk(params, x[order], low)[jnp.argsort(order)]
 
     n = args.adapters
-    variants = {
-        "base model (no LoRA)": lambda: base(params, x),
-        "one adapter, lazy": lambda: single(params, first, x),
-        f"{n} adapters mixed, mixed_apply (unit_batch=True)": lambda: mixed_unit(params, s.lora, ids, x),
-        f"{n} adapters mixed, mixed_apply (unit_batch=False)": lambda: mixed(params, s.lora, ids, x),
-        f"{n} adapters, per-adapter loop": lambda: loop(x),
-        "hand-written: one adapter": lambda: hand_one(params, first, x),
-        f"hand-written: {n} mixed, gathered factors (BGMV)": lambda: hand_bgmv(params, s.lora, ids, x),
-        f"hand-written: {n} mixed, sorted + ragged_dot (SGMV)": lambda: hand_sgmv(params, s.lora, ids, x),
+    calls = {  # name: (jitted function, its arguments); None: a Python loop
+        "base model (no LoRA)": (base, (params, x)),
+        "one adapter, lazy": (single, (params, first, x)),
+        f"{n} adapters mixed, mixed_apply (unit_batch=True)": (mixed_unit, (params, s.lora, ids, x)),
+        f"{n} adapters mixed, mixed_apply (unit_batch=False)": (mixed, (params, s.lora, ids, x)),
+        f"{n} adapters, per-adapter loop": None,
+        "hand-written: one adapter": (hand_one, (params, first, x)),
+        f"hand-written: {n} mixed, gathered factors (BGMV)": (hand_bgmv, (params, s.lora, ids, x)),
+        f"hand-written: {n} mixed, sorted + ragged_dot (SGMV)": (hand_sgmv, (params, s.lora, ids, x)),
     }
+    variants = {k: (lambda c=c: c[0](*c[1])) if c is not None else (lambda: loop(x)) for k, c in calls.items()}
+    traffic = {k: c[0].lower(*c[1]).compile().cost_analysis().get("bytes accessed") if c is not None else None
+               for k, c in calls.items()}
     want = np.asarray(mixed(params, s.lora, ids, x))
     for name in (f"hand-written: {n} mixed, gathered factors (BGMV)", f"hand-written: {n} mixed, sorted + ragged_dot (SGMV)",
                  f"{n} adapters mixed, mixed_apply (unit_batch=True)"):
@@ -145,12 +148,14 @@ def throughput(args) -> str:
             times[k].append(timed(fn))
     load1 = os.getloadavg()
     ref = "one adapter, lazy"
-    rows = ["| variant | median ms | tokens/s | throughput vs one adapter, median [min-max] |", "|---|---|---|---|"]
+    rows = ["| variant | median ms | tokens/s | throughput vs one adapter, median [min-max] | XLA bytes accessed MB |",
+            "|---|---|---|---|---|"]
     for k, ts in times.items():
         ratios = [r / t for r, t in zip(times[ref], ts)]
         med = statistics.median(ts)
         rows.append(f"| {k} | {1e3 * med:.1f} | {args.batch * args.seq / med:,.0f} | "
-                    f"{statistics.median(ratios):.2f} [{min(ratios):.2f}-{max(ratios):.2f}] |")
+                    f"{statistics.median(ratios):.2f} [{min(ratios):.2f}-{max(ratios):.2f}] | "
+                    f"{'-' if traffic[k] is None else f'{traffic[k] / 1e6:.0f}'} |")
     head = (f"Mixed-adapter serving, {time.strftime('%Y-%m-%d')}, {platform.machine()} {os.cpu_count()} CPUs, "
             f"jax {jax.__version__}, {jax.devices()[0].platform}; batch {args.batch}x{args.seq} tokens, d 512, "
             f"4 blocks, r 8, {n} adapters, {args.rounds} round-robin rounds; load average (1 min) "
