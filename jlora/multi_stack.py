@@ -104,7 +104,8 @@ def _resize_rank(a: Any, b: Any, f: Factored, rank: int) -> tuple[Any, Any]:
     if f.groups is not None:  # fused: A's last axis is (enabled * r)
         e = sum(f.groups)
         a = a.reshape(a.shape[:-1] + (e, a.shape[-1] // e))
-        a = (_pad_rank(a, a.ndim - 1, rank) if rank >= a.shape[-1] else a[..., :rank]).reshape(a.shape[:-2] + (e * rank,))
+        a = _pad_rank(a, a.ndim - 1, rank) if rank >= a.shape[-1] else a[..., :rank]
+        a = a.reshape(a.shape[:-2] + (e * rank,))
     else:
         a = _pad_rank(a, a.ndim - 1, rank) if rank >= a.shape[-1] else a[..., :rank]
     if rank >= b.shape[b_axis]:
