@@ -21,6 +21,7 @@ from jax import lax
 from jlora import checks
 from jlora.apply import lora_apply
 from jlora.config import LoraConfig
+from jlora.multi_rows import rows_call
 
 __all__ = ["mixed_apply", "gathered_lowrank", "grouped_lowrank"]
 
@@ -36,7 +37,11 @@ def mixed_apply(apply_fn: Callable[..., Any], s_config: LoraConfig, mode: str = 
     Args:
       apply_fn: any ``apply_fn(params, *args, **kwargs)``.
       s_config: the stack's config (``Stack.config``).
-      mode: ``'lazy'`` (low-rank products, never a per-example kernel) or ``'merged'``.
+      mode: ``'lazy'`` (low-rank products, never a per-example kernel), ``'merged'``, or ``'rows'``:
+        no vmap, the model runs once on the batch and each matmul reading an adapted kernel adds
+        ``(x·A[ids])·B[ids]`` (plain 2-D kernels whose input has the examples on axis 0; anything
+        else raises a ValueError naming the path; see :mod:`jlora.multi_rows`). ``unit_batch`` does
+        not apply to it.
       strict: lazy mode: raise instead of falling back to the merged kernel for an unknown use.
       unit_batch: give ``apply_fn`` each example with a leading axis of size 1 (models that need a
         batch axis). ``False`` gives the example as it is (models that take any leading axes, e.g.
@@ -57,7 +62,7 @@ def mixed_apply(apply_fn: Callable[..., Any], s_config: LoraConfig, mode: str = 
     >>> fn(frozen, s.lora, jnp.array([0, 1]), jnp.ones((2, 2))).tolist()
     [[3.0, 3.0], [1.0, 1.0]]
     """
-    single = lora_apply(apply_fn, s_config, mode=mode, strict=strict)
+    single = None if mode == "rows" else lora_apply(apply_fn, s_config, mode=mode, strict=strict)
 
     def fn(frozen: Any, stacked: Any, adapter_ids: jax.Array, *args: Any, **kwargs: Any) -> Any:
         ids = jnp.asarray(adapter_ids)
@@ -73,6 +78,8 @@ def mixed_apply(apply_fn: Callable[..., Any], s_config: LoraConfig, mode: str = 
                 )
         n = jax.tree.leaves(stacked)[0].shape[0] if jax.tree.leaves(stacked) else 1
         checks.adapter_ids("mixed_apply", "adapter_ids", ids, n)
+        if single is None:
+            return rows_call(apply_fn, frozen, stacked, ids, args, kwargs)
         per_example = jax.tree.map(lambda x: x[ids], stacked)
 
         def one(lora: Any, *example: Any) -> Any:

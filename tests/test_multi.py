@@ -73,7 +73,7 @@ def np_mixed(params, adapters, names, ids, x):
                      for row, i in enumerate(list(ids))])
 
 
-@pytest.mark.parametrize("mode", ["merged", "lazy"])
+@pytest.mark.parametrize("mode", ["merged", "lazy", "rows"])
 def test_mixed_batch_equals_each_example_with_its_own_adapter(setup, mode):
     model, x, params, adapters = setup
     s = multi.stack(params, adapters)
@@ -265,3 +265,20 @@ def test_bgmv_and_sgmv_kernels_equal_the_per_row_product():
         multi.grouped_lowrank(f32(x), jnp.asarray(ids[:6]), f32(a), f32(b))
     with pytest.raises(ValueError, match=r"does not record its adapters' configs"):
         multi.unstack(multi.Stack({}, jlora.LoraConfig(targets=".*"), ("a",)))
+
+
+def test_rows_mode_gradients_and_refusals(setup):
+    model, x, params, adapters = setup
+    s = multi.stack(params, adapters, fold_scales=False)
+    ids = jnp.array([0, 1, 2, 3, 1, 0])
+
+    def loss(lora, mode):
+        return jnp.sum(multi.mixed_apply(model.apply, s.config, mode=mode)(params, multi.scaled(lora, s.scales), ids, x) ** 2)
+
+    for a, b in zip(jax.tree.leaves(jax.grad(loss)(s.lora, "rows")), jax.tree.leaves(jax.grad(loss)(s.lora, "lazy"))):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match=r"mode='rows'.*'params/fc1/kernel' is used by primitive 'reduce_sum'.*fix: use mode='lazy'"):
+        multi.mixed_apply(lambda p, x: x * p["params"]["fc1"]["kernel"].sum(), s.config, mode="rows")(params, s.lora, ids, x)
+    with pytest.raises(ValueError, match=r"without the 6 examples on axis 0.*fix"):
+        multi.mixed_apply(lambda p, x: model.apply(p, x.T[:, :6].T.reshape(2, 3, 8)), s.config, mode="rows")(
+            params, s.lora, ids, x)
