@@ -2,7 +2,7 @@
 
 The pieces live in :mod:`jlora.multi_stack` (:class:`Stack`, :func:`stack`, :func:`select`,
 :func:`unstack`, :func:`put`, :func:`scaled`), :mod:`jlora.multi_serve` (:func:`mixed_apply` and the
-BGMV/SGMV low-rank kernels) and :mod:`jlora.multi_train` (:func:`train_step`, :func:`per_adapter`,
+BGMV/SGMV low-rank kernels), :mod:`jlora.multi_rows` (``mixed_apply(mode="rows")``: one pass, no vmap) and :mod:`jlora.multi_train` (:func:`train_step`, :func:`per_adapter`,
 :func:`save_stack`, :func:`restore_stack`); this module re-exports them and holds :func:`combine`.
 
 A *stack* holds N adapters in one lora tree with a leading adapter axis on every leaf; ranks are
