@@ -201,6 +201,8 @@ def memory(args) -> str:
         f"{args.adapters} adapters mixed, mixed_apply": (multi.mixed_apply(m.apply, s8.config), (params, s8.lora, ids8, x), s8.lora),
         f"{args.adapters} adapters mixed, unit_batch=False": (multi.mixed_apply(m.apply, s8.config, unit_batch=False),
                                                               (params, s8.lora, ids8, x), s8.lora),
+        f"{args.adapters} adapters mixed, mode='rows'": (multi.mixed_apply(m.apply, s8.config, mode="rows"),
+                                                      (params, s8.lora, ids8, x), s8.lora),
     }
     for name, (fn, a, lora) in cases.items():
         ma = jax.jit(fn).lower(*a).compile().memory_analysis()

@@ -8,8 +8,10 @@ use of an adapted kernel raises a ValueError naming the path and primitive (use 
 
 Scope (checked): plain 2-D kernels (``(in, out)`` or ``(out, in)`` stored) consumed by matmuls
 whose input has the examples on axis 0, through ``jit``/``pjit``, ``custom_jvp``/``custom_vjp``
-and ``remat`` calls. Not here: layer-stacked (scan) kernels, convs, embeddings, trained-whole
-leaves, DoRA, dropout; ``mode="lazy"`` runs those.
+and ``remat`` calls, and layer-stacked kernels scanned over their layer axis (``nn.scan``,
+``lax.scan``): each step gathers that layer's factors per example, so the scratch is one layer's
+factors per example. Not here: convs, embeddings, kernels indexed by layer outside a scan,
+trained-whole leaves, DoRA, dropout; ``mode="lazy"`` runs those.
 """
 
 from __future__ import annotations
@@ -33,11 +35,15 @@ _INNER = frozenset({"custom_jvp_call", "custom_vjp_call", "custom_vjp_call_jaxpr
 
 
 class _Rows:
-    """An adapted kernel: ``w0`` (as used), stacked ``a`` (N+1, in, r), ``b`` (N+1, r, out), the stored
-    axis holding the input (0 for ``(in, out)``, 1 for ``(out, in)``)."""
+    """An adapted kernel: ``w0`` (as used), stacked ``a`` (N+1, [L,] in, r), ``b`` (N+1, [L,] r, out),
+    ``roles`` of ``w0``'s axes (``'io'``/``'oi'``, or ``'sio'``/``'soi'`` for a layer-stacked kernel)."""
 
-    def __init__(self, w0: Any, a: Any, b: Any, in_axis: int, path: str):
-        self.w0, self.a, self.b, self.in_axis, self.path = w0, a, b, in_axis, path
+    def __init__(self, w0: Any, a: Any, b: Any, roles: str, path: str):
+        self.w0, self.a, self.b, self.roles, self.path = w0, a, b, roles, path
+
+    @property
+    def in_axis(self) -> int:
+        return self.roles.index("i")
 
 
 def _refuse(path: str, what: str) -> ValueError:
@@ -65,6 +71,34 @@ def _dot(eqn: Any, x: Any, v: _Rows, ids: Any) -> Any:
     return (base.astype(acc) + low.astype(acc)).astype(base.dtype)
 
 
+def _scan(eqn: Any, invals: list[Any], ids: Any) -> list[Any]:
+    """A scan over layer-stacked kernels: each step slices W0 and gathers that layer's factors per
+    example (scratch: one layer's factors per example, never the whole stack per example)."""
+    p = eqn.params
+    nc, ncar = p["num_consts"], p["num_carry"]
+    consts, carry, xs = invals[:nc], invals[nc : nc + ncar], invals[nc + ncar :]
+    for v in list(carry) + [c for c in consts if isinstance(c, _Rows) and "s" in c.roles]:
+        if isinstance(v, _Rows):
+            raise _refuse(v.path, "is a scan carry or a stacked scan constant")
+    stacked = [x for x in xs if isinstance(x, _Rows)]
+    for v in stacked:
+        if not v.roles.startswith("s") or "s" in v.roles[1:]:
+            raise _refuse(v.path, f"is scanned over an axis that is not its layer axis (roles {v.roles!r})")
+    packed = [x.w0 if isinstance(x, _Rows) else x for x in xs]
+    closed = p["jaxpr"]
+
+    def body(c: list[Any], step: tuple[list[Any], Any]) -> tuple[list[Any], list[Any]]:
+        sliced, i = step
+        inner = [_Rows(w, x.a[:, i], x.b[:, i], x.roles[1:], x.path) if isinstance(x, _Rows) else w
+                 for x, w in zip(xs, sliced)]
+        outs = _eval(closed.jaxpr, closed.consts, list(consts) + list(c) + inner, ids)
+        return outs[:ncar], outs[ncar:]
+
+    c, ys = jax.lax.scan(body, list(carry), (packed, jnp.arange(p["length"])), length=p["length"],
+                         reverse=p["reverse"], unroll=p["unroll"])
+    return list(c) + list(ys)
+
+
 def _eval(jaxpr: Any, consts: Sequence[Any], args: Sequence[Any], ids: Any) -> list[Any]:
     env: dict[Any, Any] = {}
 
@@ -81,8 +115,11 @@ def _eval(jaxpr: Any, consts: Sequence[Any], args: Sequence[Any], ids: Any) -> l
             outs = bind(eqn, invals)
         elif name in ("convert_element_type", "copy", "copy_p") and len(invals) == 1:
             v = invals[0]
-            outs = [_Rows(bind(eqn, [v.w0])[0], v.a, v.b, v.in_axis, v.path)]
-        elif name == "dot_general" and isinstance(invals[1], _Rows) and not isinstance(invals[0], _Rows):
+            outs = [_Rows(bind(eqn, [v.w0])[0], v.a, v.b, v.roles, v.path)]
+        elif name == "scan":
+            outs = _scan(eqn, invals, ids)
+        elif name == "dot_general" and isinstance(invals[1], _Rows) and not isinstance(invals[0], _Rows) \
+                and "s" not in invals[1].roles:
             outs = [_dot(eqn, invals[0], invals[1], ids)]
         elif name in _CALLS:
             inner = eqn.params.get("jaxpr", eqn.params.get("call_jaxpr"))
@@ -124,9 +161,8 @@ def rows_call(apply_fn: Callable[..., Any], frozen: Any, stacked: Any, ids: Any,
         if part not in ("A", "B"):
             raise _refuse(kernel, f"carries {part!r} (DoRA or rows)")
     for p, lay in layouts.items():
-        if lay.splits is not None or lay.roles not in ("io", "oi") or flat[p + "/A"].ndim != 3 \
-                or flat[p + "/B"].ndim != 3:
-            raise _refuse(p, f"has axis roles {lay.describe()} (not a plain 2-D kernel)")
+        if lay.splits is not None or lay.roles not in ("io", "oi", "sio", "soi"):
+            raise _refuse(p, f"has axis roles {lay.describe()} (not a plain 2-D kernel or a layer stack of them)")
     leaves, treedef = jax.tree_util.tree_flatten(frozen)
     leaf_paths = _leaf_paths(frozen)
     arg_leaves, arg_def = jax.tree_util.tree_flatten((tuple(args), dict(kwargs)))
@@ -144,6 +180,6 @@ def rows_call(apply_fn: Callable[..., Any], frozen: Any, stacked: Any, ids: Any,
     vals = list(leaves)
     for i, p in enumerate(leaf_paths):
         if p in layouts:
-            vals[i] = _Rows(vals[i], flat[p + "/A"], flat[p + "/B"], layouts[p].roles.index("i"), p)
+            vals[i] = _Rows(vals[i], flat[p + "/A"], flat[p + "/B"], layouts[p].roles, p)  # factors: canonical
     outs = _eval(closed.jaxpr, closed.consts, vals + dyn, jnp.asarray(ids))
     return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(out_shape), outs)
