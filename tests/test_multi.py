@@ -73,7 +73,7 @@ def np_mixed(params, adapters, names, ids, x):
                      for row, i in enumerate(list(ids))])
 
 
-@pytest.mark.parametrize("mode", ["merged", "lazy"])
+@pytest.mark.parametrize("mode", ["merged", "lazy", "rows"])
 def test_mixed_batch_equals_each_example_with_its_own_adapter(setup, mode):
     model, x, params, adapters = setup
     s = multi.stack(params, adapters)
@@ -180,3 +180,105 @@ def test_dora_adapters_are_refused_not_dropped(setup):
         multi.stack(params, {"dora": (lora, cfg), **adapters})
     with pytest.raises(ValueError, match="carries a DoRA magnitude"):
         multi.combine(params, [(lora, cfg)], [1.0], "cat")
+
+
+def test_hot_swap_never_recompiles(setup):
+    """Same shapes, same paths, same dtypes: any mix of ids, any slot, another stack, a new adapter put in a slot."""
+    model, x, params, adapters = setup
+    s = multi.stack(params, adapters, rank=4)  # every path padded to rank 4: stacks of these adapters share shapes
+    fn = multi.mixed_apply(model.apply, s.config)
+    traces = []
+
+    @jax.jit
+    def serve(stacked, ids, x):
+        traces.append(1)  # runs only when jax traces (compiles) again
+        return fn(params, stacked, ids, x)
+
+    def check(st, ads, ids):
+        names = list(st.names)
+        got = serve(st.lora, jnp.array(ids), x)
+        np.testing.assert_allclose(got, np_mixed(params, ads, names, ids, x), rtol=1e-5, atol=1e-5)
+
+    check(s, adapters, [0, 1, 2, 3, 1, 0])
+    check(s, adapters, [2, 2, 2, 2, 2, 2])  # another mix
+    reordered = {k: adapters[k] for k in ("code", "sql", "chat")}
+    check(multi.stack(params, reordered, rank=4), reordered, [0, 1, 2, 0, 1, 3])  # another stack, same shapes
+    _, lora = jlora.init(jax.random.key(5), params, adapters["chat"][1])  # a freshly trained "chat" into its slot
+    fresh = dict(adapters, chat=(randomize(lora, 9), adapters["chat"][1]))
+    check(multi.put(s, "chat", params, *fresh["chat"]), fresh, [1, 1, 0, 2, 3, 1])
+    assert len(traces) == 1 and serve._cache_size() == 1
+    small = multi.stack(params, {"sql": adapters["sql"]})  # rank 2 at fc1 only
+    with pytest.raises(ValueError, match=r"has leaves the stack lacks: \['params/fc2/kernel/A'"):
+        multi.put(small, "sql", params, *adapters["chat"])
+    cfg4 = jlora.LoraConfig(rank=4, targets=r".*/fc1/kernel")
+    with pytest.raises(ValueError, match=r"has rank 4 at 'params/fc1/kernel', the stack 2.*fix: .*rank="):
+        multi.put(small, "sql", params, jlora.init(KEY, params, cfg4)[1], cfg4)
+
+
+class Decoder(nn.Module):  # one decode step: (token embedding, recurrent cache) -> (logits, new cache)
+    @nn.compact
+    def __call__(self, x, cache, temperature=1.0):
+        h = jnp.tanh(nn.Dense(16, name="fc1")(x) + nn.Dense(16, name="fc2", use_bias=False)(cache["h"]))
+        return nn.Dense(4, name="head")(h) / temperature, {"h": h}
+
+
+def test_decode_loop_with_four_adapters_in_one_batch():
+    """Generation calls mixed_apply's function per step: batched args (tokens, cache) on axis 0, shared kwargs."""
+    model = Decoder()
+    x, cache = jax.random.normal(KEY, (4, 8)), {"h": jnp.zeros((4, 16))}
+    params = model.init(KEY, x, cache)
+    cfg = jlora.LoraConfig(rank=2, alpha=4, targets=r".*/(fc1|fc2|head)/kernel")
+    adapters = {f"user{i}": (randomize(jlora.init(jax.random.key(i), params, cfg)[1], i), cfg) for i in range(4)}
+    s = multi.stack(params, adapters)
+    ids = jnp.array([3, 0, 2, 1])
+    step = multi.mixed_apply(model.apply, s.config)
+
+    @jax.jit
+    def generate(stacked, ids, x, cache):
+        def body(_, carry):
+            x, cache = carry
+            logits, cache = step(params, stacked, ids, x, cache, temperature=0.5)
+            return jnp.tile(logits, (1, 2)), cache  # the next "token embedding"
+        return jax.lax.fori_loop(0, 3, body, (x, cache))
+
+    got = generate(s.lora, ids, x, cache)
+    single = jax.jit(jlora.lora_apply(model.apply, cfg), static_argnames="temperature")
+    for row, i in enumerate(ids.tolist()):
+        xe, ce = x[row : row + 1], {"h": cache["h"][row : row + 1]}
+        for _ in range(3):
+            logits, ce = single(params, adapters[f"user{i}"][0], xe, ce, temperature=0.5)
+            xe = jnp.tile(logits, (1, 2))
+        np.testing.assert_allclose(got[0][row], xe[0], rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(got[1]["h"][row], ce["h"][0], rtol=1e-5, atol=1e-5)
+
+
+def test_bgmv_and_sgmv_kernels_equal_the_per_row_product():
+    rng = np.random.default_rng(0)
+    x, a, b = rng.standard_normal((7, 5)), rng.standard_normal((4, 5, 2)), rng.standard_normal((4, 2, 3))
+    ids = np.array([3, 0, 2, 2, 0, 1, 3])
+    want = np.stack([x[t] @ a[i] @ b[i] for t, i in enumerate(ids)])
+    f32 = lambda v: jnp.asarray(v, jnp.float32)  # noqa: E731
+    for kernel in (multi.gathered_lowrank, multi.grouped_lowrank):
+        got = jax.jit(kernel)(f32(x), jnp.asarray(ids), f32(a), f32(b))
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5, err_msg=kernel.__name__)
+    with pytest.raises(ValueError, match=r"grouped_lowrank: expected x \(rows, in\).*got x \(7, 5\), ids \(6,\).*fix"):
+        multi.grouped_lowrank(f32(x), jnp.asarray(ids[:6]), f32(a), f32(b))
+    with pytest.raises(ValueError, match=r"does not record its adapters' configs"):
+        multi.unstack(multi.Stack({}, jlora.LoraConfig(targets=".*"), ("a",)))
+
+
+def test_rows_mode_gradients_and_refusals(setup):
+    model, x, params, adapters = setup
+    s = multi.stack(params, adapters, fold_scales=False)
+    ids = jnp.array([0, 1, 2, 3, 1, 0])
+
+    def loss(lora, mode):
+        return jnp.sum(multi.mixed_apply(model.apply, s.config, mode=mode)(params, multi.scaled(lora, s.scales), ids, x) ** 2)
+
+    for a, b in zip(jax.tree.leaves(jax.grad(loss)(s.lora, "rows")), jax.tree.leaves(jax.grad(loss)(s.lora, "lazy"))):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match=r"mode='rows'.*'params/fc1/kernel' is used by primitive 'reduce_sum'.*fix: use mode='lazy'"):
+        multi.mixed_apply(lambda p, x: x * p["params"]["fc1"]["kernel"].sum(), s.config, mode="rows")(params, s.lora, ids, x)
+    with pytest.raises(ValueError, match=r"without the 6 examples on axis 0.*fix"):
+        multi.mixed_apply(lambda p, x: model.apply(p, x.T[:, :6].T.reshape(2, 3, 8)), s.config, mode="rows")(
+            params, s.lora, ids, x)
