@@ -224,6 +224,9 @@ class LlamaForCausalLM(nn.Module):
     Decoding: pass ``cache`` (:func:`init_cache`, ``keys`` slots) and ``cache_index`` (the slot of
     ``input_ids[:, 0]``); then ``attention_mask`` covers all ``keys`` slots, a query at slot ``s``
     sees the slots ``<= s`` that the mask allows, and the call returns ``(logits, cache)``.
+
+    ``logit_positions`` (batch, k) int: compute logits only at these sequence positions (batch, k, vocab);
+    a training loss on a few answer tokens then skips most of the (large-vocabulary) LM head.
     """
 
     config: LlamaConfig
@@ -231,7 +234,7 @@ class LlamaForCausalLM(nn.Module):
     @nn.compact
     def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None,
                  positions: jax.Array | None = None, cache: list[dict[str, jax.Array]] | None = None,
-                 cache_index: jax.Array | int = 0):
+                 cache_index: jax.Array | int = 0, logit_positions: jax.Array | None = None):
         c = self.config
         b, t = input_ids.shape
         embed = nn.Embed(c.vocab_size, c.hidden_size, name="embed_tokens")
@@ -252,6 +255,8 @@ class LlamaForCausalLM(nn.Module):
             else:
                 x, layer_cache = layer(x, cos, sin, mask, cache[i], cache_index)
                 new_cache.append(layer_cache)
+        if logit_positions is not None:
+            x = jnp.take_along_axis(x, logit_positions[..., None].astype(jnp.int32), axis=1)
         x = RMSNorm(c.rms_norm_eps, name="norm")(x)
         logits = embed.attend(x) if c.tie_word_embeddings else nn.Dense(c.vocab_size, use_bias=False,
                                                                          name="lm_head")(x)
