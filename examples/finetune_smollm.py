@@ -50,7 +50,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """The command line; every option has a default that just works."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--steps", type=int, default=60, help="training steps")
+    p.add_argument("--steps", type=int, default=40, help="training steps")
     p.add_argument("--rank", type=int, default=8, help="LoRA rank r")
     p.add_argument("--alpha", type=float, default=None, help="LoRA alpha (default: 2 * rank)")
     p.add_argument("--targets", default="all",
@@ -58,11 +58,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         f"({', '.join(chat_sft.SHORT_TARGETS)}), groups (attn, mlp, all) or full-path regexes")
     p.add_argument("--out", default=None, help=f"output directory (default: the next free runs/smollm_{TASK}/run-NNN)")
     p.add_argument("--batch-size", type=int, default=8, help="conversations per step")
-    p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (warmup + cosine decay)")
+    p.add_argument("--lr", type=float, default=5e-4, help="peak learning rate (warmup + cosine decay)")
     p.add_argument("--seed", type=int, default=0, help="seed for LoRA init and batch order")
     p.add_argument("--mode", choices=("lazy", "merged"), default="lazy",
                    help="how the LoRA model runs in training (lazy: low-rank path, no full-size delta)")
-    p.add_argument("--eval-size", type=int, default=48, help="held-out examples to score (0: skip scoring)")
+    p.add_argument("--eval-size", type=int, default=64, help="held-out examples to score (0: skip scoring)")
     p.add_argument("--train-size", type=int, default=1000, help="training examples generated")
     p.add_argument("--max-new-tokens", type=int, default=40, help="generation budget per reply")
     p.add_argument("--peft-check", type=int, default=4,
