@@ -31,7 +31,7 @@ STRINGS = ["Hello world", "The capital of France is", "  two leading spaces, dig
 MESSAGES = [[{"role": "user", "content": "What is the capital of France?"}],
             [{"role": "system", "content": "Answer in JSON."}, {"role": "user", "content": "Bob, 32, Oslo"},
              {"role": "assistant", "content": '{"name": "Bob"}'}]]
-TARGETS = (r"params/layers_\d+/attn/(q_proj|v_proj)/kernel",)
+TARGETS = (r"params/layers_\d+/attn/(q_proj|v_proj|o_proj)/kernel", r"params/layers_\d+/mlp/down_proj/kernel")
 
 
 @pytest.fixture(scope="module")
@@ -109,7 +109,7 @@ def short(ours):
 def _random_adapter(params, seed):
     cfg = jlora.LoraConfig(rank=4, alpha=8.0, targets=TARGETS)
     frozen, lora = jlora.init(jax.random.key(seed), params, cfg)
-    lora = jax.tree.map(lambda x: x + 0.02 * jax.random.normal(jax.random.key(seed + 1), x.shape, x.dtype), lora)
+    lora = jax.tree.map(lambda x: x + 0.1 * jax.random.normal(jax.random.key(seed + 1), x.shape, x.dtype), lora)
     return frozen, lora, cfg
 
 
@@ -132,6 +132,7 @@ def test_generation_lazy_equals_merged_and_mixed_rows(short):
     rows = jnp.array([s.id("a"), s.id("b")])
     mixed = gen.generate(gen.mixed_forward(model.apply, s.config), model.config, (frozen, s.lora, rows), ids, mask,
                          **kw)
+    assert not np.array_equal(lazy[0], alone_b[0])  # the two adapters differ
     np.testing.assert_array_equal(mixed[0][0], lazy[0][0])
     np.testing.assert_array_equal(mixed[0][1], alone_b[0][1])
 
