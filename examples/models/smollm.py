@@ -14,7 +14,7 @@ Q4_1 layer kernels, a Q8_0 embedding (tied LM head), F32 norms. Everything is re
 - :class:`ChatTemplate`: the metadata's Jinja2 chat template (``tokenizer.chat_template``).
 
 >>> model, params, tok, chat = load_smollm()                                   # doctest: +SKIP
->>> ids = tok.encode(chat.render([{"role": "user", "content": "Hi"}], add_generation_prompt=True)).ids
+>>> ids = tok.encode(chat.render([{"role": "user", "content": "Hi"}], add_generation_prompt=True)).ids  # doctest: +SKIP
 """
 
 from __future__ import annotations
