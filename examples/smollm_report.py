@@ -108,9 +108,9 @@ def plot(r: dict[str, Any], path: Path) -> Path:
         for dx, label in ((-0.2, "zero_shot"), (0.2, "lora")):
             bars = ax2.bar(x + dx, [r[label][n] for n in names], 0.4, label=label.replace("_", "-"))
             ax2.bar_label(bars, fmt="%.2f", fontsize=8)
-        ax2.legend(loc="upper left")
+        ax2.legend(loc="upper center", ncol=2)
     ax2.set_xticks(x, names)
-    ax2.set(ylim=(0, 1.12), title=f"JSON extraction, {r['held_out']} held-out examples")
+    ax2.set(ylim=(0, 1.25), title=f"JSON extraction, {r['held_out']} held-out examples")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
