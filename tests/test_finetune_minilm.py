@@ -2,16 +2,11 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
-
-import codesearch  # noqa: E402
-import finetune_minilm as ft  # noqa: E402
+from examples import codesearch
+from examples import finetune_minilm as ft
 
 # Small but real: 30 steps of 16 pairs, 24 tokens, evaluated on 160 held-out pairs.
 SHORT = ["--steps", "30", "--batch-size", "16", "--seq-len", "24", "--eval-size", "160", "--lr", "3e-3",

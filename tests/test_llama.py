@@ -3,16 +3,13 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
-
-import llama  # noqa: E402
+from examples.models import llama
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")

@@ -3,15 +3,12 @@
 from __future__ import annotations
 
 import shutil
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
-
-import minilm  # noqa: E402
+from examples.models import minilm
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")

@@ -9,9 +9,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import re
-import sys
 import warnings
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -21,9 +19,7 @@ import pytest
 import jlora
 from jlora import peft as jpeft
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
-
-import llama  # noqa: E402
+from examples.models import llama
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")

@@ -1,7 +1,7 @@
 """The quickstart example trains with LoRA only and its loss falls, in both modes."""
 
 import pytest
-import quickstart
+from examples import quickstart
 
 
 @pytest.mark.parametrize("mode", ["merged", "lazy"])

@@ -1,7 +1,8 @@
 """A Llama-style decoder in Flax Linen that loads ``transformers`` ``LlamaForCausalLM`` checkpoints.
 
 RMSNorm, rotary position embeddings (HF's ``rotate_half`` convention: the two halves of each
-head, not interleaved pairs), grouped-query attention, SwiGLU MLP, untied (or tied) LM head.
+head, not interleaved pairs), grouped-query attention, SwiGLU MLP, untied (or tied) LM head,
+and an optional functional KV cache for decoding (:func:`init_cache`; ``examples/generate.py``).
 Weights are read from ``model.safetensors`` (or a sharded ``model.safetensors.index.json``) with
 ``safetensors.numpy``; never ``torch.load``/pickle.
 
@@ -131,30 +132,54 @@ class RMSNorm(nn.Module):
         return scale * h.astype(x.dtype)
 
 
+def init_cache(config: LlamaConfig, batch: int, length: int, dtype: Any = jnp.float32) -> list[dict[str, jax.Array]]:
+    """An empty KV cache: per layer ``{"k", "v"}`` of shape (batch, length, kv_heads, head_size).
+
+    Batch is axis 0 of every leaf (so :func:`jlora.multi.mixed_apply` can vmap over it).
+
+    >>> c = init_cache(LlamaConfig(hidden_size=8, num_attention_heads=2, num_hidden_layers=3), 2, 5)
+    >>> len(c), c[0]["k"].shape
+    (3, (2, 5, 2, 4))
+    """
+    shape = (batch, length, config.kv_heads, config.head_size)
+    return [{"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)} for _ in range(config.num_hidden_layers)]
+
+
 class Attention(nn.Module):
-    """Causal grouped-query self-attention with rotary embeddings."""
+    """Causal grouped-query self-attention with rotary embeddings (and an optional KV cache)."""
 
     config: LlamaConfig
 
     @nn.compact
-    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array) -> jax.Array:
-        """x: (batch, seq, d); cos/sin: (seq, hd); mask: (batch, 1, seq, seq) bool -> (batch, seq, d)."""
+    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array,
+                 cache: dict[str, jax.Array] | None = None, cache_index: jax.Array | int = 0):
+        """x: (batch, seq, d); cos/sin: (batch or 1, seq, hd); mask: (batch, 1, seq, keys) bool -> (batch, seq, d).
+
+        With ``cache`` (``{"k", "v"}``, (batch, keys, kv_heads, hd)) the new keys/values are written at
+        slots ``cache_index ...`` and attention runs over all ``keys`` slots; returns ``(out, cache)``.
+        """
         c = self.config
         heads, kv, hd = c.num_attention_heads, c.kv_heads, c.head_size
         b, t, _ = x.shape
         q = nn.Dense(heads * hd, use_bias=c.attention_bias, name="q_proj")(x).reshape(b, t, heads, hd)
         k = nn.Dense(kv * hd, use_bias=c.attention_bias, name="k_proj")(x).reshape(b, t, kv, hd)
         v = nn.Dense(kv * hd, use_bias=c.attention_bias, name="v_proj")(x).reshape(b, t, kv, hd)
-        cos, sin = cos[:, None, :].astype(x.dtype), sin[:, None, :].astype(x.dtype)
+        cos, sin = cos[:, :, None, :].astype(x.dtype), sin[:, :, None, :].astype(x.dtype)
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
+        if cache is not None:
+            start = (0, cache_index, 0, 0)
+            cache = {"k": jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), start),
+                     "v": jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), start)}
+            k, v = cache["k"].astype(x.dtype), cache["v"].astype(x.dtype)
         rep = heads // kv  # query head h reads key/value head h // rep (HF repeat_kv)
         k, v = jnp.repeat(k, rep, axis=2), jnp.repeat(v, rep, axis=2)
         scores = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) / math.sqrt(hd)
         scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(scores, axis=-1).astype(x.dtype)
         out = jnp.einsum("bhqk,bkhd->bqhd", probs, v).reshape(b, t, heads * hd)
-        return nn.Dense(c.hidden_size, use_bias=c.attention_bias, name="o_proj")(out)
+        out = nn.Dense(c.hidden_size, use_bias=c.attention_bias, name="o_proj")(out)
+        return out if cache is None else (out, cache)
 
 
 class Mlp(nn.Module):
@@ -177,37 +202,65 @@ class DecoderLayer(nn.Module):
     config: LlamaConfig
 
     @nn.compact
-    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array) -> jax.Array:
-        """x: (batch, seq, d) -> (batch, seq, d)."""
+    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array,
+                 cache: dict[str, jax.Array] | None = None, cache_index: jax.Array | int = 0):
+        """x: (batch, seq, d) -> (batch, seq, d) (and the updated cache when one is given)."""
         eps = self.config.rms_norm_eps
-        x = x + Attention(self.config, name="attn")(RMSNorm(eps, name="input_layernorm")(x), cos, sin, mask)
-        return x + Mlp(self.config, name="mlp")(RMSNorm(eps, name="post_attention_layernorm")(x))
+        h = Attention(self.config, name="attn")(RMSNorm(eps, name="input_layernorm")(x), cos, sin, mask,
+                                                cache, cache_index)
+        h, cache = (h, None) if cache is None else h
+        x = x + h
+        x = x + Mlp(self.config, name="mlp")(RMSNorm(eps, name="post_attention_layernorm")(x))
+        return x if cache is None else (x, cache)
 
 
 class LlamaForCausalLM(nn.Module):
     """Decoder-only LM: ``__call__(input_ids, attention_mask=None)`` -> logits (batch, seq, vocab).
 
-    ``attention_mask`` (batch, seq), 1 for real tokens, masks padded keys (as transformers does).
+    ``attention_mask`` (batch, keys), 1 for real tokens, masks padded keys (as transformers does).
+    ``positions`` (batch, seq) are the rotary positions (default ``0..seq-1``; with left padding,
+    ``cumsum(mask) - 1`` as transformers' ``generate`` uses).
+
+    Decoding: pass ``cache`` (:func:`init_cache`, ``keys`` slots) and ``cache_index`` (the slot of
+    ``input_ids[:, 0]``); then ``attention_mask`` covers all ``keys`` slots, a query at slot ``s``
+    sees the slots ``<= s`` that the mask allows, and the call returns ``(logits, cache)``.
+
+    ``logit_positions`` (batch, k) int: compute logits only at these sequence positions (batch, k, vocab);
+    a training loss on a few answer tokens then skips most of the (large-vocabulary) LM head.
     """
 
     config: LlamaConfig
 
     @nn.compact
-    def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None) -> jax.Array:
+    def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None,
+                 positions: jax.Array | None = None, cache: list[dict[str, jax.Array]] | None = None,
+                 cache_index: jax.Array | int = 0, logit_positions: jax.Array | None = None):
         c = self.config
         b, t = input_ids.shape
         embed = nn.Embed(c.vocab_size, c.hidden_size, name="embed_tokens")
         x = embed(input_ids)
-        cos, sin = rope_cos_sin(jnp.arange(t), c.head_size, c.rope_theta)
-        mask = jnp.tril(jnp.ones((t, t), bool))[None, None]
+        if positions is None:
+            positions = (cache_index + jnp.arange(t))[None]
+        cos, sin = rope_cos_sin(positions, c.head_size, c.rope_theta)
+        keys = t if cache is None else cache[0]["k"].shape[1]
+        query_slot = cache_index + jnp.arange(t)
+        mask = (jnp.arange(keys)[None, :] <= query_slot[:, None])[None, None]
         if attention_mask is not None:
             mask = mask & attention_mask.astype(bool)[:, None, None, :]
+        new_cache = []
         for i in range(c.num_hidden_layers):
-            x = DecoderLayer(c, name=f"layers_{i}")(x, cos, sin, mask)
+            layer = DecoderLayer(c, name=f"layers_{i}")
+            if cache is None:
+                x = layer(x, cos, sin, mask)
+            else:
+                x, layer_cache = layer(x, cos, sin, mask, cache[i], cache_index)
+                new_cache.append(layer_cache)
+        if logit_positions is not None:
+            x = jnp.take_along_axis(x, logit_positions[..., None].astype(jnp.int32), axis=1)
         x = RMSNorm(c.rms_norm_eps, name="norm")(x)
-        if c.tie_word_embeddings:
-            return embed.attend(x)
-        return nn.Dense(c.vocab_size, use_bias=False, name="lm_head")(x)
+        logits = embed.attend(x) if c.tie_word_embeddings else nn.Dense(c.vocab_size, use_bias=False,
+                                                                         name="lm_head")(x)
+        return logits if cache is None else (logits, new_cache)
 
 
 def _read_tensors(directory: Path) -> dict[str, np.ndarray]:
