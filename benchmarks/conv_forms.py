@@ -47,6 +47,7 @@ from jax import lax  # noqa: E402
 
 from benchmarks import variants as V  # noqa: E402
 from benchmarks import workloads as W  # noqa: E402
+from benchmarks.timing import fmt, round_robin  # noqa: E402
 
 NHWC = ("NHWC", "HWIO", "NHWC")
 NCHW = ("NCHW", "OIHW", "NCHW")
@@ -181,13 +182,33 @@ FORMS = {
 
 
 def main(argv: list[str] | None = None) -> int:
-    from benchmarks.run import check_losses, prepare, time_round_robin
+    from benchmarks.run import check_losses, prepare
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=30)
     ap.add_argument("--quick", action="store_true", help="tiny shapes (a smoke run)")
     ap.add_argument("--out", type=Path, default=None, help="write conv_forms.md / .json here")
+    ap.add_argument("--per-layer", action="store_true", help="only the per-layer fwd+bwd costs (no optimizer)")
     args = ap.parse_args(argv)
+    if args.per_layer:
+        cfg = W.ConvConfig(channels=(8, 16), image=8, batch=4) if args.quick else W.ConvConfig()
+        load0 = os.getloadavg()
+        rows = per_layer(cfg, 8, args.rounds)
+        names = [k for k in rows[0] if k not in ("layer", "shape", "conv_gflop", "full_ms") and "(CPU)" not in k]
+        lines = [f"Per conv layer, fwd+bwd of one conv (no optimizer), r=8, {args.rounds} rounds, load "
+                 f"{load0[0]:.2f} / {os.getloadavg()[0]:.2f}; ratio to full FT's fwd+bwd, median", "",
+                 "Each cell: wall-time ratio / CPU-time ratio.", "",
+                 "| layer | shape | conv GFLOP | full ms | " + " | ".join(names) + " |",
+                 "|---|---|---|---|" + "---|" * len(names)]
+        for r in rows:
+            lines.append(f"| {r['layer']} | {r['shape']} | {r['conv_gflop']:.3f} | {r['full_ms']:.1f} | "
+                         + " | ".join(f"{r[n]:.2f} / {r[n + ' (CPU)']:.2f}" for n in names) + " |")
+        md = "\n".join(lines) + "\n"
+        print(md)
+        if args.out:
+            (args.out / "conv_layers_run.md").write_text(md)
+            (args.out / "conv_layers.json").write_text(json.dumps(rows, indent=1) + "\n")
+        return 0
     cfg = W.ConvConfig(channels=(8, 16), image=8, batch=4) if args.quick else W.ConvConfig()
     wl = V.conv_workload(cfg, W.LoraSpec(rank=8, alpha=16.0))
     load0, t0 = os.getloadavg(), time.perf_counter()
@@ -207,27 +228,91 @@ def main(argv: list[str] | None = None) -> int:
     if failures:
         print(f"LOSS CHECK FAILED: {failures}", file=sys.stderr)
         return 1
-    time_round_robin(preps, wl.batch, args.rounds)
-    rows = [p.row for p in preps]
+    def stepper(p):
+        def go():
+            p.state[0], p.state[1], loss = p.compiled(p.state[0], p.state[1], p.v.frozen, wl.batch)
+            return loss
+        return go
+
+    res = round_robin([(p.v.name, stepper(p)) for p in preps], args.rounds)
+    rows = [dict(p.row, **res[p.v.name]) for p in preps]
     meta = dict(date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), load=load0,
                 load_end=os.getloadavg(), wall_s=time.perf_counter() - t0, rounds=args.rounds,
                 command="python benchmarks/conv_forms.py " + " ".join(argv if argv is not None else sys.argv[1:]))
     lines = [f"Conv net {cfg}, LoRA r=8 alpha=16 on every conv; {args.rounds} round-robin rounds; "
              f"load {load0[0]:.2f} / {meta['load_end'][0]:.2f}; {meta['date']}; `{meta['command']}`; "
              f"all losses = full FT's ({ref:.6f}) within 1e-4", "",
-             "| form | step ms | x full FT median [min–max] | temp MiB | XLA FLOPs x full |", "|---|---|---|---|---|"]
+             "| form | step ms (wall) | x full FT, wall: median [min–max] | x full FT, CPU time | temp MiB | "
+             "XLA FLOPs x full |", "|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['name']} | {r['median_s'] * 1e3:.1f} | {r['ratio']:.2f} [{r['ratio_min']:.2f}–"
-                     f"{r['ratio_max']:.2f}] | {r['temp_bytes'] / 2**20:.1f} | {r['flops'] / rows[0]['flops']:.2f} |")
+        lines.append(f"| {r['name']} | {r['wall_s'] * 1e3:.1f} | {fmt(r['wall_ratio'])} | {fmt(r['cpu_ratio'])} | "
+                     f"{r['temp_bytes'] / 2**20:.1f} | {r['flops'] / rows[0]['flops']:.2f} |")
     md = "\n".join(lines) + "\n"
     print(md)
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "conv_forms_run.md").write_text(md)
-        keep = ("name", "median_s", "ratio", "ratio_min", "ratio_max", "times", "temp_bytes", "flops", "loss0")
+        keep = ("name", "wall_s", "cpu_s", "wall_ratio", "cpu_ratio", "wall", "cpu", "temp_bytes", "flops", "loss0")
         (args.out / "conv_forms.json").write_text(json.dumps(dict(meta=meta, rows=[{k: r[k] for k in keep}
                                                                                   for r in rows]), indent=1) + "\n")
     return 0
+
+
+
+# --- per-layer costs: the basis of a per-kernel lazy / merged choice ---------------------------------
+
+def layer_steps(n: int, hw: int, cin: int, cout: int, stride: int, r: int, k: int = 3, dn=NHWC) -> dict:
+    """fwd+bwd of one conv layer (cotangent g fixed) in each form; returns name -> (jitted fn, args)."""
+    key = jax.random.split(jax.random.PRNGKey(0), 5)
+    x = jax.random.normal(key[0], (n, hw, hw, cin))
+    w0 = jax.random.normal(key[1], (k, k, cin, cout)) * 0.1
+    a = jax.random.normal(key[2], (k, k, cin, r)) * 0.1
+    b = jax.random.normal(key[3], (r, cout)) * 0.1
+    ho = -(-hw // stride)
+    g = jax.random.normal(key[4], (n, ho, ho, cout))
+    s = 2.0
+
+    def merged(x, w0, a, b):
+        return conv(x, _delta(w0, a, s * b, dn), stride, dn)
+
+    def lazy_today(x, w0, a, b):
+        return conv(x, w0, stride, dn) + _mix(conv(x, a, stride, dn), s * b, dn)
+
+    op_e = make_op("e", stride, dn)
+    forms = {
+        "full FT (dX, dW)": (lambda x, w0, a, b: conv(x, w0, stride, dn), (0, 1)),
+        "merged-in-step": (merged, (0, 2, 3)),
+        "lazy today (autodiff)": (lazy_today, (0, 2, 3)),
+        "e: one conv [W0+A⊗Bs|A], merged dX": (lambda x, w0, a, b: op_e(x, w0, a, s * b), (0, 2, 3)),
+        "floor (dX only)": (lambda x, w0, a, b: conv(x, w0, stride, dn), (0,)),
+    }
+    out = {}
+    for name, (f, argn) in forms.items():
+        # relu after the conv as in the net: the forward output is needed (a linear loss lets XLA drop it)
+        fn = jax.jit(jax.grad(lambda x, w0, a, b, f=f: jnp.vdot(jax.nn.relu(f(x, w0, a, b)), g), argnums=argn))
+        out[name] = (fn, (x, w0, a, b))
+    return out
+
+
+def per_layer(cfg: W.ConvConfig, r: int, rounds: int) -> list[dict]:
+    rows = []
+    hw, cin = cfg.image, 3
+    for i, c in enumerate(cfg.channels):
+        stride = 1 if i == 0 else 2
+        steps = layer_steps(cfg.batch, hw, cin, c, stride, r)
+        for fn, args in steps.values():
+            jax.block_until_ready(fn(*args))
+        names = list(steps)
+        res = round_robin([(n, lambda f=steps[n][0], a=steps[n][1]: f(*a)) for n in names], rounds)
+        ho = -(-hw // stride)
+        row = dict(layer=i, shape=f"{cfg.batch}x{hw}x{hw}x{cin} -> {c}, stride {stride}",
+                   conv_gflop=2 * cfg.batch * ho * ho * 9 * cin * c / 1e9, full_ms=res[names[0]]["wall_s"] * 1e3)
+        for n in names:
+            row[n] = res[n]["wall_ratio"][0]
+            row[n + " (CPU)"] = res[n]["cpu_ratio"][0]
+        rows.append(row)
+        hw, cin = ho, c
+    return rows
 
 
 if __name__ == "__main__":

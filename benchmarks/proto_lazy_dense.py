@@ -36,7 +36,10 @@ def _fwd(x, w0s, a_cat, bss):
     ys, start = [], 0
     for w, bs in zip(w0s, bss):
         r = bs.shape[0]
-        ys.append(x @ w + low[:, start:start + r] @ bs)
+        if MODE.startswith("catk"):  # one dot [x | low]·[W0 ; Bs]: no separate add for XLA to re-fuse
+            ys.append(jnp.concatenate([x, low[:, start:start + r]], 1) @ jnp.concatenate([w, bs], 0))
+        else:
+            ys.append(x @ w + low[:, start:start + r] @ bs)
         start += r
     return tuple(ys), (x, w0s, a_cat, bss, low)
 
@@ -101,7 +104,7 @@ def _group(p: dict, lp: dict, names: tuple[str, ...], x: jax.Array, scale: float
     w0s = tuple(p[n]["kernel"] for n in names)
     a_cat = jnp.concatenate([lp[n]["kernel"]["A"] for n in names], axis=1)
     bss = tuple(scale * lp[n]["kernel"]["B"] for n in names)
-    if MODE.startswith("inside"):
+    if MODE.startswith(("inside", "catk")):
         return lora_dense(x, w0s, a_cat, bss)
     lows = low_only(x, a_cat, bss)
     if MODE == "outside2d":

@@ -22,6 +22,7 @@ import dataclasses
 import datetime
 import json
 import os
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -54,15 +55,16 @@ def compile_step(loss_fn, trainable, frozen, tx, batch, dump: str | None = None)
         return optax.apply_updates(t, upd), opt, loss
 
     opt = jax.eval_shape(tx.init, trainable)
-    t0 = time.perf_counter()
+    c0, t0 = time.process_time(), time.perf_counter()
     lowered = jax.jit(step, donate_argnums=(0, 1)).lower(trainable, opt, frozen, batch)
-    t1 = time.perf_counter()
+    c1, t1 = time.process_time(), time.perf_counter()
     opts = {"xla_dump_to": dump, "xla_dump_hlo_as_text": True} if dump else None
     compiled = lowered.compile(compiler_options=opts) if opts else lowered.compile()
-    t2 = time.perf_counter()
+    c2, t2 = time.process_time(), time.perf_counter()
     m = compiled.memory_analysis()
     row = dict(args=m.argument_size_in_bytes, out=m.output_size_in_bytes, temp=m.temp_size_in_bytes,
-               alias=m.alias_size_in_bytes, trace_lower_s=t1 - t0, compile_s=t2 - t1)
+               alias=m.alias_size_in_bytes, trace_lower_s=t1 - t0, compile_s=t2 - t1,
+               trace_lower_cpu_s=c1 - c0, compile_cpu_s=c2 - c1)
     row["peak"] = row["args"] + row["out"] + row["temp"] - row["alias"]
     text = compiled.as_text()
     h = hlo_stats(text)
@@ -101,15 +103,24 @@ VARIANTS = ("full FT", "jlora lazy", "jlora merged-in-step", "probe", "proto")
 # also: "proto outside2d", "proto outside3d", "proto inside3d" (see proto_lazy_dense.MODE)
 
 
-def run(cfg: L.LlamaConfig, names: tuple[str, ...], log, dump: str | None = None) -> dict[str, Any]:
-    rows = {}
+def run(cfg: L.LlamaConfig, names: tuple[str, ...], log, dump: str | None = None, rounds: int = 1) -> dict[str, Any]:
+    """Compiles every variant ``rounds`` times (round-robin, order rotated); memory from the first, times median."""
+    rows: dict[str, Any] = {}
+    times: dict[str, dict[str, list[float]]] = {n: {} for n in names}
+    for k in range(rounds):
+        for n in names[k % len(names):] + names[: k % len(names)]:
+            loss_fn, t, f, tx = build(n, cfg)
+            d = f"{dump}/{n.replace(' ', '_')}" if dump and k == 0 else None
+            r = compile_step(loss_fn, t, f, tx, L.abstract_batch(cfg), d)
+            rows.setdefault(n, r)
+            for key in ("trace_lower_s", "compile_s", "trace_lower_cpu_s", "compile_cpu_s"):
+                times[n].setdefault(key, []).append(r[key])
+            log(f"{n}: temp {r['temp'] / GiB:.2f} GiB peak {r['peak'] / GiB:.2f} GiB trace+lower "
+                f"{r['trace_lower_s']:.1f}s compile {r['compile_s']:.1f}s copies {r['copies_bytes'] / GiB:.2f} GiB")
     for n in names:
-        loss_fn, t, f, tx = build(n, cfg)
-        d = f"{dump}/{n.replace(' ', '_')}" if dump else None
-        rows[n] = compile_step(loss_fn, t, f, tx, L.abstract_batch(cfg), d)
-        r = rows[n]
-        log(f"{n}: temp {r['temp'] / GiB:.2f} GiB peak {r['peak'] / GiB:.2f} GiB trace+lower "
-            f"{r['trace_lower_s']:.1f}s compile {r['compile_s']:.1f}s copies {r['copies_bytes'] / GiB:.2f} GiB")
+        for key, vals in times[n].items():
+            rows[n][key] = statistics.median(vals)
+            rows[n][key + "_all"] = vals
     fl = L.adapted_input_floats(cfg, RANK)
     floor = None
     if "probe" in rows:
@@ -119,8 +130,8 @@ def run(cfg: L.LlamaConfig, names: tuple[str, ...], log, dump: str | None = None
         if full:
             r["peak_x_full"] = r["peak"] / full["peak"]
             r["temp_x_full"] = r["temp"] / full["temp"]
-            r["trace_lower_x_full"] = r["trace_lower_s"] / full["trace_lower_s"]
-            r["compile_x_full"] = r["compile_s"] / full["compile_s"]
+            for key in ("trace_lower_s", "compile_s", "trace_lower_cpu_s", "compile_cpu_s"):
+                r[key.replace("_s", "_x_full")] = r[key] / full[key]
         if floor:
             r["temp_x_floor"] = r["temp"] / floor
     return dict(config=dataclasses.asdict(cfg), rank=RANK, alpha=ALPHA, rows=rows, floor_temp=floor,
@@ -136,21 +147,24 @@ def report(res: dict[str, Any], meta: dict[str, Any]) -> str:
            f"r={res['rank']} alpha={res['alpha']:g} on q,k,v,o,gate,up,down; adamw; state donated",
            f"- command: `{meta['command']}`; {meta['date']}; load average {meta['load'][0]:.2f} / "
            f"{meta['load_end'][0]:.2f}; jax {jax.__version__}, XLA:CPU; total {meta['wall_s']:.0f} s",
-           "- memory from `compiled.memory_analysis()`; peak = args + out + temp - aliased; ratios x full FT "
-           "(times: x full FT's trace+lower / compile, same run)", ""]
+           "- memory from `compiled.memory_analysis()`; peak = args + out + temp - aliased; ratios x full FT; "
+           f"times: median of {meta['rounds']} round-robin compile(s) per variant, wall (x full FT's) and process "
+           "CPU time (x full FT's; less sensitive to other load on the machine)", ""]
     if res["floor_temp"]:
         out += [f"Floor of a LoRA step's temp = probe temp + adapted kernels' inputs "
                 f"({g(res['adapted_input_bytes'])} GiB: layers x tokens x (3·d + ffn) f32; q/k/v share one input, "
                 f"gate/up share one) + low = x·A ({res['low_bytes'] / 2**20:.1f} MiB) = "
                 f"**{g(res['floor_temp'])} GiB**.", ""]
     out += ["| variant | args GiB | out GiB | temp GiB | aliased GiB | peak GiB | peak x full | temp x full | "
-            "temp x floor | trace+lower s (x full) | compile s (x full) | copy/transpose GiB (n) | opt-barriers |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+            "temp x floor | trace+lower s (x full) | compile s (x full) | trace+lower x full, CPU | compile x full, CPU "
+            "| copy/transpose GiB (n) | opt-barriers |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for n, r in res["rows"].items():
         out.append(f"| {n} | {g(r['args'])} | {g(r['out'])} | {g(r['temp'])} | {g(r['alias'])} | {g(r['peak'])} | "
                    f"{r.get('peak_x_full', 0):.3f} | {r.get('temp_x_full', 0):.3f} | {r.get('temp_x_floor', 0):.3f} | "
                    f"{r['trace_lower_s']:.2f} ({r.get('trace_lower_x_full', 0):.2f}) | "
                    f"{r['compile_s']:.2f} ({r.get('compile_x_full', 0):.2f}) | "
+                   f"{r.get('trace_lower_cpu_x_full', 0):.2f} | {r.get('compile_cpu_x_full', 0):.2f} | "
                    f"{g(r['copies_bytes'])} ({r['copies_n']}) | {r['barriers']} |")
     out.append("")
     for n, r in res["rows"].items():
@@ -166,6 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset of " + ", ".join(VARIANTS))
     ap.add_argument("--dump", default=None, help="XLA dump folder (HLO + buffer assignment per variant)")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    ap.add_argument("--rounds", type=int, default=1, help="compile each variant this many times (timing medians)")
     args = ap.parse_args(argv)
     cfg = MODELS[args.model]
     if args.layers:
@@ -174,8 +189,8 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     load = os.getloadavg()
     log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
-    res = run(cfg, names, log, args.dump)
-    meta = dict(model=args.model + (f" ({args.layers} layers)" if args.layers else ""),
+    res = run(cfg, names, log, args.dump, args.rounds)
+    meta = dict(model=args.model + (f" ({args.layers} layers)" if args.layers else ""), rounds=args.rounds,
                 command="python benchmarks/scale.py " + " ".join(argv if argv is not None else sys.argv[1:]),
                 date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), load=load,
                 load_end=os.getloadavg(), wall_s=time.perf_counter() - t0)
