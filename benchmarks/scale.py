@@ -94,13 +94,23 @@ def build(name: str, cfg: L.LlamaConfig) -> tuple[Any, Any, Any, Any]:
 
     lcfg = jlora.LoraConfig(rank=RANK, alpha=ALPHA, targets=L.TARGET_REGEX)
     frozen, lora = jax.eval_shape(lambda p: jlora.init(jax.random.PRNGKey(0), p, lcfg), params)
-    mode = {"jlora lazy": "lazy", "jlora merged-in-step": "merged"}[name]
+    mode = {"jlora lazy": "lazy", "jlora merged-in-step": "merged", "jlora lazy + flat (proto)": "lazy"}[name]
     fn = jlora.lora_apply(apply, lcfg, mode=mode)
-    return (lambda t, f, b: L.lm_loss(fn(f, t, b[0]), b[1])), lora, frozen, jlora.optimizer(optax.adamw(LR), lora)
+
+    def loss(t, f, b):
+        if name.endswith("flat (proto)"):  # the interpreter patched while tracing (proto_flat.py)
+            from benchmarks.proto_flat import flat_lazy
+
+            with flat_lazy():
+                return L.lm_loss(fn(f, t, b[0]), b[1])
+        return L.lm_loss(fn(f, t, b[0]), b[1])
+
+    return loss, lora, frozen, jlora.optimizer(optax.adamw(LR), lora)
 
 
 VARIANTS = ("full FT", "jlora lazy", "jlora merged-in-step", "probe", "proto")
-# also: "proto outside2d", "proto outside3d", "proto inside3d" (see proto_lazy_dense.MODE)
+# also: "jlora lazy + flat (proto)" (proto_flat.py), "proto outside2d", "proto outside3d", "proto inside3d"
+# (proto_lazy_dense.MODE)
 
 
 def run(cfg: L.LlamaConfig, names: tuple[str, ...], log, dump: str | None = None, rounds: int = 1) -> dict[str, Any]:
