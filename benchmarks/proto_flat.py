@@ -95,6 +95,33 @@ def _elementwise(eqn: Any, invals: list[Any]) -> list[Any] | None:
     return [Flat(o, shape) for o in outs]
 
 
+@jax.custom_vjp
+def dense_primal_merge(x2: jax.Array, w0: jax.Array, a: jax.Array, bs: jax.Array) -> jax.Array:
+    """``x2·W0 + (x2·A)·Bs``. Primal (not differentiated: inference): merge the kernel when that costs
+    fewer FLOPs than the low-rank branch, ``T·(in + out) ≥ in·out``; under differentiation the lazy
+    ``fwd`` rule runs (residuals x2 and low; W0 gets no cotangent)."""
+    t, (n_in, n_out) = x2.shape[0], w0.shape
+    if t * (n_in + n_out) >= n_in * n_out:
+        return x2 @ (w0 + (a @ bs).astype(w0.dtype))
+    return x2 @ w0 + ((x2 @ a) @ bs).astype(w0.dtype)
+
+
+def _dpm_fwd(x2, w0, a, bs):
+    low = x2 @ a
+    return x2 @ w0 + (low @ bs).astype(w0.dtype), (x2, w0, a, bs, low)
+
+
+def _dpm_bwd(res, dy):
+    x2, w0, a, bs, low = res
+    dlow = dy @ bs.T
+    dlow_t, low_t = jax.lax.optimization_barrier((dlow.T, low.T))
+    return dy @ w0.T + dlow @ a.T, None, (dlow_t @ x2).T, low_t @ dy
+
+
+dense_primal_merge.defvjp(_dpm_fwd, _dpm_bwd)
+PRIMAL_MERGE = [False]
+
+
 def _dense_fast(eqn: Any, invals: list[Any], ctx: Any) -> list[Any] | None:
     """jlora's plain dense fast path, returning a Flat ``x2d·W0 + low`` (no DoRA, no dropout)."""
     x, v = invals
@@ -102,6 +129,9 @@ def _dense_fast(eqn: Any, invals: list[Any], ctx: Any) -> list[Any] | None:
         return None
     shape_out = tuple(eqn.outvars[0].aval.shape)
     x2 = x.resolved() if isinstance(x, Flat) else x.reshape(-1, x.shape[-1])
+    if PRIMAL_MERGE[0] and x2.dtype == v.w0.dtype == v.a.dtype:
+        ctx.shared.pop(id(eqn), None)
+        return [Flat(dense_primal_merge(x2, v.w0, v.a, v.scaled_b()), shape_out)]
     low = ctx.shared.pop(id(eqn), None)
     if low is None:
         low = JR.low_rank_2d(x2.astype(v.a.dtype), v.a, (v.scaled_b(),))[0]
@@ -132,7 +162,8 @@ def _eval_flat(jaxpr: Any, consts: Any, args: Any, ctx: Any, keep_flat: bool = F
         name = eqn.primitive.name
         outs = None
         if name == "dot_general" and len(invals) == 2 and JR._is_lora(invals[1]):
-            if eqn.invars[0] in groups and id(eqn) not in ctx.shared and not ctx.dropout_on:
+            if eqn.invars[0] in groups and id(eqn) not in ctx.shared and not ctx.dropout_on \
+                    and not PRIMAL_MERGE[0]:
                 x = invals[0]
                 if isinstance(x, Flat):  # _share_inputs reads env: give it the model's view
                     env[eqn.invars[0]] = x.full()
@@ -158,11 +189,14 @@ def _eval_flat(jaxpr: Any, consts: Any, args: Any, ctx: Any, keep_flat: bool = F
 
 
 @contextlib.contextmanager
-def flat_lazy():
-    """Patches ``jlora.lazy._eval`` with the flat-propagating interpreter while the context is open."""
-    orig = JL._eval
-    JL._eval = _eval_flat
+def flat_lazy(primal_merge: bool = False):
+    """Patches ``jlora.lazy._eval`` with the flat-propagating interpreter while the context is open.
+
+    ``primal_merge``: plain dense uses go through :func:`dense_primal_merge` (no shared A).
+    """
+    orig, pm = JL._eval, PRIMAL_MERGE[0]
+    JL._eval, PRIMAL_MERGE[0] = _eval_flat, primal_merge
     try:
         yield
     finally:
-        JL._eval = orig
+        JL._eval, PRIMAL_MERGE[0] = orig, pm
