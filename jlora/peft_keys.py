@@ -150,7 +150,7 @@ LLAMA_KEY_MAP: tuple[tuple[str, str], ...] = (
     (r"params/norm/scale", "model.norm"),
     (r"params/lm_head/kernel", "lm_head"),
 )
-"""Key map of ``examples/llama.py`` onto ``transformers.LlamaForCausalLM``."""
+"""Key map of ``examples/models/llama.py`` onto ``transformers.LlamaForCausalLM``."""
 
 BERT_KEY_MAP: tuple[tuple[str, str], ...] = (
     (r"params/embeddings/(word|position|token_type)_embeddings/embedding", r"embeddings.\1_embeddings"),
@@ -162,7 +162,7 @@ BERT_KEY_MAP: tuple[tuple[str, str], ...] = (
     (r"params/encoder/layer_(\d+)/mlp/output/(?:kernel|bias)", r"encoder.layer.\1.output.dense"),
     (r"params/encoder/layer_(\d+)/mlp_norm/(?:scale|bias)", r"encoder.layer.\1.output.LayerNorm"),
 )
-"""Key map of ``examples/minilm.py`` onto ``transformers.BertModel`` (for ``BertFor*`` heads,
+"""Key map of ``examples/models/minilm.py`` onto ``transformers.BertModel`` (for ``BertFor*`` heads,
 prefix the module names with ``bert.``)."""
 
 

@@ -1,4 +1,4 @@
-"""examples/llama.py: the Flax Llama port against transformers' LlamaForCausalLM (float32, 1e-4)."""
+"""examples/models/llama.py: the Flax Llama port against transformers' LlamaForCausalLM (float32, 1e-4)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""examples/minilm.py: the Flax port of all-MiniLM-L6-v2 against the PyTorch original (transformers)."""
+"""examples/models/minilm.py: the Flax port of all-MiniLM-L6-v2 against the PyTorch original (transformers)."""
 
 from __future__ import annotations
 

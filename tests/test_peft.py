@@ -414,7 +414,7 @@ def test_key_map_forms():
         jpeft.module_name("a", "not a map")
 
 
-# --- BERT (examples/minilm.py) --------------------------------------------------------------------------
+# --- BERT (examples/models/minilm.py) --------------------------------------------------------------------------
 
 BERT = dict(vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=96,
             max_position_embeddings=32, type_vocab_size=2)
