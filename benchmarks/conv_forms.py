@@ -171,23 +171,7 @@ def form_variant(wl: V.Workload, form: str, dn=NHWC) -> V.Variant:
                      tx=optax.adamw(V.LR))
 
 
-def jlora_rule_e(wl: V.Workload) -> V.Variant:
-    """jlora's lazy mode with ``proto_conv.conv_rule_e`` installed as its conv rule (traced inside)."""
-    from benchmarks.proto_conv import patched_conv
-
-    v = V.jlora_lazy(wl)
-    inner = v.loss_fn
-
-    def loss(t, f, b):
-        with patched_conv():
-            return inner(t, f, b)
-
-    v.loss_fn = loss
-    return v
-
-
 FORMS = {
-    "jlora lazy + proto_conv rule (e)": jlora_rule_e,
     "b concat [W0|A], custom VJP": lambda wl: form_variant(wl, "b"),
     "d merged-kernel dX, custom VJP": lambda wl: form_variant(wl, "d"),
     "e one conv [W0+A⊗Bs|A] fwd, merged dX": lambda wl: form_variant(wl, "e"),

@@ -32,6 +32,7 @@ from jax.extend import core as jcore
 
 import jlora.lazy as JL
 import jlora.lazy_rules as JR
+import jlora.lazy_value as JV
 
 ELEMENTWISE = frozenset({
     "add", "add_any", "sub", "mul", "div", "max", "min", "neg", "exp", "exp2", "log", "log1p", "expm1",
@@ -75,7 +76,7 @@ def _elementwise(eqn: Any, invals: list[Any]) -> list[Any] | None:
         oshape = tuple(jnp.shape(other))
         if len(oshape) == len(shape) and all(d == 1 for d in oshape[:-1]):  # a bias: add it before the low
             f = flats[0]
-            v2 = JR._bind(eqn, [f.v2, jnp.reshape(other, (1, oshape[-1]))])[0]
+            v2 = JV.bind(eqn, [f.v2, jnp.reshape(other, (1, oshape[-1]))])[0]
             return [Flat(v2, shape, f.low)]
     args = []
     for x in invals:
@@ -91,7 +92,7 @@ def _elementwise(eqn: Any, invals: list[Any]) -> list[Any] | None:
             args.append(jnp.reshape(x, (flats[0].v2.shape[0], 1)))
         else:
             return None
-    outs = JR._bind(eqn, args)
+    outs = JV.bind(eqn, args)
     return [Flat(o, shape) for o in outs]
 
 
@@ -125,7 +126,9 @@ PRIMAL_MERGE = [False]
 def _dense_fast(eqn: Any, invals: list[Any], ctx: Any) -> list[Any] | None:
     """jlora's plain dense fast path, returning a Flat ``x2d·W0 + low`` (no DoRA, no dropout)."""
     x, v = invals
-    if not (JR._is_lora(v) and JR._plain_dense(eqn, v)) or v.factor is not None or ctx.dropout_on:
+    if not (JV.is_lora(v) and JR.plain_dense(eqn, v)) or v.factor is not None or ctx.dropout_on:
+        return None
+    if v.view != ((0,), (1,)):  # an (out, in) stored kernel: the prototype handles (in, out) only
         return None
     shape_out = tuple(eqn.outvars[0].aval.shape)
     x2 = x.resolved() if isinstance(x, Flat) else x.reshape(-1, x.shape[-1])
@@ -135,7 +138,7 @@ def _dense_fast(eqn: Any, invals: list[Any], ctx: Any) -> list[Any] | None:
     low = ctx.shared.pop(id(eqn), None)
     if low is None:
         low = JR.low_rank_2d(x2.astype(v.a.dtype), v.a, (v.scaled_b(),))[0]
-    base = JR._bind(eqn, [x2, v.w0], dimension_numbers=(((1,), (0,)), ((), ())))[0]
+    base = JV.bind(eqn, [x2, v.w0], dimension_numbers=(((1,), (0,)), ((), ())))[0]
     return [Flat(base, shape_out, low)]
 
 
@@ -161,7 +164,7 @@ def _eval_flat(jaxpr: Any, consts: Any, args: Any, ctx: Any, keep_flat: bool = F
         invals = [read(v) for v in eqn.invars]
         name = eqn.primitive.name
         outs = None
-        if name == "dot_general" and len(invals) == 2 and JR._is_lora(invals[1]):
+        if name == "dot_general" and len(invals) == 2 and JV.is_lora(invals[1]):
             if eqn.invars[0] in groups and id(eqn) not in ctx.shared and not ctx.dropout_on \
                     and not PRIMAL_MERGE[0]:
                 x = invals[0]
@@ -171,17 +174,17 @@ def _eval_flat(jaxpr: Any, consts: Any, args: Any, ctx: Any, keep_flat: bool = F
                 env[eqn.invars[0]] = x
             outs = _dense_fast(eqn, invals, ctx)
         elif any(isinstance(x, Flat) for x in invals):
-            if name in ELEMENTWISE and not any(JR._is_lora(x) for x in invals):
+            if name in ELEMENTWISE and not any(JV.is_lora(x) for x in invals):
                 outs = _elementwise(eqn, invals)
-            elif name in JL._CALLS and not any(JR._is_lora(x) for x in invals):
+            elif name in JL._CALLS and not any(JV.is_lora(x) for x in invals):
                 inner = eqn.params.get("jaxpr", eqn.params.get("call_jaxpr"))
                 outs = _eval_flat(inner.jaxpr, inner.consts, invals, ctx, keep_flat=True)
         if outs is None:
             invals = [_full(x) for x in invals]
-            if any(JR._is_lora(x) for x in invals):
+            if any(JV.is_lora(x) for x in invals):
                 outs = JL._rewrite(eqn, invals, ctx)
             else:
-                outs = JR._bind(eqn, invals)
+                outs = JV.bind(eqn, invals)
         for v, x in zip(eqn.outvars, outs):
             if not isinstance(v, jcore.DropVar):
                 env[v] = x

@@ -268,7 +268,8 @@ def conv(eqn: Any, invals: list[Any], ctx: Any) -> list[Any] | None:
     bs = w.scaled_b()  # (g?) + (r,) + out
     lead = [0] if g > 1 else []
     bs = bs.transpose(lead + [w.ns] + [w.b_axis(c) for c in outs]).reshape((g, r, -1) if g > 1 else (r, -1))
-    if g == 1 and w.factor is None and not ctx.dropout_on and x.dtype == w.w0.dtype == w.a.dtype == bs.dtype:
+    small = math.prod(w.shape) <= math.prod(eqn.outvars[0].aval.shape)  # the kernel is smaller than its output
+    if small and g == 1 and w.factor is None and not ctx.dropout_on and x.dtype == w.w0.dtype == w.a.dtype == bs.dtype:
         return [_conv_merged(eqn, spec[0], feat)(x, w.w0, a_conv, bs)]
     base_of = lambda xx: bind(eqn, [xx, w.w0])[0]  # noqa: E731
     base = base_of(x)
@@ -288,11 +289,13 @@ def conv(eqn: Any, invals: list[Any], ctx: Any) -> list[Any] | None:
 
 
 def _conv_merged(eqn: Any, o_axis: int, feat: int) -> Callable[..., jax.Array]:
-    """The conv LoRA op for training on XLA:CPU (benchmarks/conv_forms.py, form e): a conv kernel is
-    small next to its activations, so the forward is ONE conv over ``[W0 + A⊗Bs | A]`` (the output
-    and ``low = conv(x, A)`` at once) and ``dX`` one input-gradient conv with the merged kernel; the
-    factors get ``dA`` (a filter gradient on r channels, ``dlow = dY·Bsᵀ``) and ``dBs = lowᵀ·dY``.
-    ``W0`` gets no gradient and no full-size filter gradient is ever formed."""
+    """The conv LoRA op when the kernel is no larger than the conv's output (the usual CNN case;
+    benchmarks/conv_forms.py, form e: 0.75x full fine-tuning against 1.40x for the two-conv form on
+    XLA:CPU): the forward is ONE conv over ``[W0 + A⊗Bs | A]`` (the output and ``low = conv(x, A)``
+    at once) and ``dX`` one input-gradient conv with that merged kernel; the factors get ``dA`` (a
+    filter gradient on r channels, ``dlow = dY·Bsᵀ``) and ``dBs = lowᵀ·dY``. A kernel-sized merged
+    kernel is formed (no larger than one activation); ``W0`` gets no gradient and no full-size filter
+    gradient is ever formed. Larger kernels, grouped convs, DoRA and dropout use the two-conv form."""
 
     def conv_with(xx: jax.Array, kernel: jax.Array) -> jax.Array:
         return bind(eqn, [xx, kernel], preferred_element_type=None)[0]
