@@ -53,3 +53,11 @@ def test_quick_sweep(tmp_path: Path) -> None:
     assert [p["x"] for p in res["sweep"]["rank"]] == [1, 8]
     assert (tmp_path / "sweep.png").stat().st_size > 1000
     assert "## Sweep" in (tmp_path / "sweep.md").read_text()
+
+
+def test_bf16_quick_run(capsys) -> None:
+    from benchmarks import bf16
+
+    assert bf16.main(["--quick", "--rounds", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "| jlora lazy |" in out and "| full fine-tuning |" in out
