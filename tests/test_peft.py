@@ -422,7 +422,7 @@ BERT = dict(vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_h
 
 @pytest.fixture(scope="module")
 def bert(tmp_path_factory):
-    minilm = pytest.importorskip("minilm")
+    from examples.models import minilm
     d = tmp_path_factory.mktemp("bert")
     torch.manual_seed(0)
     model = transformers.BertModel(transformers.BertConfig(**BERT, attn_implementation="eager"))

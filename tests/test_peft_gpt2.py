@@ -19,9 +19,9 @@ import pytest
 import jlora
 from jlora import peft as jpeft
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
-peft = pytest.importorskip("peft")
+import torch  # noqa: E402  (the test extra installs it; a missing one must fail, not skip)
+import transformers  # noqa: E402
+import peft  # noqa: E402
 
 TOL = dict(atol=1e-4, rtol=1e-4)
 CFG = dict(vocab_size=96, n_positions=32, n_embd=32, n_layer=2, n_head=4)
