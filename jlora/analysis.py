@@ -231,9 +231,6 @@ class _Reader:
                 reached += self._use(jaxpr, eqn, positions, view)
         return reached
 
-    def _then(self, jaxpr: Any, var: Any, view: _View) -> list[tuple[int, _View]]:
-        return self.follow(jaxpr, var, view)
-
     def _cut(self, view: _View, axis: int, size: int) -> _View:
         """Axis ``axis`` was sliced or indexed: its atoms are stack axes; the result axis (of
         ``size``) is a pseudo-atom that must stay a stack or free axis."""
@@ -248,9 +245,9 @@ class _Reader:
         name = eqn.primitive.name
         out = eqn.outvars
         if name in _PASS:
-            return self._then(jaxpr, out[0], view)
+            return self.follow(jaxpr, out[0], view)
         if name == "optimization_barrier":
-            return [r for pos in positions for r in self._then(jaxpr, out[pos], view)]
+            return [r for pos in positions for r in self.follow(jaxpr, out[pos], view)]
         if name in _RESHAPES and positions == [0] and len(eqn.invars) == 1:
             new = tuple(out[0].aval.shape)
             if math.prod(new) != math.prod(eqn.invars[0].aval.shape):
@@ -265,10 +262,10 @@ class _Reader:
                 self.found.append(f"{name} to shape {new}, which mixes axes")
                 return []
             v2, groups = split
-            return self._then(jaxpr, out[0], v2.with_axes(groups))
+            return self.follow(jaxpr, out[0], v2.with_axes(groups))
         if name == "transpose":
             perm = eqn.params["permutation"]
-            return self._then(jaxpr, out[0], view.with_axes([view.axes[p] for p in perm]))
+            return self.follow(jaxpr, out[0], view.with_axes([view.axes[p] for p in perm]))
         if name in ("slice", "dynamic_slice") and positions == [0]:
             in_shape, out_shape = eqn.invars[0].aval.shape, out[0].aval.shape
             if name == "slice" and any(s != 1 for s in (eqn.params["strides"] or ())):
@@ -277,7 +274,7 @@ class _Reader:
             for j in range(len(in_shape)):
                 if in_shape[j] != out_shape[j]:
                     view = self._cut(view, j, out_shape[j])
-            return self._then(jaxpr, out[0], view)
+            return self.follow(jaxpr, out[0], view)
         if name == "gather" and positions == [0]:
             return self._gather(jaxpr, eqn, view)
         if name == "dot_general":
@@ -329,7 +326,7 @@ class _Reader:
         for pos in positions:
             for i, v in self.follow(subs[0], subs[0].invars[pos], view):
                 if i < len(out):
-                    reached += self._then(jaxpr, out[i], v)
+                    reached += self.follow(jaxpr, out[i], v)
         return reached
 
     def _gather(self, jaxpr: Any, eqn: Any, view: _View) -> list[tuple[int, _View]]:
@@ -346,7 +343,7 @@ class _Reader:
             for j in picked:
                 view = self._cut(view, j, sizes[j])
             axes = [view.axes[j] for j in range(len(in_shape)) if j not in dn.collapsed_slice_dims]
-            return self._then(jaxpr, eqn.outvars[0], view.with_axes(axes))
+            return self.follow(jaxpr, eqn.outvars[0], view.with_axes(axes))
         # rows looked up by ids: an embedding table (vocab, features...)
         if tuple(dn.collapsed_slice_dims) == (0,) and tuple(dn.start_index_map) == (0,):
             roles = {a: "i" for a in view.axes[0]}

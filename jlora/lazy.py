@@ -70,8 +70,6 @@ from jlora.lazy_value import (LoraValue, dtype_view, dynamic_slice, gather_stack
                               slice_, transpose)
 from jlora.lazy_value import bind as _bind
 
-_is_lora = is_lora
-
 __all__ = ["LoraValue", "lazy_call", "lazy_eval", "low_rank_2d"]
 
 _CALLS = frozenset({"jit", "pjit", "closed_call", "core_call"})
@@ -108,7 +106,7 @@ def _share_inputs(jaxpr: Any, env: Mapping[Any, Any], ctx: Any, eqn: Any) -> Non
     for e in ctx.groups.get(id(jaxpr), {}).get(x_var, ()):
         w = e.invars[1]
         v = None if isinstance(w, jcore.Literal) else env.get(w)
-        if id(e) not in ctx.shared and _is_lora(v) and plain_dense(e, v) and v.a.dtype == x.dtype:
+        if id(e) not in ctx.shared and is_lora(v) and plain_dense(e, v) and v.a.dtype == x.dtype:
             members.append((e, v))
     if len(members) < 2 or members[0][0] is not eqn:
         return
@@ -142,7 +140,7 @@ class _Ctx:
 def _fallback(eqn: Any, invals: Sequence[Any], ctx: _Ctx, why: str = "") -> list[Any]:
     name = eqn.primitive.name
     for v in invals:
-        if _is_lora(v):
+        if is_lora(v):
             msg = (f"jlora lazy: kernel {v.path!r} is used by primitive {name!r}"
                    f"{' (' + why + ')' if why else ''}, which the low-rank rewrite does not handle")
             if ctx.strict:
@@ -152,7 +150,7 @@ def _fallback(eqn: Any, invals: Sequence[Any], ctx: _Ctx, why: str = "") -> list
                 ctx.warned.add((v.path, name))
                 warnings.warn(msg + "; using the merged kernel W0 + s*A@B for this use (correct, not lazy)",
                               stacklevel=3)
-    return _bind(eqn, [v.materialise() if _is_lora(v) else v for v in invals])
+    return _bind(eqn, [v.materialise() if is_lora(v) else v for v in invals])
 
 
 def lazy_eval(jaxpr: Any, consts: Sequence[Any], args: Sequence[Any], *, strict: bool = False,
@@ -188,9 +186,9 @@ def _eval(jaxpr: Any, consts: Sequence[Any], args: Sequence[Any], ctx: _Ctx) -> 
     groups = ctx.groups.get(id(jaxpr), {})
     for eqn in jaxpr.eqns:
         invals = [read(v) for v in eqn.invars]
-        if any(_is_lora(x) for x in invals):
+        if any(is_lora(x) for x in invals):
             if (eqn.primitive.name == "dot_general" and eqn.invars[0] in groups and id(eqn) not in ctx.shared
-                    and _is_lora(invals[1])):
+                    and is_lora(invals[1])):
                 _share_inputs(jaxpr, env, ctx, eqn)
             outs = _rewrite(eqn, invals, ctx)
         else:
@@ -237,11 +235,11 @@ def _scan(eqn: Any, invals: list[Any], ctx: _Ctx) -> list[Any] | None:
     p = eqn.params
     nc, ncar = p["num_consts"], p["num_carry"]
     consts, carry, xs = invals[:nc], invals[nc : nc + ncar], invals[nc + ncar :]
-    if any(_is_lora(c) for c in carry):
+    if any(is_lora(c) for c in carry):
         return None
     metas, packed = [], []
     for x in xs:  # a stacked kernel scanned over its leading view axis: slice W0, A, B per step
-        if not _is_lora(x):
+        if not is_lora(x):
             metas.append(None)
             packed.append(x)
             continue
@@ -265,7 +263,7 @@ def _scan(eqn: Any, invals: list[Any], ctx: _Ctx) -> list[Any] | None:
                  for m, x in zip(metas, xs_in)]
         sub = ctx.child(key) if key is not None else ctx
         outs = _eval(closed.jaxpr, closed.consts, list(consts) + list(c) + xs_in, sub)
-        outs = [o.materialise() if _is_lora(o) else o for o in outs]
+        outs = [o.materialise() if is_lora(o) else o for o in outs]
         return outs[:ncar], outs[ncar:]
 
     c, ys = lax.scan(body, list(carry), (packed, keys), length=p["length"], reverse=p["reverse"],
@@ -275,7 +273,7 @@ def _scan(eqn: Any, invals: list[Any], ctx: _Ctx) -> list[Any] | None:
 
 def _cond(eqn: Any, invals: list[Any], ctx: _Ctx) -> list[Any]:
     index, ops = invals[0], invals[1:]
-    fns = [lambda *o, br=br: [x.materialise() if _is_lora(x) else x for x in _eval(br.jaxpr, br.consts, o, ctx)]
+    fns = [lambda *o, br=br: [x.materialise() if is_lora(x) else x for x in _eval(br.jaxpr, br.consts, o, ctx)]
            for br in eqn.params["branches"]]
     return list(lax.switch(index, fns, *ops))
 
@@ -284,7 +282,7 @@ def _while(eqn: Any, invals: list[Any], ctx: _Ctx) -> list[Any] | None:
     p = eqn.params
     cn, bn = p["cond_nconsts"], p["body_nconsts"]
     cconsts, bconsts, carry = invals[:cn], invals[cn : cn + bn], invals[cn + bn :]
-    if any(_is_lora(c) for c in carry):
+    if any(is_lora(c) for c in carry):
         return None
     cj, bj = p["cond_jaxpr"], p["body_jaxpr"]
 
@@ -408,5 +406,5 @@ def lazy_call(apply_fn: Callable[..., Any], frozen: Any, lora: Any, config: Any,
         vals[i] = LoraValue(vals[i], a, b, p, index[p], f.n_stack, f.n_in, view, float(f.scale), factor)
     rate = float(getattr(config, "dropout", 0.0) or 0.0)
     outs = lazy_eval(closed.jaxpr, closed.consts, vals + dyn, strict=strict, rate=rate, rng=rng)
-    outs = [o.materialise() if _is_lora(o) else o for o in outs]
+    outs = [o.materialise() if is_lora(o) else o for o in outs]
     return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(out_shape), outs)

