@@ -63,8 +63,10 @@ from jax import lax
 from jax.extend import core as jcore
 
 from jlora import dora
+from jlora import lazy_flat
 from jlora.describe import adapted
 from jlora import paths as jpaths
+from jlora.lazy_flat import full, is_flat, rows
 from jlora.lazy_rules import conv, dot_general, gather_rows, low_rank_2d, plain_dense, ragged_dot
 from jlora.lazy_value import (LoraValue, dtype_view, dynamic_slice, gather_stack, is_lora, reshape, rev,
                               slice_, transpose)
@@ -101,7 +103,7 @@ def _share_inputs(jaxpr: Any, env: Mapping[Any, Any], ctx: Any, eqn: Any) -> Non
     left in ``ctx.shared`` for their own equations (only without dropout: each use needs its mask).
     """
     x_var = eqn.invars[0]
-    x = env[x_var]
+    x = rows(env[x_var])
     members = []
     for e in ctx.groups.get(id(jaxpr), {}).get(x_var, ()):
         w = e.invars[1]
@@ -111,7 +113,7 @@ def _share_inputs(jaxpr: Any, env: Mapping[Any, Any], ctx: Any, eqn: Any) -> Non
     if len(members) < 2 or members[0][0] is not eqn:
         return
     a_cat = jnp.concatenate([v.a for _, v in members], axis=1)
-    lows = low_rank_2d(x.reshape(-1, x.shape[-1]), a_cat, tuple(v.scaled_b() for _, v in members))
+    lows = low_rank_2d(x, a_cat, tuple(v.scaled_b() for _, v in members))
     for (e, _), low in zip(members, lows):
         ctx.shared[id(e)] = low
 
@@ -150,7 +152,7 @@ def _fallback(eqn: Any, invals: Sequence[Any], ctx: _Ctx, why: str = "") -> list
                 ctx.warned.add((v.path, name))
                 warnings.warn(msg + "; using the merged kernel W0 + s*A@B for this use (correct, not lazy)",
                               stacklevel=3)
-    return _bind(eqn, [v.materialise() if is_lora(v) else v for v in invals])
+    return _bind(eqn, [v.materialise() if is_lora(v) else full(v) for v in invals])
 
 
 def lazy_eval(jaxpr: Any, consts: Sequence[Any], args: Sequence[Any], *, strict: bool = False,
@@ -167,7 +169,9 @@ def lazy_eval(jaxpr: Any, consts: Sequence[Any], args: Sequence[Any], *, strict:
     return _eval(jaxpr, consts, args, _Ctx(strict, float(rate), rng))
 
 
-def _eval(jaxpr: Any, consts: Sequence[Any], args: Sequence[Any], ctx: _Ctx) -> list[Any]:
+def _eval(jaxpr: Any, consts: Sequence[Any], args: Sequence[Any], ctx: _Ctx, keep_flat: bool = False) -> list[Any]:
+    """The interpreter loop. Values are arrays, :class:`LoraValue` kernels and (between equations)
+    :class:`~jlora.lazy_flat.Flat` rows; outputs are arrays unless ``keep_flat`` (an inlined ``jit``)."""
     env: dict[Any, Any] = {}
 
     def read(v: Any) -> Any:
@@ -186,17 +190,34 @@ def _eval(jaxpr: Any, consts: Sequence[Any], args: Sequence[Any], ctx: _Ctx) -> 
     groups = ctx.groups.get(id(jaxpr), {})
     for eqn in jaxpr.eqns:
         invals = [read(v) for v in eqn.invars]
+        name = eqn.primitive.name
         if any(is_lora(x) for x in invals):
-            if (eqn.primitive.name == "dot_general" and eqn.invars[0] in groups and id(eqn) not in ctx.shared
-                    and is_lora(invals[1])):
+            if name == "dot_general" and eqn.invars[0] in groups and id(eqn) not in ctx.shared \
+                    and is_lora(invals[1]):
                 _share_inputs(jaxpr, env, ctx, eqn)
+            if name != "dot_general" and name not in _CALLS:  # these read Flat inputs themselves
+                invals = [full(x) for x in invals]
             outs = _rewrite(eqn, invals, ctx)
+        elif any(is_flat(x) for x in invals):
+            outs = _flat(eqn, invals, ctx)
         else:
             outs = _bind(eqn, invals)
         for v, x in zip(eqn.outvars, outs):
             if not isinstance(v, jcore.DropVar):
                 env[v] = x
-    return [read(v) for v in jaxpr.outvars]
+    return [read(v) if keep_flat else full(read(v)) for v in jaxpr.outvars]
+
+
+def _flat(eqn: Any, invals: list[Any], ctx: _Ctx) -> list[Any]:
+    """An equation with Flat inputs and no kernel: elementwise and plain dense ones stay on rows,
+    ``jit`` calls are inlined; anything else reads the model-shaped values."""
+    outs = lazy_flat.elementwise(eqn, invals)
+    if outs is None and eqn.primitive.name == "dot_general":
+        outs = lazy_flat.dense(eqn, invals)
+    if outs is None and eqn.primitive.name in _CALLS:
+        inner = eqn.params.get("jaxpr", eqn.params.get("call_jaxpr"))
+        outs = _eval(inner.jaxpr, inner.consts, invals, ctx, keep_flat=True)
+    return outs if outs is not None else _bind(eqn, [full(x) for x in invals])
 
 
 def _rewrite(eqn: Any, invals: list[Any], ctx: _Ctx) -> list[Any]:
@@ -205,7 +226,7 @@ def _rewrite(eqn: Any, invals: list[Any], ctx: _Ctx) -> list[Any]:
     if rule is None:
         if name in _CALLS:
             inner = eqn.params.get("jaxpr", eqn.params.get("call_jaxpr"))
-            return _eval(inner.jaxpr, inner.consts, invals, ctx)
+            return _eval(inner.jaxpr, inner.consts, invals, ctx, keep_flat=True)
         if name in _CUSTOM:
             inner = eqn.params["call_jaxpr"]
             return _eval(inner.jaxpr, inner.consts, invals, ctx)

@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from jlora.lazy_flat import Flat, add, full, rows
 from jlora.lazy_value import LoraValue, bind, is_lora
 
 __all__ = ["low_rank_2d", "dot_general", "conv", "gather_rows", "plain_dense", "ragged_dot"]
@@ -35,14 +36,6 @@ def _dropout(x: jax.Array, v: LoraValue, ctx: Any) -> jax.Array:
     return jnp.where(keep, x / jnp.asarray(1.0 - ctx.rate, x.dtype), jnp.zeros((), x.dtype))
 
 
-def _add(base: jax.Array, low: jax.Array) -> jax.Array:
-    """base + low in the promoted dtype, cast once to the base output's dtype."""
-    if base.dtype == low.dtype:
-        return base + low
-    acc = jnp.promote_types(base.dtype, low.dtype)
-    return (base.astype(acc) + low.astype(acc)).astype(base.dtype)
-
-
 def _finish(base: jax.Array, low: jax.Array, factor: Any, base_dropped: Any = None) -> jax.Array:
     """The output of one use: ``base + low``; DoRA: ``factor ⊙ (base + low)`` (``factor`` broadcast).
 
@@ -50,7 +43,7 @@ def _finish(base: jax.Array, low: jax.Array, factor: Any, base_dropped: Any = No
     ``base + (factor - 1) ⊙ base_dropped + factor ⊙ low``.
     """
     if factor is None:
-        return _add(base, low)
+        return add(base, low)
     acc = jnp.promote_types(jnp.float32, jnp.promote_types(base.dtype, low.dtype))
     f, y, low = factor.astype(acc), base.astype(acc), low.astype(acc)
     if base_dropped is None:
@@ -214,22 +207,33 @@ def _general_dot(eqn: Any, v: LoraValue, x: jax.Array, kernel_lhs: bool, ctx: An
 
 
 def dot_general(eqn: Any, invals: list[Any], ctx: Any) -> list[Any] | None:
-    """``dot_general`` with the kernel on either side, any dimension numbers."""
+    """``dot_general`` with the kernel on either side, any dimension numbers; the input may be a
+    :class:`~jlora.lazy_flat.Flat` value (a plain dense use reads its rows and returns a Flat value)."""
     lhs, rhs = invals
     if is_lora(lhs) and is_lora(rhs):
         return None
     kernel_lhs = is_lora(lhs)
     v, x = (lhs, rhs) if kernel_lhs else (rhs, lhs)
     if not kernel_lhs and plain_dense(eqn, v):
-        base_of = lambda xx: bind(eqn, [xx, v.w0])[0]  # noqa: E731
-        base = base_of(x)
-        low, base_dropped = ctx.shared.pop(id(eqn), None), None
-        if low is None:
-            xd, base_dropped = _dropped(x, v, ctx, base_of)
-            low = low_rank_2d(xd.reshape(-1, x.shape[-1]), v.a, (v.scaled_b(),))[0]
-        factor = None if v.factor is None else v.factor.reshape((1,) * (base.ndim - 1) + (-1,))
-        return [_finish(base, low.reshape(base.shape), factor, base_dropped)]
-    return _general_dot(eqn, v, x, kernel_lhs, ctx)
+        return [_plain_dense(eqn, v, x, ctx)]
+    return _general_dot(eqn, v, full(x), kernel_lhs, ctx)
+
+
+def _plain_dense(eqn: Any, v: LoraValue, x: Any, ctx: Any) -> Flat:
+    """The fast path on rows: ``x2·W0`` and ``low_rank_2d``, returned as a Flat value whose LoRA
+    add is left pending (without DoRA and dropout) for a following bias add."""
+    x2 = rows(x)
+    (_, rc), _ = eqn.params["dimension_numbers"]
+    base_of = lambda xx: bind(eqn, [xx, v.w0], dimension_numbers=(((1,), tuple(rc)), ((), ())))[0]  # noqa: E731
+    base = base_of(x2)
+    low, base_dropped = ctx.shared.pop(id(eqn), None), None
+    if low is None:
+        xd, base_dropped = _dropped(x2, v, ctx, base_of)
+        low = low_rank_2d(xd, v.a, (v.scaled_b(),))[0]
+    shape = tuple(eqn.outvars[0].aval.shape)
+    if v.factor is None and base_dropped is None:
+        return Flat(base, shape, low)
+    return Flat(_finish(base, low, None if v.factor is None else v.factor.reshape(1, -1), base_dropped), shape)
 
 
 def conv(eqn: Any, invals: list[Any], ctx: Any) -> list[Any] | None:
