@@ -67,7 +67,7 @@ from jlora import lazy_flat
 from jlora.describe import adapted
 from jlora import paths as jpaths
 from jlora.lazy_flat import full, is_flat, rows
-from jlora.lazy_rules import conv, dot_general, gather_rows, low_rank_2d, plain_dense, ragged_dot
+from jlora.lazy_rules import conv, dense_rows, dot_general, gather_rows, low_rank_2d, plain_dense, ragged_dot
 from jlora.lazy_value import (LoraValue, dtype_view, dynamic_slice, gather_stack, is_lora, reshape, rev,
                               slice_, transpose)
 from jlora.lazy_value import bind as _bind
@@ -97,9 +97,10 @@ def _unfuse(b: jax.Array, n_stack: int, groups: tuple[bool, ...]) -> jax.Array:
 
 
 def _share_inputs(jaxpr: Any, env: Mapping[Any, Any], ctx: Any, eqn: Any) -> None:
-    """Computes one ``x·[A_1|...|A_k]`` for all plain dense LoRA kernels reading ``eqn``'s input.
+    """Runs one :func:`~jlora.lazy_rules.dense_rows` for all plain dense LoRA kernels reading ``eqn``'s
+    input (one ``x·[A_1|...|A_k]`` forward, one ``dA_catᵀ`` backward).
 
-    Runs when the first such dot of a jaxpr is reached; the low-rank outputs of the others are
+    Runs when the first such dot of a jaxpr is reached; the ``(base, low)`` outputs of the others are
     left in ``ctx.shared`` for their own equations (only without dropout: each use needs its mask).
     """
     x_var = eqn.invars[0]
@@ -113,9 +114,10 @@ def _share_inputs(jaxpr: Any, env: Mapping[Any, Any], ctx: Any, eqn: Any) -> Non
     if len(members) < 2 or members[0][0] is not eqn:
         return
     a_cat = jnp.concatenate([v.a for _, v in members], axis=1)
-    lows = low_rank_2d(x, a_cat, tuple(v.scaled_b() for _, v in members))
-    for (e, _), low in zip(members, lows):
-        ctx.shared[id(e)] = low
+    pairs = dense_rows(tuple(e for e, _ in members))(x, tuple(v.w0 for _, v in members), a_cat,
+                                                     tuple(v.scaled_b() for _, v in members))
+    for (e, _), pair in zip(members, pairs):
+        ctx.shared[id(e)] = pair
 
 
 # --- interpreter state --------------------------------------------------------------------------

@@ -16,12 +16,14 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
+from jax.custom_derivatives import SymbolicZero
 
 from jlora.lazy_flat import Flat, add, full, rows
 from jlora.lazy_value import LoraValue, bind, is_lora
 
-__all__ = ["low_rank_2d", "dot_general", "conv", "gather_rows", "plain_dense", "ragged_dot"]
+__all__ = ["low_rank_2d", "dense_rows", "merge_is_cheaper", "dot_general", "conv", "gather_rows", "plain_dense", "ragged_dot"]
 
 
 # --- consumers -----------------------------------------------------------------------------------
@@ -220,20 +222,103 @@ def dot_general(eqn: Any, invals: list[Any], ctx: Any) -> list[Any] | None:
 
 
 def _plain_dense(eqn: Any, v: LoraValue, x: Any, ctx: Any) -> Flat:
-    """The fast path on rows: ``x2·W0`` and ``low_rank_2d``, returned as a Flat value whose LoRA
-    add is left pending (without DoRA and dropout) for a following bias add."""
+    """The fast path on rows (:func:`dense_rows`), returned as a Flat value whose LoRA add is left
+    pending (without DoRA and dropout) for a following bias add. With dropout: ``x2·W0`` and
+    ``low_rank_2d`` of the dropped rows."""
     x2 = rows(x)
-    (_, rc), _ = eqn.params["dimension_numbers"]
-    base_of = lambda xx: bind(eqn, [xx, v.w0], dimension_numbers=(((1,), tuple(rc)), ((), ())))[0]  # noqa: E731
-    base = base_of(x2)
-    low, base_dropped = ctx.shared.pop(id(eqn), None), None
-    if low is None:
-        xd, base_dropped = _dropped(x2, v, ctx, base_of)
-        low = low_rank_2d(xd, v.a, (v.scaled_b(),))[0]
     shape = tuple(eqn.outvars[0].aval.shape)
+    pair, base_dropped = ctx.shared.pop(id(eqn), None), None
+    if pair is None and not ctx.dropout_on:
+        pair = dense_rows((eqn,))(x2, (v.w0,), v.a, (v.scaled_b(),))[0]
+    if pair is None:
+        base_of = lambda xx: _base_rows(eqn, xx, v.w0)  # noqa: E731
+        xd, base_dropped = _dropped(x2, v, ctx, base_of)
+        pair = base_of(x2), low_rank_2d(xd, v.a, (v.scaled_b(),))[0]
+    base, low = pair
     if v.factor is None and base_dropped is None:
         return Flat(base, shape, low)
     return Flat(_finish(base, low, None if v.factor is None else v.factor.reshape(1, -1), base_dropped), shape)
+
+
+def _base_rows(eqn: Any, x2: jax.Array, w: jax.Array) -> jax.Array:
+    """``eqn``'s dot on rows: ``x2 (T, in)`` with the 2-D kernel ``w`` (stored ``(in, out)`` or ``(out, in)``)."""
+    (_, rc), _ = eqn.params["dimension_numbers"]
+    return bind(eqn, [x2, w], dimension_numbers=(((1,), tuple(rc)), ((), ())))[0]
+
+
+def merge_is_cheaper(tokens: int, n_in: int, n_out: int) -> bool:
+    """Whether ``x·(W0 + A·Bs)`` costs no more FLOPs than ``x·W0 + (x·A)·Bs``: ``T·(in + out) ≥ in·out``
+    (both sides times r). Prefill and batch inference merge; decoding a few tokens stays low-rank.
+
+    >>> merge_is_cheaper(512, 64, 64), merge_is_cheaper(1, 4096, 4096)
+    (True, False)
+    """
+    return tokens * (n_in + n_out) >= n_in * n_out
+
+
+def dense_rows(eqns: Sequence[Any]) -> Callable[..., list[tuple[jax.Array, jax.Array]]]:
+    """The plain dense LoRA op for k kernels reading one input, ``eqns`` their dots:
+    ``(x2, w0s, A_cat, bss) -> [(x2·W0_i, (x2·A_i)·Bs_i)]`` (``x2`` (T, in); ``A_cat = [A_1|...|A_k]``).
+
+    Differentiated (training): :func:`low_rank_2d`'s forward and backward (one ``x·A_cat`` and one
+    ``dA_catᵀ`` product for all k), ``dX`` adds ``dY_i·W0_iᵀ``; a ``W0`` gets its gradient only when it is differentiated (then ``x2`` is kept). Not
+    differentiated (inference): a kernel for which :func:`merge_is_cheaper` gets one product with
+    ``W0 + A·Bs`` (formed in the factors' precision, cast to ``W0``'s dtype; its pair's low-rank
+    part is zero), the others stay low-rank. The sum ``base + low`` is the same either way.
+
+    >>> import jax.extend as jex
+    >>> jp = jax.make_jaxpr(lambda x, w: x @ w)(jnp.ones((4, 2)), jnp.ones((2, 2)))
+    >>> (b, l), = dense_rows(jp.eqns)(jnp.ones((4, 2)), (jnp.eye(2),), jnp.ones((2, 1)), (jnp.ones((1, 2)),))
+    >>> (b + l).tolist()
+    [[3.0, 3.0], [3.0, 3.0], [3.0, 3.0], [3.0, 3.0]]
+    """
+
+    def fwd(x2, w0s, a_cat, bss):  # symbolic zeros: each leaf a CustomVJPPrimal (value, perturbed)
+        x2v, ws, a_cat, bss = x2.value, tuple(w.value for w in w0s), a_cat.value, tuple(b.value for b in bss)
+        lows, res = _low_fwd(x2v.astype(a_cat.dtype), a_cat, bss)
+        # x2 itself is kept only for a W0 that is differentiated (a frozen one never is in training);
+        # else its dtype rides along as an empty array
+        keep = x2v if any(w.perturbed for w in w0s) else x2v[:0, :0]
+        pairs = list(zip([_base_rows(e, x2v, w) for e, w in zip(eqns, ws)], lows))
+        return pairs, (res, ws, keep, tuple(w.perturbed for w in w0s))
+
+    def bwd(res, cts):
+        lres, ws, keep, perturbed = res
+        cts = [tuple(jnp.zeros(c.shape, c.dtype) if isinstance(c, SymbolicZero) else c for c in pair)
+               for pair in cts]
+        dx, da, dbss = _low_bwd(lres, tuple(dlow for _, dlow in cts))
+        x_spec = jax.ShapeDtypeStruct(dx.shape, keep.dtype)
+        dx = dx.astype(keep.dtype)
+        dws = []
+        for e, w, p, (dbase, _) in zip(eqns, ws, perturbed, cts):
+            dx = dx + jax.linear_transpose(lambda xx, e=e, w=w: _base_rows(e, xx, w), x_spec)(dbase)[0]
+            dws.append(jax.linear_transpose(lambda ww, e=e: _base_rows(e, keep, ww), w)(dbase)[0] if p else None)
+        return dx, tuple(dws), da, dbss
+
+    @jax.custom_vjp
+    def op(x2, w0s, a_cat, bss):
+        t, n_in = x2.shape
+        cheap = [merge_is_cheaper(t, n_in, bs.shape[1]) for bs in bss]
+        starts = np.cumsum([0] + [bs.shape[0] for bs in bss])
+        cols = [a_cat[:, starts[i] : starts[i + 1]] for i in range(len(bss))]
+        lazy = [i for i, c in enumerate(cheap) if not c]
+        lows = dict(zip(lazy, _low_fwd(x2.astype(a_cat.dtype), jnp.concatenate([cols[i] for i in lazy], axis=1),
+                                       tuple(bss[i] for i in lazy))[0])) if lazy else {}
+        out = []
+        for i, (e, w, bs) in enumerate(zip(eqns, w0s, bss)):
+            if i in lows:
+                out.append((_base_rows(e, x2, w), lows[i]))
+                continue
+            (_, rc), _ = e.params["dimension_numbers"]
+            d = jnp.dot(cols[i], bs)
+            acc = jnp.promote_types(w.dtype, d.dtype)
+            merged = (w.astype(acc) + (d if rc[0] == 0 else d.T).astype(acc)).astype(w.dtype)
+            base = _base_rows(e, x2, merged)
+            out.append((base, jnp.zeros(base.shape, bs.dtype)))
+        return out
+
+    op.defvjp(fwd, bwd, symbolic_zeros=True)
+    return op
 
 
 def conv(eqn: Any, invals: list[Any], ctx: Any) -> list[Any] | None:

@@ -333,9 +333,26 @@ def test_shared_input_one_low_rank_product():
     cfg = jlora.LoraConfig(rank=2, targets=r".*/(q|k|v|o)/kernel")
     frozen, lora = check(m.apply, init(m, X), cfg, (X,))
     fn = jlora.lora_apply(m.apply, cfg, "lazy")
-    widths = [e.outvars[0].aval.shape for e in _eqns(jax.make_jaxpr(fn)(frozen, lora, X).jaxpr)
+    step = jax.grad(lambda lo: jnp.sum(fn(frozen, lo, X) ** 2))
+    widths = [e.outvars[0].aval.shape for e in _eqns(jax.make_jaxpr(step)(lora).jaxpr)
               if e.primitive.name == "dot_general"]
     assert (10, 6) in widths and (10, 2) in widths  # one x·[A_q|A_k|A_v] (T=10 tokens), and o's own x·A
+    assert (6, 8) in widths and (8, 8) not in widths  # one dA_catᵀ product; no kernel-sized product or gradient
+
+
+def test_inference_merges_when_cheaper():
+    """Not differentiated, a plain dense use runs ``x·(W0 + A·Bs)`` when T·(in + out) ≥ in·out (here
+    T=10, in=out=8) and stays low-rank for fewer tokens (decoding: T=1); both equal the float64 reference."""
+    m = QKV()
+    cfg = jlora.LoraConfig(rank=2, targets=r".*/(q|k|v|o)/kernel")
+    frozen, lora = check(m.apply, init(m, X), cfg, (X,))
+    fn = jlora.lora_apply(m.apply, cfg, "lazy")
+    for x, merged in ((X, True), (X[:1, :1], False)):
+        widths = [e.outvars[0].aval.shape for e in _eqns(jax.make_jaxpr(fn)(frozen, lora, x).jaxpr)
+                  if e.primitive.name == "dot_general"]
+        t = x.shape[0] * x.shape[1]
+        assert ((8, 8) in widths) == merged and ((t, 6) in widths) == (not merged), (t, widths)
+        close(jax.jit(fn)(frozen, lora, x), m.apply(jlora.merge(frozen, lora, cfg), x), rtol=1e-5, what=f"T={t}")
 
 
 # --- no full-size delta or gradient ------------------------------------------------------------------
