@@ -34,16 +34,6 @@ from benchmarks.hlo import hlo_stats  # noqa: E402
 from benchmarks.timing import fmt, round_robin  # noqa: E402
 
 
-def flat_fn(lazy, primal_merge: bool = False):
-    from benchmarks.proto_flat import flat_lazy
-
-    def fn(f, l, t):
-        with flat_lazy(primal_merge):
-            return lazy(f, l, t)
-
-    return fn
-
-
 def forwards(wl: V.Workload) -> dict:
     """name -> (fn, args); every fn returns logits of shape (batch, seq, vocab)."""
     import jlora
@@ -62,8 +52,6 @@ def forwards(wl: V.Workload) -> dict:
             lambda f, l, t: fast_gpt_logits(f, l, t, gcfg, s).reshape(*t.shape, -1), (frozen, lora, x)),
         "hand-written naive (3-D, x@W0 + s·(x@A)@B)": (naive.forward, (naive.trainable, naive.frozen, x)),
         "jlora mode='merged' (merge in the forward)": (lambda f, l, t: merged_fn(f, l, t), (frozen, lora, x)),
-        "jlora lazy + flat (proto_flat.py)": (flat_fn(lazy), (frozen, lora, x)),
-        "jlora lazy + flat + primal merges when cheaper (proto)": (flat_fn(lazy, True), (frozen, lora, x)),
     }
     return out
 

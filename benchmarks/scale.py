@@ -3,7 +3,7 @@
     python benchmarks/scale.py                   # Llama-2-7B shapes (32 layers, d 4096, FFN 11008, seq 512)
     python benchmarks/scale.py --model smollm    # SmolLM2-135M shapes (30 layers, d 576, GQA 9/3, tied)
     python benchmarks/scale.py --layers 2        # a smoke run
-    python benchmarks/scale.py --variants "full FT,jlora lazy,jlora lazy + flat (proto),jlora merged-in-step,probe,proto"
+    python benchmarks/scale.py --variants "full FT,jlora lazy,jlora merged-in-step,probe,proto"
 
 Every step (forward, backward, adamw update; trainable and optimizer state donated) is traced, lowered
 and compiled for XLA:CPU from ``jax.ShapeDtypeStruct`` inputs; ``compiled.memory_analysis()`` gives the
@@ -95,15 +95,10 @@ def build(name: str, cfg: L.LlamaConfig) -> tuple[Any, Any, Any, Any]:
 
     lcfg = jlora.LoraConfig(rank=RANK, alpha=ALPHA, targets=L.TARGET_REGEX)
     frozen, lora = jax.eval_shape(lambda p: jlora.init(jax.random.PRNGKey(0), p, lcfg), params)
-    mode = {"jlora lazy": "lazy", "jlora merged-in-step": "merged", "jlora lazy + flat (proto)": "lazy"}[name]
+    mode = {"jlora lazy": "lazy", "jlora merged-in-step": "merged"}[name]
     fn = jlora.lora_apply(apply, lcfg, mode=mode)
 
     def loss(t, f, b):
-        if name.endswith("flat (proto)"):  # the interpreter patched while tracing (proto_flat.py)
-            from benchmarks.proto_flat import flat_lazy
-
-            with flat_lazy():
-                return L.lm_loss(fn(f, t, b[0]), b[1])
         return L.lm_loss(fn(f, t, b[0]), b[1])
 
     return loss, lora, frozen, jlora.optimizer(optax.adamw(LR), lora)
@@ -111,8 +106,7 @@ def build(name: str, cfg: L.LlamaConfig) -> tuple[Any, Any, Any, Any]:
 
 VARIANTS = ("full FT", "jlora lazy", "jlora merged-in-step", "probe", "proto")
 DEFAULT = ("full FT", "jlora lazy", "probe")  # the figures; ~25 s for 7B on 2 idle cores
-# also: "jlora lazy + flat (proto)" (proto_flat.py), "proto outside2d", "proto outside3d", "proto inside3d"
-# (proto_lazy_dense.MODE)
+# also: "proto outside2d", "proto outside3d", "proto inside3d" (proto_lazy_dense.MODE)
 
 
 def run(cfg: L.LlamaConfig, names: tuple[str, ...], log, dump: str | None = None, rounds: int = 1) -> dict[str, Any]:
@@ -190,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model", choices=sorted(MODELS), default="llama7b")
     ap.add_argument("--layers", type=int, default=None, help="override the layer count (smoke runs)")
     ap.add_argument("--variants", default=",".join(DEFAULT),
-                    help="comma-separated, from: " + ", ".join(VARIANTS) + ", jlora lazy + flat (proto)")
+                    help="comma-separated, from: " + ", ".join(VARIANTS))
     ap.add_argument("--dump", default=None, help="XLA dump folder (HLO + buffer assignment per variant)")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     ap.add_argument("--rounds", type=int, default=1, help="compile each variant this many times (timing medians)")

@@ -61,3 +61,16 @@ def test_bf16_quick_run(capsys) -> None:
     assert bf16.main(["--quick", "--rounds", "1"]) == 0
     out = capsys.readouterr().out
     assert "| jlora lazy |" in out and "| full fine-tuning |" in out
+
+
+def test_real_step_quick_minilm_bf16(tmp_path: Path) -> None:
+    """real_step.py on 2 real MiniLM layers in bf16: every variant's initial loss matched full FT's (the
+    script exits otherwise) and the report has the probe row."""
+    from benchmarks import real_step
+
+    assert real_step.main(["--quick", "--model", "minilm", "--dtype", "bf16",
+                           "--out", str(tmp_path)]) == 0
+    res = json.loads((tmp_path / "step_minilm_bf16_quick.json").read_text())
+    rows = res["rows"]
+    assert set(rows) == {"full fine-tuning", "jlora lazy", "jlora merged-in-step", "probe: no weight gradients (floor)"}
+    assert rows["jlora lazy"]["trainable"] < rows["full fine-tuning"]["trainable"] / 50

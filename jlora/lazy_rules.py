@@ -266,7 +266,6 @@ def dense_rows(eqns: Sequence[Any]) -> Callable[..., list[tuple[jax.Array, jax.A
     ``W0 + A·Bs`` (formed in the factors' precision, cast to ``W0``'s dtype; its pair's low-rank
     part is zero), the others stay low-rank. The sum ``base + low`` is the same either way.
 
-    >>> import jax.extend as jex
     >>> jp = jax.make_jaxpr(lambda x, w: x @ w)(jnp.ones((4, 2)), jnp.ones((2, 2)))
     >>> (b, l), = dense_rows(jp.eqns)(jnp.ones((4, 2)), (jnp.eye(2),), jnp.ones((2, 1)), (jnp.ones((1, 2)),))
     >>> (b + l).tolist()
