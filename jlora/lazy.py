@@ -113,9 +113,8 @@ def _share_inputs(jaxpr: Any, env: Mapping[Any, Any], ctx: Any, eqn: Any) -> Non
             members.append((e, v))
     if len(members) < 2 or members[0][0] is not eqn:
         return
-    a_cat = jnp.concatenate([v.a for _, v in members], axis=1)
-    pairs = dense_rows(tuple(e for e, _ in members))(x, tuple(v.w0 for _, v in members), a_cat,
-                                                     tuple(v.scaled_b() for _, v in members))
+    pairs = dense_rows(tuple(e for e, _ in members), tuple(v.scale for _, v in members))(
+        x, tuple(v.w0 for _, v in members), tuple(v.a for _, v in members), tuple(v.b for _, v in members))
     for (e, _), pair in zip(members, pairs):
         ctx.shared[id(e)] = pair
 
@@ -213,10 +212,13 @@ def _eval(jaxpr: Any, consts: Sequence[Any], args: Sequence[Any], ctx: _Ctx, kee
 def _flat(eqn: Any, invals: list[Any], ctx: _Ctx) -> list[Any]:
     """An equation with Flat inputs and no kernel: elementwise and plain dense ones stay on rows,
     ``jit`` calls are inlined; anything else reads the model-shaped values."""
+    name = eqn.primitive.name
+    if name == "reshape" and len(invals) == 1 and eqn.params.get("dimensions") is None:
+        return _bind(eqn, [invals[0].resolved()])  # one reshape from the rows, not two
     outs = lazy_flat.elementwise(eqn, invals)
-    if outs is None and eqn.primitive.name == "dot_general":
+    if outs is None and name == "dot_general":
         outs = lazy_flat.dense(eqn, invals)
-    if outs is None and eqn.primitive.name in _CALLS:
+    if outs is None and name in _CALLS:
         inner = eqn.params.get("jaxpr", eqn.params.get("call_jaxpr"))
         outs = _eval(inner.jaxpr, inner.consts, invals, ctx, keep_flat=True)
     return outs if outs is not None else _bind(eqn, [full(x) for x in invals])

@@ -229,7 +229,7 @@ def _plain_dense(eqn: Any, v: LoraValue, x: Any, ctx: Any) -> Flat:
     shape = tuple(eqn.outvars[0].aval.shape)
     pair, base_dropped = ctx.shared.pop(id(eqn), None), None
     if pair is None and not ctx.dropout_on:
-        pair = dense_rows((eqn,))(x2, (v.w0,), v.a, (v.scaled_b(),))[0]
+        pair = dense_rows((eqn,), (v.scale,))(x2, (v.w0,), (v.a,), (v.b,))[0]
     if pair is None:
         base_of = lambda xx: _base_rows(eqn, xx, v.w0)  # noqa: E731
         xd, base_dropped = _dropped(x2, v, ctx, base_of)
@@ -256,25 +256,37 @@ def merge_is_cheaper(tokens: int, n_in: int, n_out: int) -> bool:
     return tokens * (n_in + n_out) >= n_in * n_out
 
 
-def dense_rows(eqns: Sequence[Any]) -> Callable[..., list[tuple[jax.Array, jax.Array]]]:
-    """The plain dense LoRA op for k kernels reading one input, ``eqns`` their dots:
-    ``(x2, w0s, A_cat, bss) -> [(x2·W0_i, (x2·A_i)·Bs_i)]`` (``x2`` (T, in); ``A_cat = [A_1|...|A_k]``).
+def _contract(e: Any) -> int:
+    """The stored kernel axis ``e``'s dot contracts with the input's features: 0 for (in, out), 1 for (out, in)."""
+    (_, rc), _ = e.params["dimension_numbers"]
+    return int(rc[0])
 
-    Differentiated (training): :func:`low_rank_2d`'s forward and backward (one ``x·A_cat`` and one
-    ``dA_catᵀ`` product for all k), ``dX`` adds ``dY_i·W0_iᵀ``; a ``W0`` gets its gradient only when it is differentiated (then ``x2`` is kept). Not
-    differentiated (inference): a kernel for which :func:`merge_is_cheaper` gets one product with
-    ``W0 + A·Bs`` (formed in the factors' precision, cast to ``W0``'s dtype; its pair's low-rank
-    part is zero), the others stay low-rank. The sum ``base + low`` is the same either way.
+
+def dense_rows(eqns: Sequence[Any], scales: Sequence[float]) -> Callable[..., list[tuple[jax.Array, jax.Array]]]:
+    """The plain dense LoRA op for k kernels reading one input, ``eqns`` their dots, ``scales`` their s:
+    ``(x2, w0s, as_, bs) -> [(x2·W0_i, s_i·(x2·A_i)·B_i)]`` (``x2`` (T, in), ``A_i`` (in, r_i), ``B_i`` (r_i, out_i)).
+
+    Differentiated (training): :func:`low_rank_2d`'s forward and backward on ``A_cat = [A_1|...|A_k]``
+    and ``Bs_i = s_i·B_i`` (one ``x·A_cat`` and one ``dA_catᵀ`` product for all k); ``dX`` adds
+    ``dY_i·W0_iᵀ``; a ``W0`` gets its gradient only when it is differentiated (then ``x2`` is kept).
+    The scale, the concatenation and the transposes run inside the op, traced once (not linearized).
+    Not differentiated (inference): a kernel for which :func:`merge_is_cheaper` gets one product with
+    ``W0 + A·Bs`` (formed in the factors' precision, cast to ``W0``'s dtype; its pair's low-rank part
+    is zero), the others stay low-rank. The sum ``base + low`` is the same either way.
 
     >>> jp = jax.make_jaxpr(lambda x, w: x @ w)(jnp.ones((4, 2)), jnp.ones((2, 2)))
-    >>> (b, l), = dense_rows(jp.eqns)(jnp.ones((4, 2)), (jnp.eye(2),), jnp.ones((2, 1)), (jnp.ones((1, 2)),))
+    >>> (b, l), = dense_rows(jp.eqns, (1.0,))(jnp.ones((4, 2)), (jnp.eye(2),), (jnp.ones((2, 1)),), (jnp.ones((1, 2)),))
     >>> (b + l).tolist()
     [[3.0, 3.0], [3.0, 3.0], [3.0, 3.0], [3.0, 3.0]]
     """
 
-    def fwd(x2, w0s, a_cat, bss):  # symbolic zeros: each leaf a CustomVJPPrimal (value, perturbed)
-        x2v, ws, a_cat, bss = x2.value, tuple(w.value for w in w0s), a_cat.value, tuple(b.value for b in bss)
-        lows, res = _low_fwd(x2v.astype(a_cat.dtype), a_cat, bss)
+    def scaled(bs: Sequence[jax.Array]) -> tuple[jax.Array, ...]:
+        return tuple(b * jnp.asarray(s, b.dtype) for b, s in zip(bs, scales))
+
+    def fwd(x2, w0s, as_, bs):  # symbolic zeros: each leaf a CustomVJPPrimal (value, perturbed)
+        x2v, ws = x2.value, tuple(w.value for w in w0s)
+        a_cat = jnp.concatenate([a.value for a in as_], axis=1) if len(as_) > 1 else as_[0].value
+        lows, res = _low_fwd(x2v.astype(a_cat.dtype), a_cat, scaled([b.value for b in bs]))
         # x2 itself is kept only for a W0 that is differentiated (a frozen one never is in training);
         # else its dtype rides along as an empty array
         keep = x2v if any(w.perturbed for w in w0s) else x2v[:0, :0]
@@ -285,35 +297,39 @@ def dense_rows(eqns: Sequence[Any]) -> Callable[..., list[tuple[jax.Array, jax.A
         lres, ws, keep, perturbed = res
         cts = [tuple(jnp.zeros(c.shape, c.dtype) if isinstance(c, SymbolicZero) else c for c in pair)
                for pair in cts]
-        dx, da, dbss = _low_bwd(lres, tuple(dlow for _, dlow in cts))
-        x_spec = jax.ShapeDtypeStruct(dx.shape, keep.dtype)
+        dx, da_cat, dbss = _low_bwd(lres, tuple(dlow for _, dlow in cts))
         dx = dx.astype(keep.dtype)
         dws = []
         for e, w, p, (dbase, _) in zip(eqns, ws, perturbed, cts):
-            dx = dx + jax.linear_transpose(lambda xx, e=e, w=w: _base_rows(e, xx, w), x_spec)(dbase)[0]
-            dws.append(jax.linear_transpose(lambda ww, e=e: _base_rows(e, keep, ww), w)(dbase)[0] if p else None)
-        return dx, tuple(dws), da, dbss
+            rc, prec = _contract(e), e.params.get("precision")
+            dx = dx + lax.dot_general(dbase, w, (((1,), (1 - rc,)), ((), ())), precision=prec,
+                                      preferred_element_type=keep.dtype)
+            pair = (keep, dbase) if rc == 0 else (dbase, keep)
+            dws.append(lax.dot_general(*pair, (((0,), (0,)), ((), ())), precision=prec,
+                                       preferred_element_type=w.dtype) if p else None)
+        starts = np.cumsum([0] + [d.shape[0] for d in dbss])
+        das = tuple(da_cat[:, starts[i] : starts[i + 1]] for i in range(len(dbss)))
+        return dx, tuple(dws), das, tuple(d * jnp.asarray(s, d.dtype) for d, s in zip(dbss, scales))
 
     @jax.custom_vjp
-    def op(x2, w0s, a_cat, bss):
+    def op(x2, w0s, as_, bs):
         t, n_in = x2.shape
-        cheap = [merge_is_cheaper(t, n_in, bs.shape[1]) for bs in bss]
-        starts = np.cumsum([0] + [bs.shape[0] for bs in bss])
-        cols = [a_cat[:, starts[i] : starts[i + 1]] for i in range(len(bss))]
-        lazy = [i for i, c in enumerate(cheap) if not c]
-        lows = dict(zip(lazy, _low_fwd(x2.astype(a_cat.dtype), jnp.concatenate([cols[i] for i in lazy], axis=1),
-                                       tuple(bss[i] for i in lazy))[0])) if lazy else {}
+        bss = scaled(bs)
+        lazy = [i for i, b in enumerate(bss) if not merge_is_cheaper(t, n_in, b.shape[1])]
+        lows = {}
+        if lazy:
+            a_cat = jnp.concatenate([as_[i] for i in lazy], axis=1) if len(lazy) > 1 else as_[lazy[0]]
+            lows = dict(zip(lazy, _low_fwd(x2.astype(a_cat.dtype), a_cat, tuple(bss[i] for i in lazy))[0]))
         out = []
-        for i, (e, w, bs) in enumerate(zip(eqns, w0s, bss)):
+        for i, (e, w, a, b) in enumerate(zip(eqns, w0s, as_, bss)):
             if i in lows:
                 out.append((_base_rows(e, x2, w), lows[i]))
                 continue
-            (_, rc), _ = e.params["dimension_numbers"]
-            d = jnp.dot(cols[i], bs)
+            d = jnp.dot(a, b)
             acc = jnp.promote_types(w.dtype, d.dtype)
-            merged = (w.astype(acc) + (d if rc[0] == 0 else d.T).astype(acc)).astype(w.dtype)
+            merged = (w.astype(acc) + (d if _contract(e) == 0 else d.T).astype(acc)).astype(w.dtype)
             base = _base_rows(e, x2, merged)
-            out.append((base, jnp.zeros(base.shape, bs.dtype)))
+            out.append((base, jnp.zeros(base.shape, b.dtype)))
         return out
 
     op.defvjp(fwd, bwd, symbolic_zeros=True)
