@@ -8,11 +8,17 @@ layer axis) are applied to ``W0`` and mirrored on the tiny factors; the consumer
 - ``dot_general`` (matmul, einsum, ``DenseGeneral``, a tied ``Embed.attend``):
   ``dot(x, W0) + (x·A)·(s·B)``; a contraction over the kernel's *output* axes uses the
   transposed roles ``(x·(s·B)ᵀ)·Aᵀ``; stacked kernels must be batched over their stack axes.
-  A plain 2-D kernel contracted by the last axis of ``x`` takes a fast path: tokens flattened
-  to 2-D and a ``jax.custom_vjp`` low-rank branch (scale folded into B, token-contracting
-  products written row-major behind ``lax.optimization_barrier``, no cotangent for ``W0``);
-  plain dense kernels reading the same input (q, k, v) share one ``x·[A_q|A_k|A_v]`` forward and
-  one ``dAᵀ`` product backward (without dropout: each use needs its own mask).
+  A plain 2-D kernel contracted by the last axis of ``x`` takes a fast path
+  (:func:`~jlora.lazy_rules.dense_rows`): tokens flattened to 2-D and one ``jax.custom_vjp``
+  op holding ``W0`` (scale folded into B, token-contracting products written row-major behind
+  ``lax.optimization_barrier``, no cotangent for a frozen ``W0``); plain dense kernels reading
+  the same input (q, k, v) share one ``x·[A_q|A_k|A_v]`` forward and one ``dAᵀ`` product
+  backward (without dropout: each use needs its own mask). Not differentiated (inference), the
+  op multiplies by the merged kernel when that costs fewer FLOPs (``T·(in + out) ≥ in·out``:
+  prefill, batch scoring) and stays low-rank otherwise (decoding). Its output stays a 2-D
+  ``(tokens, out)`` :class:`~jlora.lazy_flat.Flat` value through elementwise ops (bias, residual
+  add, activation) and following dense uses, so XLA never sinks the reshapes below the add and
+  keeps both products alive (:mod:`jlora.lazy_flat`).
 - ``conv_general_dilated``: ``conv(x, W0) + conv1x1(conv(x, A), s·B)`` with the same strides,
   padding, dilations and layouts (``feature_group_count == 1``; grouped convs fall back).
 - ``gather`` of table rows (``nn.Embed``, ``jnp.take``): ``W0[ids] + A[ids]·(s·B)``; a gather,
@@ -67,7 +73,8 @@ from jlora import lazy_flat
 from jlora.describe import adapted
 from jlora import paths as jpaths
 from jlora.lazy_flat import full, is_flat, rows
-from jlora.lazy_rules import conv, dense_rows, dot_general, gather_rows, low_rank_2d, plain_dense, ragged_dot
+from jlora.lazy_dense import dense_rows, low_rank_2d, plain_dense
+from jlora.lazy_rules import conv, dot_general, gather_rows, ragged_dot
 from jlora.lazy_value import (LoraValue, dtype_view, dynamic_slice, gather_stack, is_lora, reshape, rev,
                               slice_, transpose)
 from jlora.lazy_value import bind as _bind

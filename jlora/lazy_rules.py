@@ -5,7 +5,7 @@ Every consumer reads the kernel's roles from the value's ``view`` (which canonic
 of the used kernel holds), so one rule serves any dimension numbers: contracted axes holding the
 input axes give ``(x·A)·(s·B)``, contracted output axes the transposed roles ``(x·(s·B)ᵀ)·Aᵀ``,
 kernel batch axes and free stack axes batch both products. A plain 2-D use takes the fast
-custom-VJP path :func:`low_rank_2d`. Each rule returns ``None`` when it does not apply.
+path of :mod:`jlora.lazy_dense`. Each rule returns ``None`` when it does not apply.
 """
 
 from __future__ import annotations
@@ -16,14 +16,13 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
-from jax.custom_derivatives import SymbolicZero
 
+from jlora.lazy_dense import base_rows, dense_rows, low_rank_2d, plain_dense
 from jlora.lazy_flat import Flat, add, full, rows
 from jlora.lazy_value import LoraValue, bind, is_lora
 
-__all__ = ["low_rank_2d", "dense_rows", "merge_is_cheaper", "dot_general", "conv", "gather_rows", "plain_dense", "ragged_dot"]
+__all__ = ["dot_general", "conv", "gather_rows", "ragged_dot"]
 
 
 # --- consumers -----------------------------------------------------------------------------------
@@ -58,64 +57,6 @@ def _dropped(x: jax.Array, v: LoraValue, ctx: Any, base_of: Callable[[jax.Array]
     xd = _dropout(x, v, ctx)
     base_dropped = base_of(xd) if v.factor is not None and xd is not x else None
     return xd.astype(v.a.dtype), base_dropped
-
-
-@jax.custom_vjp
-def low_rank_2d(x: jax.Array, a_cat: jax.Array, bss: tuple[jax.Array, ...]) -> tuple[jax.Array, ...]:
-    """``(x·A_i)·Bs_i`` for k kernels reading one input: ``x`` (T, in), ``A_cat = [A_1|...|A_k]``
-    (in, sum r_i), ``bss[i]`` (r_i, out_i). Returns k arrays (T, out_i).
-
-    One ``x·A_cat`` product forward and one ``dA_catᵀ = dlowᵀ·x`` product backward serve all k
-    kernels. The backward pass writes every token-contracting product as (r, T)·(T, n) (XLA:CPU's
-    fast row-major matmul form), the r-wide transposes made real behind
-    ``lax.optimization_barrier`` so that XLA does not fold them back into slow dots.
-
-    >>> [y.tolist() for y in low_rank_2d(jnp.ones((2, 3)), jnp.ones((3, 1)), (jnp.ones((1, 2)),))]
-    [[[3.0, 3.0], [3.0, 3.0]]]
-    """
-    return _low_fwd(x, a_cat, bss)[0]
-
-
-def _low_fwd(x: jax.Array, a_cat: jax.Array, bss: tuple[jax.Array, ...]) -> tuple[Any, tuple[Any, ...]]:
-    low = jnp.dot(x, a_cat)
-    ys, start = [], 0
-    for bs in bss:
-        ys.append(jnp.dot(low[:, start : start + bs.shape[0]], bs))
-        start += bs.shape[0]
-    return tuple(ys), (x, a_cat, bss, low)
-
-
-def _low_bwd(res: tuple[Any, ...], dys: tuple[jax.Array, ...]) -> tuple[Any, ...]:
-    x, a_cat, bss, low = res
-    bss_t, a_t = lax.optimization_barrier((tuple(bs.T for bs in bss), a_cat.T))
-    parts = [jnp.dot(dy.astype(bs.dtype), bs_t) for dy, bs, bs_t in zip(dys, bss, bss_t)]
-    dlow = parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=1)  # (T, sum r)
-    # make low and dlow real first, so XLA cannot fold their transposes into the producing dots
-    low, dlow = lax.optimization_barrier((low, dlow))
-    dx = jnp.dot(dlow, a_t)  # (T, in)
-    low_t, dlow_t = lax.optimization_barrier((low.T, dlow.T))  # (sum r, T): a few tens of KB
-    dbss, start = [], 0
-    for dy, bs in zip(dys, bss):
-        dbss.append(jnp.dot(low_t[start : start + bs.shape[0]], dy.astype(bs.dtype)).astype(bs.dtype))
-        start += bs.shape[0]
-    # the barrier keeps XLA from folding the final transpose into the dot ((in, T)·(T, r): slow)
-    da_t = lax.optimization_barrier(jnp.dot(dlow_t, x))
-    return dx.astype(x.dtype), da_t.T.astype(a_cat.dtype), tuple(dbss)
-
-
-low_rank_2d.defvjp(_low_fwd, _low_bwd)
-
-
-def plain_dense(eqn: Any, v: Any) -> bool:
-    """A 2-D kernel (``(in, out)`` or ``(out, in)`` stored) on the rhs of a dot contracting its input
-    axis with the lhs's last axis: the fast path."""
-    if not is_lora(v) or v.ns or (v.ni, v.no) != (1, 1) or len(v.shape) != 2:
-        return False
-    (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
-    lhs = eqn.invars[0]
-    if lb or rb or len(rc) != 1 or tuple(lc) != (len(lhs.aval.shape) - 1,):
-        return False
-    return v.view[rc[0]] == (0,) and v.view[1 - rc[0]] == (1,)
 
 
 Label = tuple[str, int]
@@ -231,109 +172,13 @@ def _plain_dense(eqn: Any, v: LoraValue, x: Any, ctx: Any) -> Flat:
     if pair is None and not ctx.dropout_on:
         pair = dense_rows((eqn,), (v.scale,))(x2, (v.w0,), (v.a,), (v.b,))[0]
     if pair is None:
-        base_of = lambda xx: _base_rows(eqn, xx, v.w0)  # noqa: E731
+        base_of = lambda xx: base_rows(eqn, xx, v.w0)  # noqa: E731
         xd, base_dropped = _dropped(x2, v, ctx, base_of)
         pair = base_of(x2), low_rank_2d(xd, v.a, (v.scaled_b(),))[0]
     base, low = pair
     if v.factor is None and base_dropped is None:
         return Flat(base, shape, low)
     return Flat(_finish(base, low, None if v.factor is None else v.factor.reshape(1, -1), base_dropped), shape)
-
-
-def _base_rows(eqn: Any, x2: jax.Array, w: jax.Array) -> jax.Array:
-    """``eqn``'s dot on rows: ``x2 (T, in)`` with the 2-D kernel ``w`` (stored ``(in, out)`` or ``(out, in)``)."""
-    (_, rc), _ = eqn.params["dimension_numbers"]
-    return bind(eqn, [x2, w], dimension_numbers=(((1,), tuple(rc)), ((), ())))[0]
-
-
-def merge_is_cheaper(tokens: int, n_in: int, n_out: int) -> bool:
-    """Whether ``x·(W0 + A·Bs)`` costs no more FLOPs than ``x·W0 + (x·A)·Bs``: ``T·(in + out) ≥ in·out``
-    (both sides times r). Prefill and batch inference merge; decoding a few tokens stays low-rank.
-
-    >>> merge_is_cheaper(512, 64, 64), merge_is_cheaper(1, 4096, 4096)
-    (True, False)
-    """
-    return tokens * (n_in + n_out) >= n_in * n_out
-
-
-def _contract(e: Any) -> int:
-    """The stored kernel axis ``e``'s dot contracts with the input's features: 0 for (in, out), 1 for (out, in)."""
-    (_, rc), _ = e.params["dimension_numbers"]
-    return int(rc[0])
-
-
-def dense_rows(eqns: Sequence[Any], scales: Sequence[float]) -> Callable[..., list[tuple[jax.Array, jax.Array]]]:
-    """The plain dense LoRA op for k kernels reading one input, ``eqns`` their dots, ``scales`` their s:
-    ``(x2, w0s, as_, bs) -> [(x2·W0_i, s_i·(x2·A_i)·B_i)]`` (``x2`` (T, in), ``A_i`` (in, r_i), ``B_i`` (r_i, out_i)).
-
-    Differentiated (training): :func:`low_rank_2d`'s forward and backward on ``A_cat = [A_1|...|A_k]``
-    and ``Bs_i = s_i·B_i`` (one ``x·A_cat`` and one ``dA_catᵀ`` product for all k); ``dX`` adds
-    ``dY_i·W0_iᵀ``; a ``W0`` gets its gradient only when it is differentiated (then ``x2`` is kept).
-    The scale, the concatenation and the transposes run inside the op, traced once (not linearized).
-    Not differentiated (inference): a kernel for which :func:`merge_is_cheaper` gets one product with
-    ``W0 + A·Bs`` (formed in the factors' precision, cast to ``W0``'s dtype; its pair's low-rank part
-    is zero), the others stay low-rank. The sum ``base + low`` is the same either way.
-
-    >>> jp = jax.make_jaxpr(lambda x, w: x @ w)(jnp.ones((4, 2)), jnp.ones((2, 2)))
-    >>> (b, l), = dense_rows(jp.eqns, (1.0,))(jnp.ones((4, 2)), (jnp.eye(2),), (jnp.ones((2, 1)),), (jnp.ones((1, 2)),))
-    >>> (b + l).tolist()
-    [[3.0, 3.0], [3.0, 3.0], [3.0, 3.0], [3.0, 3.0]]
-    """
-
-    def scaled(bs: Sequence[jax.Array]) -> tuple[jax.Array, ...]:
-        return tuple(b * jnp.asarray(s, b.dtype) for b, s in zip(bs, scales))
-
-    def fwd(x2, w0s, as_, bs):  # symbolic zeros: each leaf a CustomVJPPrimal (value, perturbed)
-        x2v, ws = x2.value, tuple(w.value for w in w0s)
-        a_cat = jnp.concatenate([a.value for a in as_], axis=1) if len(as_) > 1 else as_[0].value
-        lows, res = _low_fwd(x2v.astype(a_cat.dtype), a_cat, scaled([b.value for b in bs]))
-        # x2 itself is kept only for a W0 that is differentiated (a frozen one never is in training);
-        # else its dtype rides along as an empty array
-        keep = x2v if any(w.perturbed for w in w0s) else x2v[:0, :0]
-        pairs = list(zip([_base_rows(e, x2v, w) for e, w in zip(eqns, ws)], lows))
-        return pairs, (res, ws, keep, tuple(w.perturbed for w in w0s))
-
-    def bwd(res, cts):
-        lres, ws, keep, perturbed = res
-        cts = [tuple(jnp.zeros(c.shape, c.dtype) if isinstance(c, SymbolicZero) else c for c in pair)
-               for pair in cts]
-        dx, da_cat, dbss = _low_bwd(lres, tuple(dlow for _, dlow in cts))
-        dx = dx.astype(keep.dtype)
-        dws = []
-        for e, w, p, (dbase, _) in zip(eqns, ws, perturbed, cts):
-            rc, prec = _contract(e), e.params.get("precision")
-            dx = dx + lax.dot_general(dbase, w, (((1,), (1 - rc,)), ((), ())), precision=prec,
-                                      preferred_element_type=keep.dtype)
-            pair = (keep, dbase) if rc == 0 else (dbase, keep)
-            dws.append(lax.dot_general(*pair, (((0,), (0,)), ((), ())), precision=prec,
-                                       preferred_element_type=w.dtype) if p else None)
-        starts = np.cumsum([0] + [d.shape[0] for d in dbss])
-        das = tuple(da_cat[:, starts[i] : starts[i + 1]] for i in range(len(dbss)))
-        return dx, tuple(dws), das, tuple(d * jnp.asarray(s, d.dtype) for d, s in zip(dbss, scales))
-
-    @jax.custom_vjp
-    def op(x2, w0s, as_, bs):
-        t, n_in = x2.shape
-        bss = scaled(bs)
-        lazy = [i for i, b in enumerate(bss) if not merge_is_cheaper(t, n_in, b.shape[1])]
-        lows = {}
-        if lazy:
-            a_cat = jnp.concatenate([as_[i] for i in lazy], axis=1) if len(lazy) > 1 else as_[lazy[0]]
-            lows = dict(zip(lazy, _low_fwd(x2.astype(a_cat.dtype), a_cat, tuple(bss[i] for i in lazy))[0]))
-        out = []
-        for i, (e, w, a, b) in enumerate(zip(eqns, w0s, as_, bss)):
-            if i in lows:
-                out.append((_base_rows(e, x2, w), lows[i]))
-                continue
-            d = jnp.dot(a, b)
-            acc = jnp.promote_types(w.dtype, d.dtype)
-            merged = (w.astype(acc) + (d if _contract(e) == 0 else d.T).astype(acc)).astype(w.dtype)
-            base = _base_rows(e, x2, merged)
-            out.append((base, jnp.zeros(base.shape, b.dtype)))
-        return out
-
-    op.defvjp(fwd, bwd, symbolic_zeros=True)
-    return op
 
 
 def conv(eqn: Any, invals: list[Any], ctx: Any) -> list[Any] | None:
