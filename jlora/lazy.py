@@ -116,7 +116,8 @@ def _share_inputs(jaxpr: Any, env: Mapping[Any, Any], ctx: Any, eqn: Any) -> Non
     for e in ctx.groups.get(id(jaxpr), {}).get(x_var, ()):
         w = e.invars[1]
         v = None if isinstance(w, jcore.Literal) else env.get(w)
-        if id(e) not in ctx.shared and is_lora(v) and plain_dense(e, v) and v.a.dtype == x.dtype:
+        if id(e) not in ctx.shared and is_lora(v) and plain_dense(e, v) and (
+                not members or v.a.dtype == members[0][1].a.dtype):  # one A_cat: one dtype
             members.append((e, v))
     if len(members) < 2 or members[0][0] is not eqn:
         return

@@ -116,9 +116,10 @@ def dense_rows(eqns: Sequence[Any], scales: Sequence[float]) -> Callable[..., li
     and ``Bs_i = s_i·B_i`` (one ``x·A_cat`` and one ``dA_catᵀ`` product for all k); ``dX`` adds
     ``dY_i·W0_iᵀ``; a ``W0`` gets its gradient only when it is differentiated (then ``x2`` is kept).
     The scale, the concatenation and the transposes run inside the op, traced once (not linearized).
-    Not differentiated (inference): a kernel for which :func:`merge_is_cheaper` gets one product with
-    ``W0 + A·Bs`` (formed in the factors' precision, cast to ``W0``'s dtype; its pair's low-rank part
-    is zero), the others stay low-rank. The sum ``base + low`` is the same either way.
+    Not differentiated (inference): a kernel for which :func:`merge_is_cheaper` and whose ``W0`` dtype
+    is at least as wide as the factors' gets one product with ``W0 + A·Bs`` (its pair's low-rank part
+    is zero); the others stay low-rank (a bf16 base with f32 factors keeps its f32 branch). The sum
+    ``base + low`` is the same either way.
 
     >>> jp = jax.make_jaxpr(lambda x, w: x @ w)(jnp.ones((4, 2)), jnp.ones((2, 2)))
     >>> (b, l), = dense_rows(jp.eqns, (1.0,))(jnp.ones((4, 2)), (jnp.eye(2),), (jnp.ones((2, 1)),), (jnp.ones((1, 2)),))
@@ -161,7 +162,10 @@ def dense_rows(eqns: Sequence[Any], scales: Sequence[float]) -> Callable[..., li
     def op(x2, w0s, as_, bs):
         t, n_in = x2.shape
         bss = scaled(bs)
-        lazy = [i for i, b in enumerate(bss) if not merge_is_cheaper(t, n_in, b.shape[1])]
+        # merge only where it costs fewer FLOPs and W0's dtype holds the factors' precision (a bf16
+        # base with f32 factors keeps the f32 low-rank branch, as in training)
+        lazy = [i for i, (w, b) in enumerate(zip(w0s, bss)) if not merge_is_cheaper(t, n_in, b.shape[1])
+                or jnp.promote_types(w.dtype, b.dtype) != w.dtype]
         lows = {}
         if lazy:
             a_cat = jnp.concatenate([as_[i] for i in lazy], axis=1) if len(lazy) > 1 else as_[lazy[0]]

@@ -353,6 +353,12 @@ def test_inference_merges_when_cheaper():
         t = x.shape[0] * x.shape[1]
         assert ((8, 8) in widths) == merged and ((t, 6) in widths) == (not merged), (t, widths)
         close(jax.jit(fn)(frozen, lora, x), m.apply(jlora.merge(frozen, lora, cfg), x), rtol=1e-5, what=f"T={t}")
+    # a bf16 base computing in bf16 with f32 factors keeps the f32 low-rank branch (merging would round
+    # s·A·B to bf16); with an f32 input Dense promotes W0 to f32 and the merge loses nothing
+    frozen16 = jax.tree.map(lambda w: w.astype(jnp.bfloat16), frozen)
+    widths = [e.outvars[0].aval.shape for e in _eqns(jax.make_jaxpr(fn)(frozen16, lora, X.astype(jnp.bfloat16)).jaxpr)
+              if e.primitive.name == "dot_general"]
+    assert (8, 8) not in widths and (10, 6) in widths
 
 
 # --- no full-size delta or gradient ------------------------------------------------------------------
