@@ -120,19 +120,22 @@ def prepare(v: V.Variant, wl: V.Workload) -> Prepared:
 def time_round_robin(preps: list[Prepared], batch: tuple, rounds: int) -> None:
     """One step of each variant per round, order rotated each round; ratios are taken within a round."""
     times: dict[str, list[float]] = {p.v.name: [] for p in preps}
+    cpu: dict[str, list[float]] = {p.v.name: [] for p in preps}
     for r in range(rounds):
         order = preps[r % len(preps):] + preps[: r % len(preps)]
         for p in order:
-            t0 = time.perf_counter()
+            c0, t0 = time.process_time(), time.perf_counter()
             p.state[0], p.state[1], loss = p.compiled(p.state[0], p.state[1], p.v.frozen, batch)
             loss.block_until_ready()
             times[p.v.name].append(time.perf_counter() - t0)
-    full = times[preps[0].v.name]
+            cpu[p.v.name].append(time.process_time() - c0)
+    full, full_cpu = times[preps[0].v.name], cpu[preps[0].v.name]
     for p in preps:
         t = times[p.v.name]
         ratios = [a / b for a, b in zip(t, full)]
         p.row.update(times=t, median_s=statistics.median(t), ratio=statistics.median(ratios),
-                     ratio_min=min(ratios), ratio_max=max(ratios))
+                     ratio_min=min(ratios), ratio_max=max(ratios), cpu_times=cpu[p.v.name],
+                     cpu_ratio=statistics.median(a / b for a, b in zip(cpu[p.v.name], full_cpu)))
 
 
 def bench_training(wl: V.Workload, builders, rounds: int, log) -> dict[str, Any]:
@@ -310,23 +313,34 @@ def _mib(b) -> str:
     return "—" if b is None else f"{b / MiB:.1f}"
 
 
+def _peak(r: dict[str, Any]) -> int | None:
+    """Compiled peak of a step whose trainable and optimizer state are donated: args + out + temp - aliased."""
+    parts = [r.get(k) for k in ("arg_bytes", "out_bytes", "temp_bytes", "alias_bytes")]
+    return None if any(p is None for p in parts) else parts[0] + parts[1] + parts[2] - parts[3]
+
+
 def _n(x: int) -> str:
     return f"{x / 1e6:.2f}M" if x >= 1e6 else (f"{x / 1e3:.1f}k" if x >= 1e3 else str(x))
 
 
 def training_table(res: dict[str, Any]) -> str:
-    head = ("| variant | step ms | x full FT median [min–max] | XLA FLOPs x full | trainable | opt state MiB | "
-            "args / out / temp MiB | trace+lower / compile s | copy/transpose ops n / MiB | thin slow dots n / MFLOP | note |")
+    head = ("| variant | step ms | x full FT median [min–max] | x full FT, CPU time | XLA FLOPs x full | trainable | "
+            "opt state MiB | args / out / temp MiB | peak MiB (x full) | trace+lower / compile s | "
+            "copy/transpose ops n / MiB | thin slow dots n / MFLOP | note |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    peaks = {r["name"]: _peak(r) for r in res["rows"] if "error" not in r}
+    full_peak = next(iter(peaks.values()), None)
     for r in res["rows"]:
         if "error" in r:
-            lines.append(f"| {r['name']} | {r['error']} | | | | | | | | | {r.get('note', '')} |")
+            lines.append(f"| {r['name']} | {r['error']} | | | | | | | | | | | {r.get('note', '')} |")
             continue
         h = r["hlo"]
+        pk = peaks[r["name"]]
+        peak = "—" if pk is None or not full_peak else f"{pk / MiB:.0f} ({pk / full_peak:.2f})"
         lines.append(
             f"| {r['name']} | {r['median_s'] * 1e3:.0f} | {r['ratio']:.2f} [{r['ratio_min']:.2f}–{r['ratio_max']:.2f}] "
-            f"| {r['flops_ratio']:.2f} | {_n(r['trainable'])} | {_mib(r['opt_bytes'])} | "
-            f"{_mib(r['arg_bytes'])} / {_mib(r['out_bytes'])} / {_mib(r['temp_bytes'])} | "
+            f"| {r.get('cpu_ratio', float('nan')):.3f} | {r['flops_ratio']:.2f} | {_n(r['trainable'])} | {_mib(r['opt_bytes'])} | "
+            f"{_mib(r['arg_bytes'])} / {_mib(r['out_bytes'])} / {_mib(r['temp_bytes'])} | {peak} | "
             f"{r['trace_lower_s']:.1f} / {r['compile_s']:.1f} | {h['copies']['n']} / {h['copies']['bytes'] / MiB:.0f} | "
             f"{h['thin_dots']['n']} / {h['thin_dots']['flops'] / 1e6:.0f} | {r['note']} |")
     return "\n".join(lines)
