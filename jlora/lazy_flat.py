@@ -32,11 +32,14 @@ from jlora.lazy_value import bind
 
 __all__ = ["Flat", "add", "dense", "elementwise", "full", "is_flat", "rows"]
 
-ELEMENTWISE = frozenset({
-    "add", "add_any", "sub", "mul", "div", "max", "min", "neg", "exp", "exp2", "log", "log1p", "expm1",
-    "logistic", "tanh", "erf", "erf_inv", "integer_pow", "pow", "sqrt", "rsqrt", "abs", "sign", "square",
-    "sin", "cos", "convert_element_type", "select_n", "ge", "gt", "le", "lt", "eq", "ne", "and", "or", "not",
-    "stop_gradient", "copy", "copy_p", "reduce_precision"})
+ELEMENTWISE = frozenset({  # lax's elementwise primitives (same-shape operands, one output element per input element)
+    "add", "add_any", "sub", "mul", "div", "rem", "pow", "integer_pow", "max", "min", "neg", "sign", "abs", "square",
+    "floor", "ceil", "round", "is_finite", "nextafter", "clamp", "select_n", "convert_element_type", "reduce_precision",
+    "exp", "exp2", "log", "log1p", "expm1", "logistic", "tanh", "sqrt", "rsqrt", "cbrt",
+    "sin", "cos", "tan", "asin", "acos", "atan", "atan2", "sinh", "cosh", "asinh", "acosh", "atanh",
+    "erf", "erfc", "erf_inv", "lgamma", "digamma",
+    "ge", "gt", "le", "lt", "eq", "ne", "and", "or", "xor", "not", "shift_left", "shift_right_logical",
+    "shift_right_arithmetic", "stop_gradient", "copy", "copy_p"})
 
 
 def add(base: jax.Array, low: jax.Array) -> jax.Array:
