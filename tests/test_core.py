@@ -9,6 +9,7 @@ import optax
 import pytest
 from flax import nnx
 
+from jaxpr_walk import out_shapes as _out_shapes
 import jlora
 
 KEY = jax.random.key(0)
@@ -187,17 +188,6 @@ def test_lora_gradients_match_float64_and_no_frozen_gradient_is_formed(mode):
     # and its gradient: the walk below must find those)
     found = [s for s in _out_shapes(jax.make_jaxpr(jax.grad(loss))(lora).jaxpr) if s in ((8, 12), (12, 8))]
     assert bool(found) == (mode == "merged"), found
-
-
-def _out_shapes(jaxpr):
-    """The output shapes of every equation of a jaxpr, nested jaxprs (pjit, custom_vjp, scan) included."""
-    for eqn in jaxpr.eqns:
-        yield from (tuple(v.aval.shape) for v in eqn.outvars)
-        for param in eqn.params.values():
-            for sub in param if isinstance(param, (tuple, list)) else (param,):
-                inner = getattr(sub, "jaxpr", sub)
-                if hasattr(inner, "eqns"):
-                    yield from _out_shapes(inner)
 
 
 def test_lora_plus_scales_b_updates():

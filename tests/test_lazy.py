@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from jaxpr_walk import eqns as _eqns
 import jlora
 from jlora import lazy
 from jlora import paths as jpaths
@@ -362,15 +363,6 @@ def test_inference_merges_when_cheaper():
 
 
 # --- no full-size delta or gradient ------------------------------------------------------------------
-
-def _eqns(jaxpr):
-    for eqn in jaxpr.eqns:
-        yield eqn
-        for v in eqn.params.values():
-            for j in v if isinstance(v, (tuple, list)) else (v,):
-                j = getattr(j, "jaxpr", j)
-                if hasattr(j, "eqns"):
-                    yield from _eqns(j)
 
 
 def _full_size_products(jaxpr, shapes):

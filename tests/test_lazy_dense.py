@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from jaxpr_walk import eqns as _eqns
 from jlora.lazy_dense import dense_rows, fuse_is_cheaper, merge_is_cheaper
 
 IN, OUT, R = 8, 6, 2
@@ -70,16 +71,6 @@ def test_w0_gets_its_gradient_only_when_differentiated(t):
     loss = lambda w: jnp.sum(jnp.tanh(sum(op(x, (w,), tuple(as_), tuple(bs))[0])))  # noqa: E731
     ref = lambda w: jnp.sum(jnp.tanh(_merged(x, [w], as_, bs, (1,))[0]))  # noqa: E731
     np.testing.assert_allclose(jax.grad(loss)(ws[0]), jax.grad(ref)(ws[0]), rtol=2e-5, atol=2e-5)
-
-
-def _eqns(jaxpr):
-    for e in jaxpr.eqns:
-        yield e
-        for v in e.params.values():
-            for j in v if isinstance(v, (tuple, list)) else (v,):
-                j = getattr(j, "jaxpr", j)
-                if hasattr(j, "eqns"):
-                    yield from _eqns(j)
 
 
 def _dot_shapes(fn, *args):

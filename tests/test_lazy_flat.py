@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from jaxpr_walk import eqns as _eqns
 import jlora
 from jlora import lazy_flat
 
@@ -75,16 +76,6 @@ def test_rows_match_float64_reference_and_merged_gradients():
         for part in ("A", "B"):
             np.testing.assert_allclose(g_lazy[path][part], g_ref[path][part], rtol=2e-5, atol=1e-6,
                                        err_msg=f"{path}/{part}")
-
-
-def _eqns(jaxpr):
-    for e in jaxpr.eqns:
-        yield e
-        for v in e.params.values():
-            for j in v if isinstance(v, (tuple, list)) else (v,):
-                j = getattr(j, "jaxpr", j)
-                if hasattr(j, "eqns"):
-                    yield from _eqns(j)
 
 
 def test_the_lora_add_bias_and_activation_run_on_rows():
