@@ -40,8 +40,11 @@ def low_rank_2d(x: jax.Array, a_cat: jax.Array, bss: tuple[jax.Array, ...]) -> t
     return _low_fwd(x, a_cat, bss)[0]
 
 
-def _low_fwd(x: jax.Array, a_cat: jax.Array, bss: tuple[jax.Array, ...]) -> tuple[Any, tuple[Any, ...]]:
+def _low_fwd(x: jax.Array, a_cat: jax.Array, bss: tuple[jax.Array, ...], svec: Any = None) -> tuple[Any, tuple[Any, ...]]:
+    """``low = x·A_cat`` (times the per-column scales ``svec``, when given) and ``low_i·B_i``."""
     low = jnp.dot(x, a_cat)
+    if svec is not None:
+        low = low * svec.astype(low.dtype)
     ys, start = [], 0
     for bs in bss:
         ys.append(jnp.dot(low[:, start : start + bs.shape[0]], bs))
@@ -49,11 +52,14 @@ def _low_fwd(x: jax.Array, a_cat: jax.Array, bss: tuple[jax.Array, ...]) -> tupl
     return tuple(ys), (x, a_cat, bss, low)
 
 
-def _low_bwd(res: tuple[Any, ...], dys: tuple[jax.Array, ...]) -> tuple[Any, ...]:
+def _low_bwd(res: tuple[Any, ...], dys: tuple[jax.Array, ...], svec: Any = None) -> tuple[Any, ...]:
+    """The cotangents of ``(x, A_cat, bss)``; with ``svec`` (``low`` already scaled) ``dlow`` is scaled too."""
     x, a_cat, bss, low = res
     bss_t, a_t = lax.optimization_barrier((tuple(bs.T for bs in bss), a_cat.T))
     parts = [jnp.dot(dy.astype(bs.dtype), bs_t) for dy, bs, bs_t in zip(dys, bss, bss_t)]
     dlow = parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=1)  # (T, sum r)
+    if svec is not None:
+        dlow = dlow * svec.astype(dlow.dtype)
     # make low and dlow real first, so XLA cannot fold their transposes into the producing dots
     low, dlow = lax.optimization_barrier((low, dlow))
     dx = jnp.dot(dlow, a_t)  # (T, in)
@@ -121,15 +127,16 @@ def fuse_is_cheaper(tokens: int, n_in: int, rank: int) -> bool:
 
 
 def _fused_fwd(eqns: Sequence[Any], x2: jax.Array, ws: Sequence[jax.Array], a_cat: jax.Array,
-               bss: Sequence[jax.Array]) -> tuple[list[tuple[jax.Array, jax.Array]], tuple[Any, ...]]:
+               bss: Sequence[jax.Array], svec: Any) -> tuple[list[tuple[jax.Array, jax.Array]], tuple[Any, ...]]:
     """The training forward as one product per kernel: ``y_i = [x | low]·[W0_i; Bs_i]`` (``low = x·A_cat``,
     ``Bs_i`` placed at its rows of ``low``, zeros elsewhere), so ``x·W0 + low·Bs`` is one dot output.
 
     XLA duplicates a cheap add into every consumer; when ``y`` feeds a nonlinearity that the
     backward pass recomputes (BERT's exact GELU), ``x·W0`` and ``low·Bs`` then both stay alive
     until the backward pass. One dot output is materialised once (MiniLM step: 711 -> 641 MiB).
-    Returns the ``(y_i, 0)`` pairs and :func:`_low_bwd`'s residuals ``(x, A_cat, bss, low)``."""
-    low = jnp.dot(x2, a_cat)
+    ``low`` carries the scales ``svec`` (``bss`` are the raw ``B``). Returns the ``(y_i, 0)`` pairs and
+    :func:`_low_bwd`'s residuals ``(x, A_cat, bss, low)``."""
+    low = jnp.dot(x2, a_cat) * svec.astype(x2.dtype)
     xl = jnp.concatenate([x2, low], axis=1)
     r_all, starts = a_cat.shape[1], np.cumsum([0] + [b.shape[0] for b in bss])
     pairs = []
@@ -149,7 +156,8 @@ def dense_rows(eqns: Sequence[Any], scales: Sequence[float]) -> Callable[..., li
     and ``Bs_i = s_i·B_i`` (one ``x·A_cat`` and one ``dA_catᵀ`` product for all k), the forward as
     one ``[x | low]·[W0; Bs]`` product per kernel where :func:`fuse_is_cheaper` (one dtype);
     ``dX`` adds ``dY_i·W0_iᵀ``; a ``W0`` gets its gradient only when it is differentiated (then ``x2`` is kept).
-    The scale, the concatenation and the transposes run inside the op, traced once (not linearized).
+    The scales (on ``low`` and ``dlow``: one op per input, not two per kernel), the concatenation and
+    the transposes run inside the op, traced once (not linearized).
     Not differentiated (inference): a kernel for which :func:`merge_is_cheaper` and whose ``W0`` dtype
     is at least as wide as the factors' gets one product with ``W0 + A·Bs`` (its pair's low-rank part
     is zero); the others stay low-rank (a bf16 base with f32 factors keeps its f32 branch). The sum
@@ -164,14 +172,18 @@ def dense_rows(eqns: Sequence[Any], scales: Sequence[float]) -> Callable[..., li
     def scaled(bs: Sequence[jax.Array]) -> tuple[jax.Array, ...]:
         return tuple(b * jnp.asarray(s, b.dtype) for b, s in zip(bs, scales))
 
+    def scale_vec(bs: Sequence[jax.Array]) -> jax.Array:  # s_i for each column of low = x·A_cat
+        return jnp.asarray(np.concatenate([np.full(b.shape[0], s, np.float32) for b, s in zip(bs, scales)]))
+
     def fwd(x2, w0s, as_, bs):  # symbolic zeros: each leaf a CustomVJPPrimal (value, perturbed)
         x2v, ws = x2.value, tuple(w.value for w in w0s)
         a_cat = jnp.concatenate([a.value for a in as_], axis=1) if len(as_) > 1 else as_[0].value
-        bss = scaled([b.value for b in bs])
+        bs = tuple(b.value for b in bs)
+        svec = scale_vec(bs)  # s scales low and dlow (one op per group), not each B and dB
         if fuse_is_cheaper(*x2v.shape, a_cat.shape[1]) and all(w.dtype == x2v.dtype == a_cat.dtype for w in ws):
-            pairs, res = _fused_fwd(eqns, x2v, ws, a_cat, bss)
+            pairs, res = _fused_fwd(eqns, x2v, ws, a_cat, bs, svec)
         else:
-            lows, res = _low_fwd(x2v.astype(a_cat.dtype), a_cat, bss)
+            lows, res = _low_fwd(x2v.astype(a_cat.dtype), a_cat, bs, svec)
             pairs = list(zip([base_rows(e, x2v, w) for e, w in zip(eqns, ws)], lows))
         # x2 itself is kept only for a W0 that is differentiated (a frozen one never is in training);
         # else its dtype rides along as an empty array
@@ -182,7 +194,7 @@ def dense_rows(eqns: Sequence[Any], scales: Sequence[float]) -> Callable[..., li
         lres, ws, keep, perturbed = res
         cts = [tuple(jnp.zeros(c.shape, c.dtype) if isinstance(c, SymbolicZero) else c for c in pair)
                for pair in cts]
-        dx, da_cat, dbss = _low_bwd(lres, tuple(dlow for _, dlow in cts))
+        dx, da_cat, dbss = _low_bwd(lres, tuple(dlow for _, dlow in cts), scale_vec(lres[2]))
         dx = dx.astype(keep.dtype)
         dws = []
         for e, w, p, (dbase, _) in zip(eqns, ws, perturbed, cts):
@@ -194,7 +206,7 @@ def dense_rows(eqns: Sequence[Any], scales: Sequence[float]) -> Callable[..., li
                                        preferred_element_type=w.dtype) if p else None)
         starts = np.cumsum([0] + [d.shape[0] for d in dbss])
         das = tuple(da_cat[:, starts[i] : starts[i + 1]] for i in range(len(dbss)))
-        return dx, tuple(dws), das, tuple(d * jnp.asarray(s, d.dtype) for d, s in zip(dbss, scales))
+        return dx, tuple(dws), das, dbss
 
     @jax.custom_vjp
     def op(x2, w0s, as_, bs):

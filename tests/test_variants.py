@@ -521,10 +521,12 @@ def test_variant_adapters_round_trip_through_orbax(tmp_path):
                                   jlora.merge(frozen, lora, cfg)["out"]["kernel"])
 
 
-@settings(max_examples=6, deadline=None)
+@settings(max_examples=6, deadline=None, derandomize=True)
 @given(n_stack=st.integers(0, 1), ins=st.lists(st.integers(1, 4), min_size=1, max_size=2),
        outs=st.lists(st.integers(1, 4), min_size=1, max_size=2), rank=st.integers(1, 3), seed=st.integers(0, 99))
 def test_property_dora_merge_and_lazy_terms_match_float64(n_stack, ins, outs, rank, seed):
+    """Tolerances follow the conditioning: W0 + s·A@B is formed in float32, so its error is ~eps·(|W0| +
+    |s·A@B|), and DoRA multiplies it by m/||W0 + s·A@B|| (large where the column nearly cancels)."""
     shape = (2,) * n_stack + tuple(ins) + tuple(outs)
     n_in, n_out = int(np.prod(ins)), int(np.prod(outs))
     w = np.random.default_rng(seed).normal(size=shape).astype(np.float32)
@@ -542,8 +544,14 @@ def test_property_dora_merge_and_lazy_terms_match_float64(n_stack, ins, outs, ra
     norm = np.sqrt((v * v).sum(axis=-2))
     m64 = np.asarray(m, np.float64).reshape(lead + (n_out,))
     ref = (v * (m64 / norm)[..., None, :]).reshape(shape)
-    _close(dora.dora_kernel(frozen["w"], jlora.delta(frozen, lora, cfg)["w"], m, f), ref, 1e-5)
-    _close(dora.dora_lazy_terms(frozen["w"], a, b, m, f).reshape(lead + (n_out,)), m64 / norm, 1e-4)
+    size = np.abs(w64) + np.abs(v - w64)  # what f32 rounds when it forms W0 + s·A@B
+    cond = float((size * (m64 / norm)[..., None, :]).max())
+    np.testing.assert_allclose(dora.dora_kernel(frozen["w"], jlora.delta(frozen, lora, cfg)["w"], m, f), ref,
+                               atol=1e-5 * max(1.0, cond), rtol=0)
+    # the lazy terms form ||W0 + s·A@B||² from ||W0||², cross terms and ||s·A@B||²: relative error ~eps·|size|²/norm²
+    cond2 = float(((size * size).sum(axis=-2) / norm**2).max())
+    np.testing.assert_allclose(dora.dora_lazy_terms(frozen["w"], a, b, m, f).reshape(lead + (n_out,)), m64 / norm,
+                               rtol=1e-5 * max(1.0, cond2), atol=0)
 
 
 def test_dora_lazy_scan_and_shared_input_match_merged():
