@@ -2,11 +2,13 @@
 with a bf16 frozen base and float32 factors (jlora's default), side by side in one run.
 
     python benchmarks/bf16.py                 # GPT workload of run.py, 8 round-robin rounds
+    python benchmarks/bf16.py --workload conv # the conv net of run.py (images cast to bf16 too)
     python benchmarks/bf16.py --quick         # tiny shapes
 
 Variants: full fine-tuning (every weight bf16, adamw), jlora lazy and merged-in-step (frozen bf16,
-factors f32: the low-rank branch runs in f32 and is cast once to the base's dtype), and the probe
-(no weight gradients). Losses at the initial weights are reported beside (bf16 rounding differs
+factors f32: the low-rank branch runs in f32 and is cast once to the base's dtype), jlora lazy with
+bf16 factors (``jlora.init(..., dtype=jnp.bfloat16)``: one dtype, so conv LoRA can take its merged-kernel
+form), and the probe (no weight gradients). Losses at the initial weights are reported beside (bf16 rounding differs
 between forms, so they agree to ~1e-2, not 1e-4). Ratios are taken within each round.
 XLA:CPU turns bf16 dots into f32 copies (see ANCHORS), so CPU ratios say little about accelerators.
 """
@@ -41,9 +43,13 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=8)
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--workload", choices=("gpt", "conv"), default="gpt")
     args = ap.parse_args(argv)
-    cfg = R.QUICK["gpt"] if args.quick else W.GPTConfig()
-    wl = V.gpt_workload(cfg, W.LoraSpec())
+    if args.workload == "gpt":
+        wl = V.gpt_workload(R.QUICK["gpt"] if args.quick else W.GPTConfig(), W.LoraSpec())
+    else:
+        wl = V.conv_workload(R.QUICK["conv"] if args.quick else W.ConvConfig(), W.LoraSpec())
+        wl = dataclasses.replace(wl, batch=(bf16(wl.batch[0]), wl.batch[1]))
     wl = dataclasses.replace(wl, params=bf16(wl.params))
     variants = []
     for build in (V.full_ft, V.jlora_lazy, V.jlora_merged, V.probe):
@@ -53,12 +59,16 @@ def main(argv: list[str] | None = None) -> int:
         if v.error is None and build is V.probe:
             v.frozen = bf16(v.frozen)
         variants.append(v)
+        if v.error is None and build is V.jlora_lazy:  # also with bf16 factors (jlora.init(..., dtype=bf16))
+            v16 = build(wl)
+            v16.name, v16.trainable = "jlora lazy, bf16 factors", bf16(v16.trainable)
+            variants.append(v16)
     preps = [R.prepare(v, wl) for v in variants if v.error is None]
     R.time_round_robin(preps, wl.batch, args.rounds)
     load = os.getloadavg()[0]
-    lines = [f"GPT step, bf16 base (LoRA factors f32); {args.rounds} rounds; load {load:.2f}; "
+    lines = [f"{args.workload.upper()} step, bf16 base (LoRA factors f32 unless named); {args.rounds} rounds; load {load:.2f}; "
              f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; `python benchmarks/bf16.py"
-             f"{' --quick' if args.quick else ''} --rounds {args.rounds}`", "",
+             f"{' --quick' if args.quick else ''} --workload {args.workload} --rounds {args.rounds}`", "",
              "| variant | step ms | x full FT, median [min-max] | loss at init | temp MiB |", "|---|---|---|---|---|"]
     for p in preps:
         r = p.row
