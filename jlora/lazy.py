@@ -9,9 +9,10 @@ layer axis) are applied to ``W0`` and mirrored on the tiny factors; the consumer
   ``dot(x, W0) + (x·A)·(s·B)``; a contraction over the kernel's *output* axes uses the
   transposed roles ``(x·(s·B)ᵀ)·Aᵀ``; stacked kernels must be batched over their stack axes.
   A plain 2-D kernel contracted by the last axis of ``x`` takes a fast path
-  (:func:`~jlora.lazy_rules.dense_rows`): tokens flattened to 2-D and one ``jax.custom_vjp``
-  op holding ``W0`` (scale folded into B, token-contracting products written row-major behind
-  ``lax.optimization_barrier``, no cotangent for a frozen ``W0``); plain dense kernels reading
+  (:func:`~jlora.lazy_dense.dense_rows`): tokens flattened to 2-D and one ``jax.custom_vjp``
+  op holding ``W0`` (the scales applied to ``x·A`` and its cotangent, token-contracting products
+  written row-major behind ``lax.optimization_barrier``, no cotangent for a frozen ``W0``, the
+  forward as one ``[x | x·A]·[W0; s·B]`` product where ``in + r < T``); plain dense kernels reading
   the same input (q, k, v) share one ``x·[A_q|A_k|A_v]`` forward and one ``dAᵀ`` product
   backward (without dropout: each use needs its own mask). Not differentiated (inference), the
   op multiplies by the merged kernel when that costs fewer FLOPs (``T·(in + out) ≥ in·out``:
@@ -50,8 +51,9 @@ with ``factor = m / stop_gradient(||W0 + s·A⊗B||_in)`` from :func:`jlora.dora
 bias add (dense, einsum, conv, embedding lookup; a contraction over the output axes falls back).
 With dropout, PEFT's form: ``x·W0 + (factor - 1) ⊙ (drop(x)·W0) + factor ⊙ s·(drop(x)·A)·B``.
 
-This module is the interpreter (control flow, the entry point); the per-primitive rules and
-:class:`LoraValue` live in :mod:`jlora.lazy_rules`.
+This module is the interpreter (control flow, the entry point); the per-primitive rules live in
+:mod:`jlora.lazy_rules` and :mod:`jlora.lazy_dense`, :class:`LoraValue` and its views in
+:mod:`jlora.lazy_value`, the row values in :mod:`jlora.lazy_flat`.
 """
 
 from __future__ import annotations
@@ -104,7 +106,7 @@ def _unfuse(b: jax.Array, n_stack: int, groups: tuple[bool, ...]) -> jax.Array:
 
 
 def _share_inputs(jaxpr: Any, env: Mapping[Any, Any], ctx: Any, eqn: Any) -> None:
-    """Runs one :func:`~jlora.lazy_rules.dense_rows` for all plain dense LoRA kernels reading ``eqn``'s
+    """Runs one :func:`~jlora.lazy_dense.dense_rows` for all plain dense LoRA kernels reading ``eqn``'s
     input (one ``x·[A_1|...|A_k]`` forward, one ``dA_catᵀ`` backward).
 
     Runs when the first such dot of a jaxpr is reached; the ``(base, low)`` outputs of the others are
