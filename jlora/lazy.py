@@ -81,7 +81,7 @@ from jlora.lazy_value import (LoraValue, dtype_view, dynamic_slice, gather_stack
                               slice_, transpose)
 from jlora.lazy_value import bind as _bind
 
-__all__ = ["LoraValue", "lazy_call", "lazy_eval", "low_rank_2d"]
+__all__ = ["LoraValue", "Traced", "lazy_call", "lazy_eval", "low_rank_2d", "trace_apply"]
 
 _CALLS = frozenset({"jit", "pjit", "closed_call", "core_call"})
 _CUSTOM = frozenset({"custom_jvp_call", "custom_vjp_call", "custom_vjp_call_jaxpr"})
@@ -220,15 +220,10 @@ def _eval(jaxpr: Any, consts: Sequence[Any], args: Sequence[Any], ctx: _Ctx, kee
 
 
 def _flat(eqn: Any, invals: list[Any], ctx: _Ctx) -> list[Any]:
-    """An equation with Flat inputs and no kernel: elementwise and plain dense ones stay on rows,
-    ``jit`` calls are inlined; anything else reads the model-shaped values."""
-    name = eqn.primitive.name
-    if name == "reshape" and len(invals) == 1 and eqn.params.get("dimensions") is None:
-        return _bind(eqn, [invals[0].resolved()])  # one reshape from the rows, not two
-    outs = lazy_flat.elementwise(eqn, invals)
-    if outs is None and name == "dot_general":
-        outs = lazy_flat.dense(eqn, invals)
-    if outs is None and name in _CALLS:
+    """An equation with Flat inputs and no kernel: :func:`jlora.lazy_flat.on_rows` where a rule fits,
+    ``jit`` calls inlined; anything else reads the model-shaped values."""
+    outs = lazy_flat.on_rows(eqn, invals)
+    if outs is None and eqn.primitive.name in _CALLS:
         inner = eqn.params.get("jaxpr", eqn.params.get("call_jaxpr"))
         outs = _eval(inner.jaxpr, inner.consts, invals, ctx, keep_flat=True)
     return outs if outs is not None else _bind(eqn, [full(x) for x in invals])
@@ -355,10 +350,6 @@ _RULES: dict[str, Callable[..., list[Any] | None]] = {
 
 # --- entry point ---------------------------------------------------------------------------------
 
-def _is_dynamic(x: Any) -> bool:
-    return isinstance(x, (jax.Array, np.ndarray, np.generic))
-
-
 def _leaf_paths(params: Any) -> list[str]:
     """The canonical path of every jax leaf of ``params``, in ``tree_flatten`` order."""
     out: list[str] = []
@@ -366,6 +357,56 @@ def _leaf_paths(params: Any) -> list[str]:
         n = len(jax.tree_util.tree_leaves(node)) if jpaths.is_variable(node) else 1
         out += [jpaths.path_str(keypath)] * n
     return out
+
+
+@dataclasses.dataclass(frozen=True)
+class Traced:
+    """``apply_fn(params, *args, **kwargs)`` as a jaxpr over ``leaves + dyn`` (the params' leaves, then the
+    array leaves of the arguments; every other argument is static), with each param leaf's path.
+
+    >>> t = trace_apply(lambda p: {"y": 2 * p["w"]}, {"w": jnp.ones(1)}, (), {}, "doc")
+    >>> t.unflatten([jnp.zeros(1)])
+    {'y': Array([0.], dtype=float32)}
+    """
+
+    closed: Any
+    out_tree: Any
+    leaves: list[Any]
+    leaf_paths: list[str]
+    dyn: list[Any]
+
+    def unflatten(self, outs: Sequence[Any]) -> Any:
+        """The jaxpr's outputs in the structure ``apply_fn`` returns."""
+        return jax.tree_util.tree_unflatten(self.out_tree, list(outs))
+
+
+def trace_apply(apply_fn: Callable[..., Any], params: Any, args: Sequence[Any], kwargs: Mapping[str, Any],
+                caller: str) -> Traced:
+    """Traces ``apply_fn(params, *args, **kwargs)`` once (``jax.make_jaxpr``) for an interpreter to evaluate;
+    ``caller`` names the public function in the error for a params tree whose leaves have no paths.
+
+    >>> t = trace_apply(lambda p, x, scale=2: x @ p["w"] * scale, {"w": jnp.eye(2)}, (jnp.ones(2),), {}, "doc")
+    >>> t.leaf_paths, len(t.dyn), [e.primitive.name for e in t.closed.jaxpr.eqns]
+    (['w'], 1, ['dot_general', 'mul'])
+    """
+    leaves, treedef = jax.tree_util.tree_flatten(params)
+    leaf_paths = _leaf_paths(params)
+    if len(leaf_paths) != len(leaves):
+        raise ValueError(f"{caller}: the params tree has {len(leaves)} leaves but {len(leaf_paths)} paths; "
+                         "fix: pass a plain params pytree (Linen dict, nnx.State or nested dicts)")
+    arg_leaves, arg_def = jax.tree_util.tree_flatten((tuple(args), dict(kwargs)))
+    dyn_pos = [i for i, x in enumerate(arg_leaves) if isinstance(x, (jax.Array, np.ndarray, np.generic))]
+
+    def traced(param_leaves: list[Any], dyn: list[Any]) -> Any:
+        full_args = list(arg_leaves)
+        for i, x in zip(dyn_pos, dyn):
+            full_args[i] = x
+        a, k = jax.tree_util.tree_unflatten(arg_def, full_args)
+        return apply_fn(jax.tree_util.tree_unflatten(treedef, param_leaves), *a, **k)
+
+    dyn = [arg_leaves[i] for i in dyn_pos]
+    closed, out_shape = jax.make_jaxpr(traced, return_shape=True)(leaves, dyn)
+    return Traced(closed, jax.tree_util.tree_structure(out_shape), leaves, leaf_paths, dyn)
 
 
 def _sq_norm(w0: jax.Array, f: Any) -> jax.Array:
@@ -407,27 +448,10 @@ def lazy_call(apply_fn: Callable[..., Any], frozen: Any, lora: Any, config: Any,
         factored = adapted(frozen, lora, config)
     lflat = jpaths.flatten(lora)
     params = jpaths.map_with_path(lambda p, w: lflat[p] if p in lflat else w, frozen)
-    leaves, treedef = jax.tree_util.tree_flatten(params)
-    leaf_paths = _leaf_paths(params)
-    if len(leaf_paths) != len(leaves):
-        raise ValueError(f"lazy_call: frozen has {len(leaves)} leaves but {len(leaf_paths)} paths; "
-                         "fix: pass a plain params pytree (Linen dict, nnx.State or nested dicts)")
-    arg_leaves, arg_def = jax.tree_util.tree_flatten((tuple(args), dict(kwargs)))
-    dyn_pos = [i for i, x in enumerate(arg_leaves) if _is_dynamic(x)]
-
-    def traced(param_leaves: list[Any], dyn: list[Any]) -> Any:
-        full = list(arg_leaves)
-        for i, x in zip(dyn_pos, dyn):
-            full[i] = x
-        a, k = jax.tree_util.tree_unflatten(arg_def, full)
-        return apply_fn(jax.tree_util.tree_unflatten(treedef, param_leaves), *a, **k)
-
-    dyn = [arg_leaves[i] for i in dyn_pos]
-    closed, out_shape = jax.make_jaxpr(traced, return_shape=True)(leaves, dyn)
-
+    t = trace_apply(apply_fn, params, args, kwargs, "lazy_call")
     index = {p: i for i, p in enumerate(sorted(factored))}
-    vals = list(leaves)
-    for i, p in enumerate(leaf_paths):
+    vals = list(t.leaves)
+    for i, p in enumerate(t.leaf_paths):
         f = factored.get(p)
         if f is None:
             continue
@@ -440,6 +464,5 @@ def lazy_call(apply_fn: Callable[..., Any], frozen: Any, lora: Any, config: Any,
         view = tuple(f.layout.canonical_axes(k) for k in range(len(f.kernel_shape)))
         vals[i] = LoraValue(vals[i], a, b, p, index[p], f.n_stack, f.n_in, view, float(f.scale), factor)
     rate = float(getattr(config, "dropout", 0.0) or 0.0)
-    outs = lazy_eval(closed.jaxpr, closed.consts, vals + dyn, strict=strict, rate=rate, rng=rng)
-    outs = [o.materialise() if is_lora(o) else o for o in outs]
-    return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(out_shape), outs)
+    outs = lazy_eval(t.closed.jaxpr, t.closed.consts, vals + t.dyn, strict=strict, rate=rate, rng=rng)
+    return t.unflatten([o.materialise() if is_lora(o) else o for o in outs])

@@ -78,7 +78,14 @@ low_rank_2d.defvjp(_low_fwd, _low_bwd)
 
 def plain_dense(eqn: Any, v: Any) -> bool:
     """A 2-D kernel (``(in, out)`` or ``(out, in)`` stored) on the rhs of a dot contracting its input
-    axis with the lhs's last axis: the fast path."""
+    axis with the lhs's last axis: the fast path.
+
+    >>> from jlora.lazy_value import LoraValue
+    >>> eqn = jax.make_jaxpr(lambda x, w: x @ w)(jnp.ones((2, 4, 3)), jnp.ones((3, 5))).eqns[0]
+    >>> v = LoraValue(jnp.ones((3, 5)), jnp.ones((3, 1)), jnp.ones((1, 5)), "w", 0, 0, 1, ((0,), (1,)), 1.0)
+    >>> plain_dense(eqn, v), plain_dense(eqn, v.replace(view=((1,), (0,))))
+    (True, False)
+    """
     if not is_lora(v) or v.ns or (v.ni, v.no) != (1, 1) or len(v.shape) != 2:
         return False
     (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]

@@ -30,7 +30,7 @@ import jax.numpy as jnp
 
 from jlora.lazy_value import bind
 
-__all__ = ["Flat", "add", "dense", "elementwise", "full", "is_flat", "rows"]
+__all__ = ["Flat", "add", "dense", "elementwise", "full", "is_flat", "on_rows", "rows"]
 
 ELEMENTWISE = frozenset({  # lax's elementwise primitives (same-shape operands, one output element per input element)
     "add", "add_any", "sub", "mul", "div", "rem", "pow", "integer_pow", "max", "min", "neg", "sign", "abs", "square",
@@ -80,7 +80,11 @@ class Flat:
 
 
 def is_flat(x: Any) -> bool:
-    """True for a :class:`Flat` value."""
+    """True for a :class:`Flat` value.
+
+    >>> is_flat(Flat(jnp.zeros((2, 3)), (2, 3))), is_flat(jnp.zeros((2, 3)))
+    (True, False)
+    """
     return isinstance(x, Flat)
 
 
@@ -121,6 +125,11 @@ def elementwise(eqn: Any, invals: list[Any]) -> list[Any] | None:
 
     A bias add on a Flat value with a pending ``low`` goes to its ``v2`` (the low-rank add stays
     pending).
+
+    >>> eqn = jax.make_jaxpr(lambda a, b: a + b)(jnp.ones((2, 2, 3)), jnp.ones((1, 1, 3))).eqns[0]
+    >>> (out,) = elementwise(eqn, [Flat(jnp.ones((4, 3)), (2, 2, 3), low=jnp.ones((4, 3))), jnp.ones((1, 1, 3))])
+    >>> out.v2.shape, float(out.full()[1, 1, 2])
+    ((4, 3), 3.0)
     """
     if eqn.primitive.name not in ELEMENTWISE:
         return None
@@ -145,7 +154,13 @@ def elementwise(eqn: Any, invals: list[Any]) -> list[Any] | None:
 
 def dense(eqn: Any, invals: list[Any]) -> list[Any] | None:
     """A ``dot_general`` of a Flat input contracting its last axis with one axis of a 2-D array
-    (an un-adapted dense kernel): run on the rows, Flat output; else None."""
+    (an un-adapted dense kernel): run on the rows, Flat output; else None.
+
+    >>> eqn = jax.make_jaxpr(lambda x, w: x @ w)(jnp.ones((2, 2, 3)), jnp.ones((3, 5))).eqns[0]
+    >>> (out,) = dense(eqn, [Flat(jnp.ones((4, 3)), (2, 2, 3)), jnp.ones((3, 5))])
+    >>> out.v2.shape, out.shape
+    ((4, 5), (2, 2, 5))
+    """
     x, w = invals
     if eqn.primitive.name != "dot_general" or not isinstance(x, Flat) or isinstance(w, Flat) or jnp.ndim(w) != 2:
         return None
@@ -154,3 +169,16 @@ def dense(eqn: Any, invals: list[Any]) -> list[Any] | None:
         return None
     out = bind(eqn, [x.resolved(), w], dimension_numbers=(((1,), tuple(rc)), ((), ())))[0]
     return [Flat(out, tuple(eqn.outvars[0].aval.shape))]
+
+
+def on_rows(eqn: Any, invals: list[Any]) -> list[Any] | None:
+    """``eqn`` on Flat inputs by the first rule that fits: a reshape (one reshape from the rows, not
+    two), an elementwise equation, an un-adapted dense use; None when none does.
+
+    >>> eqn = jax.make_jaxpr(lambda a: a.reshape(6))(jnp.ones((2, 3))).eqns[0]
+    >>> on_rows(eqn, [Flat(jnp.arange(6.0).reshape(3, 2), (1, 2, 3))])[0].tolist()
+    [0.0, 1.0, 2.0, 3.0, 4.0, 5.0]
+    """
+    if eqn.primitive.name == "reshape" and len(invals) == 1 and eqn.params.get("dimensions") is None:
+        return bind(eqn, [invals[0].resolved()])
+    return elementwise(eqn, invals) or (dense(eqn, invals) if eqn.primitive.name == "dot_general" else None)

@@ -21,11 +21,11 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.extend import core as jcore
 
 from jlora import paths
 from jlora.describe import kernel_layouts
+from jlora.lazy import trace_apply
 from jlora.lazy_value import bind
 
 __all__ = ["rows_call"]
@@ -49,13 +49,6 @@ class _Rows:
 def _refuse(path: str, what: str) -> ValueError:
     return ValueError(f"mixed_apply(mode='rows'): kernel {path!r} {what}, which the one-pass mixed batch does not "
                       "handle; fix: use mode='lazy' (vmap over the examples)")
-
-
-def _leaf_paths(params: Any) -> list[str]:
-    out: list[str] = []
-    for keypath, node in jax.tree_util.tree_flatten_with_path(params, is_leaf=paths.is_variable)[0]:
-        out += [paths.path_str(keypath)] * (len(jax.tree_util.tree_leaves(node)) if paths.is_variable(node) else 1)
-    return out
 
 
 def _dot(eqn: Any, x: Any, v: _Rows, ids: Any) -> Any:
@@ -163,23 +156,9 @@ def rows_call(apply_fn: Callable[..., Any], frozen: Any, stacked: Any, ids: Any,
     for p, lay in layouts.items():
         if lay.splits is not None or lay.roles not in ("io", "oi", "sio", "soi"):
             raise _refuse(p, f"has axis roles {lay.describe()} (not a plain 2-D kernel or a layer stack of them)")
-    leaves, treedef = jax.tree_util.tree_flatten(frozen)
-    leaf_paths = _leaf_paths(frozen)
-    arg_leaves, arg_def = jax.tree_util.tree_flatten((tuple(args), dict(kwargs)))
-    dyn_pos = [i for i, x in enumerate(arg_leaves) if isinstance(x, (jax.Array, np.ndarray, np.generic))]
-
-    def traced(param_leaves: list[Any], dyn: list[Any]) -> Any:
-        full = list(arg_leaves)
-        for i, x in zip(dyn_pos, dyn):
-            full[i] = x
-        a, k = jax.tree_util.tree_unflatten(arg_def, full)
-        return apply_fn(jax.tree_util.tree_unflatten(treedef, param_leaves), *a, **k)
-
-    dyn = [arg_leaves[i] for i in dyn_pos]
-    closed, out_shape = jax.make_jaxpr(traced, return_shape=True)(leaves, dyn)
-    vals = list(leaves)
-    for i, p in enumerate(leaf_paths):
+    t = trace_apply(apply_fn, frozen, args, kwargs, "mixed_apply(mode='rows')")
+    vals = list(t.leaves)
+    for i, p in enumerate(t.leaf_paths):
         if p in layouts:
             vals[i] = _Rows(vals[i], flat[p + "/A"], flat[p + "/B"], layouts[p].roles, p)  # factors: canonical
-    outs = _eval(closed.jaxpr, closed.consts, vals + dyn, jnp.asarray(ids))
-    return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(out_shape), outs)
+    return t.unflatten(_eval(t.closed.jaxpr, t.closed.consts, vals + t.dyn, jnp.asarray(ids)))
