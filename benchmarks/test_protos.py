@@ -10,9 +10,7 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-import jlora
 from benchmarks import conv_forms as C
 from benchmarks import llama_shapes as L
 from benchmarks import scale as S

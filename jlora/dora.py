@@ -19,7 +19,6 @@ them; :func:`jlora.unmerge` refuses DoRA kernels and points here.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from typing import Any
 

@@ -59,7 +59,6 @@ This module is the interpreter (control flow, the entry point); the per-primitiv
 from __future__ import annotations
 
 import dataclasses
-import math
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any

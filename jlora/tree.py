@@ -7,7 +7,6 @@ trained in full (a bias, a new head).
 
 from __future__ import annotations
 
-import dataclasses
 import zlib
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any

@@ -139,7 +139,7 @@ import pathlib  # noqa: E402
 
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
-from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
+from jax.sharding import PartitionSpec as P  # noqa: E402
 
 from jlora import checkpoint, dora, multi, peft, quant, sharding  # noqa: E402
 

@@ -18,7 +18,6 @@ from flax import nnx
 
 from jaxpr_walk import eqns as _eqns
 import jlora
-from jlora import lazy
 from jlora import paths as jpaths
 
 RTOL = 2e-4
