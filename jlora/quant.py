@@ -63,6 +63,7 @@ __all__ = [
     "NF4_CODE",
     "QuantizedArray",
     "dequantize",
+    "dequantize_leaf",
     "dequantize_tree_for_apply",
     "dynamic_map",
     "is_quantized",
@@ -408,10 +409,22 @@ def quantize(frozen: Any, rules_or_config: LoraConfig | str | Sequence[str], *, 
     return paths.map_with_path(one, frozen)
 
 
-@functools.partial(jax.jit, static_argnums=1)
-def _leaf_dequant(q: QuantizedArray, dtype: Any) -> jax.Array:
+def dequantize_leaf(q: QuantizedArray, dtype: Any = None) -> jax.Array:
+    """The float kernel of one :class:`QuantizedArray`, as traceable jnp code (no jit of its own).
+
+    The one place that knows how each scheme dequantizes: :func:`dequantize`, merge and the
+    per-use dequantization inside :func:`jlora.lora_apply` all call it. ``dtype=None``: the
+    kernel's original dtype.
+
+    >>> q = quantize({"w": jnp.full((2, 64), 0.25)}, "w")["w"]
+    >>> dequantize_leaf(q, jnp.float32)[0, :2].tolist()
+    [0.25, 0.25]
+    """
     x = _nf4_dequant(q) if q.scheme == "nf4" else q.codes.astype(jnp.float32) * q.scales
     return x.astype(q.dtype if dtype is None else dtype)
+
+
+_leaf_dequant = jax.jit(dequantize_leaf, static_argnums=1)
 
 
 def dequantize(tree_or_leaf: Any, dtype: Any = jnp.float32) -> Any:
