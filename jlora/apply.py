@@ -6,9 +6,11 @@ import functools
 from collections.abc import Callable
 from typing import Any
 
+import jax.numpy as jnp
+
 from jlora import checks, lazy, paths
 from jlora.config import LoraConfig
-from jlora.describe import kernel_layouts, nest
+from jlora.describe import adapted, kernel_layouts, nest
 from jlora.quant import dequantize_tree_for_apply
 from jlora.tree import merge
 
@@ -17,7 +19,8 @@ MODES = ("lazy", "merged")
 
 def lora_apply(apply_fn: Callable[..., Any], config: LoraConfig, mode: str = "lazy", *,
                strict: bool = False) -> Callable[..., Any]:
-    """Wraps ``apply_fn(params, *args, **kwargs)`` into ``fn(frozen, lora, *args, lora_rng=None, **kwargs)``.
+    """Wraps ``apply_fn(params, *args, **kwargs)`` into ``fn(frozen, lora, *args, lora_rng=None, lora_scale=None,
+    **kwargs)``.
 
     ``fn`` is a drop-in for ``apply_fn(merge(frozen, lora, config), *args, **kwargs)``: rngs, mutable
     collections and train flags pass through. It is pure and jit-able (``config`` is static).
@@ -34,12 +37,19 @@ def lora_apply(apply_fn: Callable[..., Any], config: LoraConfig, mode: str = "la
 
     ``lora_rng`` (a PRNG key) turns LoRA dropout on, for training; without it dropout is off.
 
+    ``lora_scale`` (a float or a traced scalar) runs ``W0 + lora_scale * s * A ⊗ B``: ``0.0`` is the
+    base model (a reference model, zero-shot scores) and ``1.0`` the adapter, from the same tree and,
+    passed as a jit argument, the same compiled program. It scales factor pairs only: a tree with
+    DoRA magnitudes, trained rows or trained-whole leaves raises a ValueError.
+
     >>> import jax, jax.numpy as jnp, jlora
     >>> cfg = jlora.LoraConfig(rank=1, targets=".*")
     >>> f = lambda p, x: x @ p["w"]
     >>> frozen, lora = {"w": jnp.eye(2)}, {"w": {"A": jnp.ones((2, 1)), "B": jnp.ones((1, 2))}}
     >>> lora_apply(f, cfg, "merged")(frozen, lora, jnp.ones(2)).tolist()
     [33.0, 33.0]
+    >>> lora_apply(f, cfg)(frozen, lora, jnp.ones(2), lora_scale=0.0).tolist()  # the base: x @ W0
+    [1.0, 1.0]
     """
     if mode not in MODES:
         raise ValueError(f"lora_apply: mode must be one of {MODES}, got {mode!r}; "
@@ -75,8 +85,34 @@ def lora_apply(apply_fn: Callable[..., Any], config: LoraConfig, mode: str = "la
             frozen, lora = lazy_fallback(frozen, lora, config)  # tables with trained rows: merged
             return lazy.lazy_call(apply_fn, frozen, lora, config, args, kwargs, strict=strict, rng=lora_rng)
 
+    unscaled = fn
+
+    def fn(frozen: Any, lora: Any, *args: Any, lora_scale: Any = None, **kwargs: Any) -> Any:
+        if lora_scale is not None:
+            lora = _scale_updates(frozen, lora, config, lora_scale)
+        return unscaled(frozen, lora, *args, **kwargs)
+
     functools.update_wrapper(fn, apply_fn, assigned=("__module__", "__name__", "__qualname__"), updated=())
     return fn
+
+
+def _scale_updates(frozen: Any, lora: Any, config: LoraConfig, scale: Any) -> Any:
+    """``lora`` with every B times ``scale`` (a scalar, traced or not): the updates ``scale * s * A ⊗ B``."""
+    checks.lora_tree("lora_apply", lora)
+    info = adapted(frozen, lora, config)
+    for p in paths.flatten(lora):
+        kernel, _, part = p.rpartition("/")
+        if part not in ("A", "B") or kernel not in info or info[kernel].dora:
+            what = "a DoRA kernel's leaf" if kernel in info else "a trained-whole leaf or trained rows"
+            raise ValueError(f"lora_apply: lora_scale scales factor pairs (s * A ⊗ B) only; lora leaf {p!r} is {what}, "
+                             "whose update is not a scaled product; fix: call without lora_scale, or for the base "
+                             "model alone apply_fn(frozen, ...)")
+    scale = jnp.asarray(scale, jnp.float32)
+    if scale.ndim != 0:
+        raise ValueError(f"lora_apply: lora_scale must be a scalar, got shape {scale.shape}; fix: one float "
+                         "(0.0: the base model, 1.0: the adapter)")
+    return paths.map_with_path(lambda p, x: (x.astype(jnp.float32) * scale).astype(x.dtype) if p.endswith("/B") else x,
+                               lora)
 
 
 def lazy_fallback(frozen: Any, lora: Any, config: Any) -> tuple[Any, dict[str, Any]]:
