@@ -113,11 +113,25 @@ def sample(logits: jax.Array, key: jax.Array, temperature: float = 0.0, top_p: f
     return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
 
 
+def token_logp(logits: jax.Array, tokens: jax.Array, temperature: float = 0.0) -> jax.Array:
+    """``log softmax(logits / temperature)[tokens]`` per row, float32 (``temperature == 0``: the raw logits).
+
+    The log-probability of each chosen token under the distribution it was sampled from (before a
+    top-p cut); what a policy-gradient learner recomputes from the same logits.
+
+    >>> round(float(token_logp(jnp.log(jnp.array([[0.6, 0.3, 0.1]])), jnp.array([1]))[0]), 4)  # log(0.3)
+    -1.204
+    """
+    logits = logits.astype(jnp.float32) / (temperature if temperature > 0 else 1.0)
+    logp = jax.nn.log_softmax(logits, axis=-1)
+    return jnp.take_along_axis(logp, tokens[:, None].astype(jnp.int32), axis=-1)[:, 0]
+
+
 @functools.partial(jax.jit, static_argnames=("forward", "config", "max_new_tokens", "stop_ids", "pad_id",
                                              "temperature", "top_p"))
 def _generate(forward: Forward, config: LlamaConfig, weights: Any, ids: jax.Array, mask: jax.Array, key: jax.Array,
               *, max_new_tokens: int, stop_ids: tuple[int, ...], pad_id: int, temperature: float,
-              top_p: float) -> tuple[jax.Array, jax.Array]:
+              top_p: float) -> tuple[jax.Array, jax.Array, jax.Array]:
     b, width = ids.shape
     dtype = jax.tree.leaves(weights)[0].dtype
     cache = init_cache(config, b, width + max_new_tokens, dtype if jnp.issubdtype(dtype, jnp.floating) else jnp.float32)
@@ -128,6 +142,7 @@ def _generate(forward: Forward, config: LlamaConfig, weights: Any, ids: jax.Arra
     stops = jnp.asarray(stop_ids, jnp.int32)
     tok = sample(logits[:, -1], sub, temperature, top_p)
     out = jnp.full((b, max_new_tokens), pad_id, jnp.int32).at[:, 0].set(tok)
+    logps = jnp.zeros((b, max_new_tokens), jnp.float32).at[:, 0].set(token_logp(logits[:, -1], tok, temperature))
     done = jnp.isin(tok, stops)
 
     def cond(state):
@@ -135,25 +150,27 @@ def _generate(forward: Forward, config: LlamaConfig, weights: Any, ids: jax.Arra
         return (i < max_new_tokens) & ~jnp.all(done)
 
     def body(state):
-        i, tok, done, out, cache, slots, pos, key = state
+        i, tok, done, out, logps, cache, slots, pos, key = state
         slot = width + i - 1  # where `tok` goes in the cache
         slots = slots.at[:, slot].set(1)
         logits, cache = forward(weights, tok[:, None], slots, pos[:, None], cache, cache_index=slot)
         key, sub = jax.random.split(key)
         nxt = jnp.where(done, pad_id, sample(logits[:, -1], sub, temperature, top_p))
         out = jax.lax.dynamic_update_slice(out, nxt[:, None], (0, i))
-        return i + 1, nxt, done | jnp.isin(nxt, stops), out, cache, slots, pos + 1, key
+        lp = jnp.where(done, 0.0, token_logp(logits[:, -1], nxt, temperature))
+        logps = jax.lax.dynamic_update_slice(logps, lp[:, None], (0, i))
+        return i + 1, nxt, done | jnp.isin(nxt, stops), out, logps, cache, slots, pos + 1, key
 
-    state = (jnp.int32(1), tok, done, out, cache, slots, positions[:, -1] + 1, key)
-    _, _, _, out, *_ = jax.lax.while_loop(cond, body, state)
+    state = (jnp.int32(1), tok, done, out, logps, cache, slots, positions[:, -1] + 1, key)
+    _, _, _, out, logps, *_ = jax.lax.while_loop(cond, body, state)
     stop_seen = jnp.isin(out, stops)
     lengths = jnp.where(stop_seen.any(axis=1), jnp.argmax(stop_seen, axis=1), max_new_tokens)
-    return out, lengths
+    return out, lengths, logps
 
 
 def generate(forward: Forward, config: LlamaConfig, weights: Any, ids: Any, mask: Any, *, max_new_tokens: int,
              stop_ids: Sequence[int], pad_id: int, key: jax.Array | None = None, temperature: float = 0.0,
-             top_p: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+             top_p: float = 1.0, return_logprobs: bool = False) -> tuple[np.ndarray, ...]:
     """Generates up to ``max_new_tokens`` after each left-padded prompt row.
 
     Args:
@@ -166,9 +183,12 @@ def generate(forward: Forward, config: LlamaConfig, weights: Any, ids: Any, mask
       pad_id: filler after a row stopped.
       key: PRNG key for sampling (required when ``temperature > 0``).
       temperature, top_p: ``0`` is greedy; otherwise temperature and nucleus sampling.
+      return_logprobs: also return each emitted token's log-probability (:func:`token_logp`),
+        recorded while sampling (0 after a row stopped); the same compiled program either way.
 
     Returns:
-      ``(tokens, lengths)``: (batch, max_new_tokens) int32 and the count before the first stop id.
+      ``(tokens, lengths)``: (batch, max_new_tokens) int32 and the count before the first stop id;
+      ``(tokens, lengths, logprobs)`` with ``return_logprobs`` (logprobs float32, like tokens).
 
     >>> tokens, lengths = generate(base_forward(model.apply), model.config, params, ids, mask,
     ...                            max_new_tokens=32, stop_ids=(2,), pad_id=2)   # doctest: +SKIP
@@ -180,9 +200,12 @@ def generate(forward: Forward, config: LlamaConfig, weights: Any, ids: Any, mask
     if temperature > 0 and key is None:
         raise ValueError("generate: temperature > 0 samples; fix: pass key=jax.random.key(seed)")
     key = jax.random.key(0) if key is None else key
-    out, lengths = _generate(forward, config, weights, jnp.asarray(ids, jnp.int32), jnp.asarray(mask, jnp.int32),
-                             key, max_new_tokens=int(max_new_tokens), stop_ids=tuple(int(s) for s in stop_ids),
-                             pad_id=int(pad_id), temperature=float(temperature), top_p=float(top_p))
+    out, lengths, logps = _generate(forward, config, weights, jnp.asarray(ids, jnp.int32),
+                                    jnp.asarray(mask, jnp.int32), key, max_new_tokens=int(max_new_tokens),
+                                    stop_ids=tuple(int(s) for s in stop_ids), pad_id=int(pad_id),
+                                    temperature=float(temperature), top_p=float(top_p))
+    if return_logprobs:
+        return np.asarray(out), np.asarray(lengths), np.asarray(logps)
     return np.asarray(out), np.asarray(lengths)
 
 
