@@ -35,6 +35,13 @@ Schemes (``w`` is a kernel of shape ``stack + in + out``):
   input axes of size 1. The input axes are the ones a :class:`~jlora.LoraConfig` states for the
   path (``stack``/``axes``), else every axis but the last. ``codes = round(w / scale)`` in
   [-127, 127] (int8); error ``<= absmax / 254`` per channel (plus one float32 rounding).
+- ``'q8_0'``, ``'q4_0'``, ``'q4_1'``: GGML/GGUF blocks of 32 values along one input axis, float16
+  scale (and q4_1 minimum) per block, codes packed as the file packs them (:mod:`jlora.quant_gguf`;
+  dequantization bit-identical to ``gguf.quants.dequantize``). :func:`from_gguf` keeps a GGUF
+  file's own blocks (no re-quantization); :func:`quantize` makes them from a float kernel as
+  llama.cpp does. The blocks are stored as GGUF stores them (``(*rows, n_blocks, ...)``, blocked
+  axis last); ``perm`` transposes the stored tensor into the kernel (``(1, 0)`` for a Flax
+  ``(in, out)`` kernel read from a GGUF ``(out, in)`` weight).
 
 Quantization runs in float32 whatever the kernel's dtype; :func:`dequantize` returns float32 by
 default (``dtype=None``: the kernel's original dtype). With a quantized base, ``jlora.merge``
@@ -55,7 +62,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jlora import checks, paths
+from jlora import checks, paths, quant_gguf
 from jlora.config import LoraConfig
 from jlora.layout import Layout
 
@@ -66,13 +73,14 @@ __all__ = [
     "dequantize_leaf",
     "dequantize_tree_for_apply",
     "dynamic_map",
+    "from_gguf",
     "is_quantized",
     "quant_report",
     "quantize",
     "quantized_sharding",
 ]
 
-SCHEMES = ("nf4", "int8")
+SCHEMES = ("nf4", "int8") + quant_gguf.SCHEMES
 DQ_BLOCK = 256
 
 #: The 16 NF4 levels, bitsandbytes' exact float32 values (``get_4bit_type('nf4')``; QLoRA, eq. 4).
@@ -107,7 +115,8 @@ def _midpoints(code: np.ndarray) -> np.ndarray:
     return ((code[:-1].astype(np.float32) + code[1:].astype(np.float32)) / np.float32(2)).astype(np.float32)
 
 
-_CHILDREN = ("codes", "scales", "scales_scale", "scales_offset")
+_CHILDREN = ("codes", "scales", "scales_scale", "scales_offset", "mins")
+_AUX = ("shape", "dtype", "scheme", "block_size", "rows", "perm")
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -125,6 +134,8 @@ class QuantizedArray(paths.OpaqueLeaf):
       scheme: ``'nf4'`` or ``'int8'``.
       block_size: nf4 block size (0 for int8).
       rows: nf4 layout: True if the blocks tile the last axis (codes keep the leading axes).
+      mins: q4_1 only: float16 minimum per block (``value = q * d + m``), else None.
+      perm: GGUF schemes: the kernel is the stored tensor transposed by ``perm`` (None: as stored).
 
     >>> q = quantize({"w": jnp.ones((4, 64))}, "w")["w"]
     >>> q.shape, q.codes.shape, q.scales.shape, q.nbytes
@@ -140,6 +151,8 @@ class QuantizedArray(paths.OpaqueLeaf):
     scheme: str
     block_size: int
     rows: bool
+    mins: Any = None
+    perm: tuple[int, ...] | None = None
 
     @property
     def ndim(self) -> int:
@@ -162,22 +175,26 @@ class QuantizedArray(paths.OpaqueLeaf):
     def __repr__(self) -> str:
         dq = ", double_quant" if self.scales_scale is not None else ""
         bs = f", block_size={self.block_size}" if self.scheme == "nf4" else ""
-        return f"QuantizedArray({self.scheme}, shape={self.shape}, dtype={np.dtype(self.dtype).name}{bs}{dq})"
+        tr = f", perm={self.perm}" if self.perm is not None else ""
+        return f"QuantizedArray({self.scheme}, shape={self.shape}, dtype={np.dtype(self.dtype).name}{bs}{dq}{tr})"
 
 
 def _flatten_with_keys(q: QuantizedArray) -> tuple[list[tuple[Any, Any]], tuple[Any, ...]]:
-    # always the same four children (None, an empty subtree, where absent), so that the aux data
+    # always the same five children (None, an empty subtree, where absent), so that the aux data
     # does not depend on the children and tree maps that replace leaves keep the structure
-    aux = (q.shape, np.dtype(q.dtype), q.scheme, q.block_size, q.rows)
-    return [(jax.tree_util.GetAttrKey(n), getattr(q, n)) for n in _CHILDREN], aux
+    return [(jax.tree_util.GetAttrKey(n), getattr(q, n)) for n in _CHILDREN], _aux(q)
+
+
+def _aux(q: QuantizedArray) -> tuple[Any, ...]:
+    return (q.shape, np.dtype(q.dtype), q.scheme, q.block_size, q.rows, q.perm)
 
 
 def _flatten(q: QuantizedArray) -> tuple[list[Any], tuple[Any, ...]]:
-    return [getattr(q, n) for n in _CHILDREN], (q.shape, np.dtype(q.dtype), q.scheme, q.block_size, q.rows)
+    return [getattr(q, n) for n in _CHILDREN], _aux(q)
 
 
 def _unflatten(aux: tuple[Any, ...], children: Sequence[Any]) -> QuantizedArray:
-    return QuantizedArray(*children, *aux)
+    return QuantizedArray(**dict(zip(_CHILDREN, children)), **dict(zip(_AUX, aux)))
 
 
 jax.tree_util.register_pytree_with_keys(QuantizedArray, _flatten_with_keys, _unflatten, _flatten)
@@ -294,6 +311,58 @@ def _int8(w: jax.Array, shape: tuple[int, ...], in_axes: tuple[int, ...], dtype:
     return QuantizedArray(codes, scale, None, None, shape, dtype, "int8", 0, True)
 
 
+# --- GGUF blocks (q8_0, q4_0, q4_1; the codec is jlora.quant_gguf) ------------------------------
+
+@functools.partial(jax.jit, static_argnums=(1, 2, 3, 4))
+def _gguf(w: jax.Array, shape: tuple[int, ...], axis: int, scheme: str, dtype: Any) -> QuantizedArray:
+    codes, scales, mins, perm = quant_gguf.quantize_kernel(w, axis, scheme)
+    return QuantizedArray(codes, scales, None, None, shape, dtype, scheme, quant_gguf.BLOCK, True, mins, perm)
+
+
+def _block_axis(path: str, shape: tuple[int, ...], config: LoraConfig | None,
+                layouts: Mapping[str, Layout] | None) -> int:
+    """GGUF blocks run along the kernel's last input axis (GGUF's ``ne0`` of a matmul weight)."""
+    axis = _in_axes(path, shape, config, layouts)[-1]
+    if shape[axis] % quant_gguf.BLOCK:
+        raise ValueError(
+            f"jlora.quant.quantize: GGUF blocks of {quant_gguf.BLOCK} run along the input axis {axis} of {path!r} "
+            f"(shape {shape}), whose size {shape[axis]} is not a multiple of {quant_gguf.BLOCK}; fix: scheme='nf4' "
+            "or 'int8' for this kernel, or exclude it"
+        )
+    return axis
+
+
+def from_gguf(data: np.ndarray, scheme: str, *, perm: Sequence[int] | None = None, dtype: Any = jnp.float32
+              ) -> QuantizedArray:
+    """A GGUF tensor's own blocks as a :class:`QuantizedArray` (no re-quantization).
+
+    Args:
+      data: the tensor's bytes as ``gguf.GGUFReader`` gives them (``tensor.data``: uint8
+        ``(*rows, n // 32 * bytes_per_block)``; rows may be permuted first, blocks stay whole).
+      scheme: ``'q8_0'``, ``'q4_0'`` or ``'q4_1'`` (``tensor.tensor_type.name.lower()``).
+      perm: the kernel is the stored tensor ``(*rows, n)`` transposed by ``perm``; None keeps the
+        stored order. ``(1, 0)`` turns a GGUF ``(out, in)`` weight into a Flax ``(in, out)`` kernel.
+      dtype: what :func:`dequantize_leaf` returns with ``dtype=None``.
+
+    >>> raw = np.zeros((3, 2 * 34), np.uint8)                 # 3 rows of 64 values, q8_0 bytes
+    >>> q = from_gguf(raw, "q8_0", perm=(1, 0))
+    >>> q, q.nbytes
+    (QuantizedArray(q8_0, shape=(64, 3), dtype=float32, perm=(1, 0)), 204)
+    """
+    codes, scales, mins = quant_gguf.split_blocks(data, scheme)
+    stored = codes.shape[:-2] + (codes.shape[-2] * quant_gguf.BLOCK,)
+    if perm is not None:
+        perm = tuple(int(a) for a in perm)
+        if sorted(perm) != list(range(len(stored))):
+            raise ValueError(f"jlora.quant.from_gguf: perm must be a permutation of the {len(stored)} axes of the "
+                             f"stored tensor {stored}, got {perm}; fix: e.g. perm=(1, 0) for a 2-D weight")
+        perm = None if perm == tuple(range(len(stored))) else perm
+    shape = stored if perm is None else tuple(stored[a] for a in perm)
+    arrays = [None if a is None else jnp.asarray(a) for a in (codes, scales, mins)]
+    return QuantizedArray(arrays[0], arrays[1], None, None, shape, np.dtype(dtype), scheme, quant_gguf.BLOCK, True,
+                          arrays[2], perm)
+
+
 # --- public API ----------------------------------------------------------------------------------
 
 def _rules(rules_or_config: Any) -> tuple[tuple[str, ...], tuple[str, ...], LoraConfig | None]:
@@ -347,11 +416,13 @@ def quantize(frozen: Any, rules_or_config: LoraConfig | str | Sequence[str], *, 
       rules_or_config: a :class:`~jlora.LoraConfig` (its ``targets`` minus ``exclude`` are
         quantized, and for int8 its ``stack``/``axes`` rules give the input axes) or regexes
         (``re.fullmatch`` against canonical paths).
-      scheme: ``'nf4'`` (4-bit NormalFloat, blockwise absmax) or ``'int8'`` (per output channel).
+      scheme: ``'nf4'`` (4-bit NormalFloat, blockwise absmax), ``'int8'`` (per output channel) or a
+        GGUF block type ``'q8_0'``, ``'q4_0'``, ``'q4_1'`` (blocks of 32 along the kernel's last input
+        axis, bit-identical to ``gguf.quants.quantize`` of the kernel with that axis moved last).
       block_size: nf4 block size, a positive even number (bitsandbytes: 64). If it does not divide
         the kernel's size the flattened kernel is zero-padded to whole blocks.
       double_quant: nf4 only: quantize the absmax scales to 8 bits (blocks of 256, mean removed).
-      layouts: int8 only: ``{path: Layout}`` (e.g. ``jlora.tree.kernel_layouts(lora)``): the scale is one
+      layouts: int8 and GGUF schemes: ``{path: Layout}`` (e.g. ``jlora.tree.kernel_layouts(lora)``): the scale is one
         per stack/output position, reduced over the kernel's input axes in whatever order it stores them
         (default: the config's ``layout``/``stack``/``axes`` rules, else all axes but the last).
 
@@ -367,7 +438,7 @@ def quantize(frozen: Any, rules_or_config: LoraConfig | str | Sequence[str], *, 
     """
     if scheme not in SCHEMES:
         raise ValueError(f"jlora.quant.quantize: scheme must be one of {SCHEMES}, got {scheme!r}; fix: scheme='nf4' "
-                         "(QLoRA) or 'int8'")
+                         "(QLoRA), 'int8' or a GGUF block type ('q8_0', 'q4_0', 'q4_1')")
     if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 2 or block_size % 2:
         raise ValueError(
             f"jlora.quant.quantize: block_size must be a positive even int (two 4-bit codes per byte), "
@@ -398,6 +469,8 @@ def quantize(frozen: Any, rules_or_config: LoraConfig | str | Sequence[str], *, 
         shape, dtype = tuple(w.shape), np.dtype(w.dtype)
         if scheme == "nf4":
             q = _nf4(jnp.asarray(w), shape, block_size, double_quant, dtype)
+        elif scheme in quant_gguf.SCHEMES:
+            q = _gguf(jnp.asarray(w), shape, _block_axis(path, shape, config, layouts), scheme, dtype)
         else:
             q = _int8(jnp.asarray(w), shape, _in_axes(path, shape, config, layouts), dtype)
         sharding = getattr(w, "sharding", None)
@@ -420,7 +493,10 @@ def dequantize_leaf(q: QuantizedArray, dtype: Any = None) -> jax.Array:
     >>> dequantize_leaf(q, jnp.float32)[0, :2].tolist()
     [0.25, 0.25]
     """
-    x = _nf4_dequant(q) if q.scheme == "nf4" else q.codes.astype(jnp.float32) * q.scales
+    if q.scheme in quant_gguf.SCHEMES:
+        x = quant_gguf.dequantize_kernel(q.codes, q.scales, q.mins, q.scheme, q.perm)
+    else:
+        x = _nf4_dequant(q) if q.scheme == "nf4" else q.codes.astype(jnp.float32) * q.scales
     return x.astype(q.dtype if dtype is None else dtype)
 
 
@@ -472,7 +548,10 @@ def quantized_sharding(q: QuantizedArray, sharding: jax.sharding.NamedSharding) 
     nf4 with the row layout (``block_size`` divides the last axis): codes and absmax keep the
     kernel's spec on the leading axes and on the last (output) axis when its shortened size
     (``out // 2``, ``out // block_size``) still divides by the mesh axes; else that axis is
-    replicated. The flat nf4 layout and the double-quantization arrays are replicated.
+    replicated. The flat nf4 layout and the double-quantization arrays are replicated. GGUF schemes:
+    the stored rows keep their kernel axes' entries, the blocked axis's entry goes to the block
+    count when it divides (else replicated), the axis inside a block is replicated; q4_1 minimums
+    shard like the scales.
 
     Returns:
       a ``QuantizedArray`` with the same structure whose children are ``NamedSharding``\\ s (a valid
@@ -501,6 +580,10 @@ def quantized_sharding(q: QuantizedArray, sharding: jax.sharding.NamedSharding) 
         return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*fixed))
 
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    if q.scheme in quant_gguf.SCHEMES:
+        codes_spec, scales_spec = quant_gguf.stored_entries(spec, q.perm)
+        codes, scales = fit(tuple(q.codes.shape), codes_spec), fit(tuple(q.scales.shape), scales_spec)
+        return dataclasses.replace(q, codes=codes, scales=scales, mins=None if q.mins is None else scales)
     if q.scheme == "int8":
         scale_spec = tuple(None if q.scales.shape[i] == 1 and q.shape[i] != 1 else e for i, e in enumerate(spec))
         codes, scales = fit(q.shape, spec), fit(tuple(q.scales.shape), scale_spec)

@@ -255,7 +255,10 @@ CASES = [
     ("summary", "lora an int", lambda t: jlora.summary(_fl()[0], 3), TypeError, r"jlora.summary: `lora` must be the lora tree.*got int 3"),
     ("to_plain_adapter", "DoRA config", lambda t: jlora.to_plain_adapter(_fl()[0], _fl()[0], _fl()[1], CFG.replace(use_dora=True)), ValueError, r"a DoRA adapter is not linear.*fix: merge it"),
     # quantization
-    ("quantize", "scheme='int3'", lambda t: jlora.quantize(_params(), CFG, scheme="int3"), ValueError, r"scheme must be one of \('nf4', 'int8'\), got 'int3'; fix"),
+    ("quantize", "scheme='int3'", lambda t: jlora.quantize(_params(), CFG, scheme="int3"), ValueError, r"scheme must be one of \('nf4', 'int8', 'q8_0', 'q4_0', 'q4_1'\), got 'int3'; fix"),
+    ("quant.from_gguf", "f32 bytes", lambda t: quant.from_gguf(np.zeros((2, 128), np.float32), "q8_0"), ValueError, r"raw must be uint8 bytes with a last axis that is a multiple of 34 \(q8_0 blocks\), got float32 \(2, 128\); fix: pass tensor.data"),
+    ("quant.from_gguf", "bad perm", lambda t: quant.from_gguf(np.zeros((2, 34), np.uint8), "q8_0", perm=(0, 0)), ValueError, r"perm must be a permutation of the 2 axes of the stored tensor \(2, 32\), got \(0, 0\); fix"),
+    ("quantize", "q8_0 on 20 inputs", lambda t: jlora.quantize({"w": jnp.ones((20, 64))}, "w", scheme="q8_0"), ValueError, r"GGUF blocks of 32 run along the input axis 0 of 'w' \(shape \(20, 64\)\), whose size 20 is not a multiple of 32; fix"),
     ("quantize", "block_size=0", lambda t: jlora.quantize(_params(), CFG, block_size=0), ValueError, r"block_size must be a positive even int.*got 0; fix"),
     ("quantize", "regex typo", lambda t: jlora.quantize(_params(), r".*/qery/kernel"), ValueError, r"'\.\*/qery/kernel' matched no parameter; closest paths: params/attn/query/kernel.*Fix the regex"),
     ("dequantize", "dtype='foo'", lambda t: jlora.dequantize(jlora.quantize(_params(), CFG, scheme="int8"), dtype="foo"), TypeError, r"jlora.quant.dequantize: dtype= must be a float dtype or None, got 'foo'; fix"),
