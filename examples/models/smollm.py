@@ -7,7 +7,12 @@ Q4_1 layer kernels, a Q8_0 embedding (tied LM head), F32 norms. Everything is re
 
 - :func:`load_params`: dequantized tensors in the layout of :mod:`examples.models.llama`
   (kernels ``(in, out)``), with llama.cpp's q/k row permutation undone so HF's ``rotate_half`` RoPE
-  applies (the same transform transformers uses when it loads a GGUF).
+  applies (the same transform transformers uses when it loads a GGUF). ``keep_quantized=True``
+  keeps the file's Q4_1/Q8_0 blocks as :class:`jlora.QuantizedArray` kernels (a QLoRA base:
+  92.1 MiB instead of 513.1 MiB of float32); F32 tensors stay float.
+- :func:`gguf_tensors`: the inverse map, a Llama-port tree -> ``{GGUF tensor name: float32 array}``
+  in GGUF's layout (what :func:`jlora.gguf_export.write_gguf` writes; llama.cpp's q/k permutation
+  redone).
 - :func:`load_tokenizer`: the byte-level BPE (GPT-2 style, as SmolLM2 uses) rebuilt with
   ``tokenizers`` from ``tokenizer.ggml.tokens`` / ``merges``; control tokens (``<|im_start|>``,
   ``<|im_end|>``, ...) are special tokens.
@@ -114,6 +119,20 @@ _NAMES = {  # GGUF tensor -> this port's path (without the params/ prefix and th
 }
 
 
+def permute_qk(w: np.ndarray, n_heads: int) -> np.ndarray:
+    """llama.cpp's q/k row permutation (the inverse of :func:`unpermute_qk`).
+
+    >>> permute_qk(unpermute_qk(np.arange(8.0)[:, None], 2), 2)[:, 0].tolist()
+    [0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0]
+    """
+    hd = w.shape[0] // n_heads
+    return w.reshape(n_heads, 2, hd // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _qk_heads(kind: str, config: LlamaConfig) -> int | None:
+    return {"attn_q": config.num_attention_heads, "attn_k": config.kv_heads}.get(kind)
+
+
 def _port_path(name: str) -> tuple[str, str]:
     """``blk.3.attn_q.weight`` -> (``params/layers_3/attn/q_proj/kernel``, ``attn_q``)."""
     parts = name.split(".")
@@ -130,19 +149,40 @@ def _port_path(name: str) -> tuple[str, str]:
     raise ValueError(f"GGUF tensor {name!r} has no place in the Llama port; expected token_embd/blk.N.*/output*")
 
 
-def load_params(path: str | Path | None = None, dtype: Any = jnp.float32) -> tuple[LlamaConfig, dict[str, Any]]:
+def _port_tensor(t: Any, where: str, kind: str, config: LlamaConfig, keep_quantized: bool, dtype: Any) -> Any:
+    """One GGUF tensor in the port's layout: float, or its own blocks as a ``QuantizedArray``."""
+    from gguf.quants import dequantize
+
+    from jlora import quant, quant_gguf
+
+    heads = _qk_heads(kind, config)
+    scheme = t.tensor_type.name.lower()
+    if keep_quantized and scheme in quant_gguf.SCHEMES:  # rows permute whole blocks: no re-quantization
+        raw = np.asarray(t.data) if heads is None else unpermute_qk(np.asarray(t.data), heads)
+        return quant.from_gguf(raw, scheme, perm=(1, 0) if where.endswith("/kernel") else None, dtype=dtype)
+    w = dequantize(t.data, t.tensor_type).astype(np.float32).reshape(tuple(int(n) for n in t.shape[::-1]))
+    if heads is not None:
+        w = unpermute_qk(w, heads)
+    if where.endswith("/kernel"):
+        w = w.T  # torch (out, in) -> Flax (in, out)
+    return jnp.asarray(w, dtype)
+
+
+def load_params(path: str | Path | None = None, dtype: Any = jnp.float32, *, keep_quantized: bool = False
+                ) -> tuple[LlamaConfig, dict[str, Any]]:
     """``(config, {"params": ...})``: the GGUF's tensors dequantized into the Llama port's tree.
 
     Args:
       path: a llama-architecture GGUF file (default: :func:`gguf_path`).
       dtype: the dtype of the returned arrays (float32 for exact comparisons; bfloat16 halves memory).
+      keep_quantized: keep Q8_0/Q4_0/Q4_1 tensors as the file's own blocks
+        (:func:`jlora.quant.from_gguf`, dequantizing to ``dtype``; bit-identical to the float load);
+        other types (F32 norms) load as float.
 
     >>> config, params = load_params()                                          # doctest: +SKIP
     >>> params["params"]["layers_0"]["attn"]["q_proj"]["kernel"].shape          # doctest: +SKIP
     (576, 576)
     """
-    from gguf.quants import dequantize
-
     from jlora import paths
 
     path = Path(path or gguf_path())
@@ -155,22 +195,59 @@ def load_params(path: str | Path | None = None, dtype: Any = jnp.float32) -> tup
     flat: dict[str, jax.Array] = {}
     for t in reader.tensors:
         where, kind = _port_path(t.name)
-        w = dequantize(t.data, t.tensor_type).astype(np.float32).reshape(tuple(int(n) for n in t.shape[::-1]))
-        if kind == "attn_q":
-            w = unpermute_qk(w, config.num_attention_heads)
-        elif kind == "attn_k":
-            w = unpermute_qk(w, config.kv_heads)
-        if where.endswith("/kernel"):
-            w = w.T  # torch (out, in) -> Flax (in, out)
-        if where not in want or tuple(want[where].shape) != w.shape:
+        w = _port_tensor(t, where, kind, config, keep_quantized, dtype)
+        if where not in want or tuple(want[where].shape) != tuple(w.shape):
             expected = want[where].shape if where in want else "no such parameter"
             raise ValueError(f"{path}: tensor {t.name!r} -> {where!r} has shape {w.shape}, expected {expected}; "
                              "the metadata's architecture does not match the tensors")
-        flat[where] = jnp.asarray(w, dtype)
+        flat[where] = w
     missing = sorted(set(want) - set(flat))
     if missing:
         raise ValueError(f"{path}: no tensor for {missing[:3]} ({len(missing)} missing)")
     return config, paths.unflatten_dict(flat)
+
+
+def gguf_name(path: str) -> str:
+    """The GGUF tensor name of a Llama-port path (the inverse of the loader's name map).
+
+    >>> gguf_name("params/layers_3/attn/q_proj/kernel"), gguf_name("params/embed_tokens/embedding")
+    ('blk.3.attn_q.weight', 'token_embd.weight')
+    """
+    fixed = {"params/embed_tokens/embedding": "token_embd.weight", "params/norm/scale": "output_norm.weight",
+             "params/lm_head/kernel": "output.weight"}
+    if path in fixed:
+        return fixed[path]
+    parts = path.split("/")
+    if len(parts) >= 4 and parts[0] == "params" and parts[1].startswith("layers_"):
+        module, leaf = "/".join(parts[2:-1]), parts[-1]
+        for kind, where in _NAMES.items():
+            if where == module and leaf == ("scale" if kind.endswith("norm") else "kernel"):
+                return f"blk.{parts[1][len('layers_'):]}.{kind}.weight"
+    raise ValueError(f"gguf_name: {path!r} is not a parameter of the Llama port; expected params/embed_tokens/"
+                     "embedding, params/norm/scale, params/lm_head/kernel or params/layers_N/<module>/<kernel|scale>")
+
+
+def gguf_tensors(params: Any, config: LlamaConfig) -> dict[str, np.ndarray]:
+    """``{GGUF tensor name: float32 array}`` of a Llama-port tree, in GGUF's own layout.
+
+    Kernels back to PyTorch's ``(out, in)``, llama.cpp's q/k row permutation redone, quantized
+    leaves dequantized: loading the result with :func:`load_params` gives ``params`` back.
+
+    >>> config, params = load_params()                                          # doctest: +SKIP
+    >>> gguf_tensors(params, config)["blk.0.attn_q.weight"].shape               # doctest: +SKIP
+    (576, 576)
+    """
+    from jlora import paths, quant
+
+    out: dict[str, np.ndarray] = {}
+    for where, w in paths.flatten(params).items():
+        name = gguf_name(where)
+        x = np.asarray(quant.dequantize(w) if quant.is_quantized(w) else w, np.float32)
+        if where.endswith("/kernel"):
+            x = x.T
+        heads = _qk_heads(name.split(".")[2] if name.startswith("blk.") else "", config)
+        out[name] = permute_qk(x, heads) if heads is not None else np.ascontiguousarray(x)
+    return out
 
 
 def load_tokenizer(path: str | Path | None = None) -> Any:
@@ -249,11 +326,13 @@ def eos_id(path: str | Path | None = None) -> int:
     return int(metadata(path)["tokenizer.ggml.eos_token_id"])
 
 
-def load_smollm(path: str | Path | None = None, dtype: Any = jnp.float32
+def load_smollm(path: str | Path | None = None, dtype: Any = jnp.float32, *, keep_quantized: bool = False
                 ) -> tuple[LlamaForCausalLM, dict[str, Any], Any, ChatTemplate]:
     """``(model, params, tokenizer, chat_template)`` for SmolLM2-135M-Instruct (or another llama GGUF).
 
+    ``keep_quantized=True``: the kernels keep the file's blocks (see :func:`load_params`).
+
     >>> model, params, tok, chat = load_smollm()                                # doctest: +SKIP
     """
-    config, params = load_params(path, dtype)
+    config, params = load_params(path, dtype, keep_quantized=keep_quantized)
     return LlamaForCausalLM(config), params, load_tokenizer(path), load_chat_template(path)
