@@ -11,7 +11,7 @@ import jax.numpy as jnp
 from jlora import checks, lazy, paths
 from jlora.config import LoraConfig
 from jlora.describe import adapted, kernel_layouts, nest
-from jlora.quant import dequantize_tree_for_apply
+from jlora.quant import dequantize_leaf, is_quantized
 from jlora.tree import merge
 
 MODES = ("lazy", "merged")
@@ -77,11 +77,16 @@ def lora_apply(apply_fn: Callable[..., Any], config: LoraConfig, mode: str = "la
                     "lora_apply(mode='merged'): LoRA dropout acts on the input of A, which merged weights "
                     "cannot express; fix: use mode='lazy' for training with dropout"
                 )
-            return apply_fn(merge(dequantize_tree_for_apply(frozen), lora, config), *args, **kwargs)
+            if any(is_quantized(w) for w in paths.flatten(frozen).values()):
+                # a quantized base: W0 + delta formed inside each use from the codes (lazy.lazy_call,
+                # merged=True), so no float kernel is kept from the forward to the backward pass
+                frozen, lora = lazy_fallback(frozen, lora, config)
+                return lazy.lazy_call(apply_fn, frozen, lora, config, args, kwargs, merged=True)
+            return apply_fn(merge(frozen, lora, config), *args, **kwargs)
     else:
         def fn(frozen: Any, lora: Any, *args: Any, lora_rng: Any = None, **kwargs: Any) -> Any:
             check(lora, lora_rng)
-            frozen = dequantize_tree_for_apply(frozen)  # a quantized base: float kernels inside the trace
+            # a quantized base stays quantized: each use dequantizes inside the op (jlora.lazy_quant)
             frozen, lora = lazy_fallback(frozen, lora, config)  # tables with trained rows: merged
             return lazy.lazy_call(apply_fn, frozen, lora, config, args, kwargs, strict=strict, rng=lora_rng)
 
@@ -140,6 +145,7 @@ def lazy_fallback(frozen: Any, lora: Any, config: Any) -> tuple[Any, dict[str, A
     if not folded:
         return frozen, lora
     layouts = kernel_layouts(lora)
+    frozen = paths.map_with_path(lambda p, w: dequantize_leaf(w) if p in folded and is_quantized(w) else w, frozen)
     part = {p: v for p, v in flat.items() if p.rpartition("/")[0] in folded}
     rest = {p: v for p, v in flat.items() if p not in part}
     return merge(frozen, nest(part, layouts), config), nest(rest, layouts)

@@ -69,11 +69,14 @@ import numpy as np
 from jax import lax
 from jax.extend import core as jcore
 
-from jlora import dora
+from jlora import dora, jaxpr_compat
 from jlora import lazy_flat
 from jlora.describe import adapted
 from jlora import paths as jpaths
 from jlora.lazy_flat import full, is_flat, rows
+from jlora import lazy_quant
+from jlora.lazy_quant import Dequant, apply_dequantized, is_dequant, materialise
+from jlora.quant import is_quantized
 from jlora.lazy_dense import dense_rows, low_rank_2d, plain_dense
 from jlora.lazy_rules import conv, dot_general, gather_rows, ragged_dot
 from jlora.lazy_value import (LoraValue, dtype_view, dynamic_slice, gather_stack, is_lora, reshape, rev,
@@ -140,9 +143,10 @@ class _Ctx:
     loops: list = dataclasses.field(default_factory=lambda: [0])
     groups: dict = dataclasses.field(default_factory=dict)  # id(jaxpr) -> {input var: [dot eqns]}
     shared: dict = dataclasses.field(default_factory=dict)  # id(dot eqn) -> its precomputed low-rank output
+    merged: bool = False  # every consuming use gets W0 + s*A@B (lora_apply's merged mode on a quantized base)
 
     def child(self, rng: Any) -> _Ctx:
-        return _Ctx(self.strict, self.rate, rng, self.warned, {}, self.loops, self.groups, {})
+        return _Ctx(self.strict, self.rate, rng, self.warned, {}, self.loops, self.groups, {}, self.merged)
 
     @property
     def dropout_on(self) -> bool:
@@ -158,15 +162,17 @@ def _fallback(eqn: Any, invals: Sequence[Any], ctx: _Ctx, why: str = "") -> list
             if ctx.strict:
                 raise ValueError(msg + "; fix: use mode='merged', or strict=False to use the merged kernel "
                                  "for this use")
-            if (v.path, name) not in ctx.warned:
+            if (v.path, name) not in ctx.warned and not ctx.merged:
                 ctx.warned.add((v.path, name))
                 warnings.warn(msg + "; using the merged kernel W0 + s*A@B for this use (correct, not lazy)",
                               stacklevel=3)
-    return _bind(eqn, [v.materialise() if is_lora(v) else full(v) for v in invals])
+    invals = [v if is_lora(v) or is_dequant(v) else full(v) for v in invals]
+    # a quantized W0 is dequantized inside the use (forward and backward), never kept as a float
+    return apply_dequantized(lambda vals: _bind(eqn, [v.materialise() if is_lora(v) else v for v in vals]), invals)
 
 
 def lazy_eval(jaxpr: Any, consts: Sequence[Any], args: Sequence[Any], *, strict: bool = False,
-              rate: float = 0.0, rng: Any = None) -> list[Any]:
+              rate: float = 0.0, rng: Any = None, merged: bool = False) -> list[Any]:
     """Evaluates ``jaxpr`` on ``args`` where some args are :class:`LoraValue` kernels.
 
     The seam under :func:`lazy_call`, usable directly on any jaxpr.
@@ -176,7 +182,7 @@ def lazy_eval(jaxpr: Any, consts: Sequence[Any], args: Sequence[Any], *, strict:
     >>> lazy_eval(jp.jaxpr, jp.consts, [v, jnp.ones((1, 2))])[0].tolist()
     [[3.0, 3.0]]
     """
-    return _eval(jaxpr, consts, args, _Ctx(strict, float(rate), rng))
+    return _eval(jaxpr, consts, args, _Ctx(strict, float(rate), rng, merged=merged))
 
 
 def _eval(jaxpr: Any, consts: Sequence[Any], args: Sequence[Any], ctx: _Ctx, keep_flat: bool = False) -> list[Any]:
@@ -203,11 +209,13 @@ def _eval(jaxpr: Any, consts: Sequence[Any], args: Sequence[Any], ctx: _Ctx, kee
         name = eqn.primitive.name
         if any(is_lora(x) for x in invals):
             if name == "dot_general" and eqn.invars[0] in groups and id(eqn) not in ctx.shared \
-                    and is_lora(invals[1]):
+                    and is_lora(invals[1]) and not ctx.merged:
                 _share_inputs(jaxpr, env, ctx, eqn)
             if name != "dot_general" and name not in _CALLS:  # these read Flat inputs themselves
                 invals = [full(x) for x in invals]
             outs = _rewrite(eqn, invals, ctx)
+        elif any(is_dequant(x) for x in invals):
+            outs = _quantized(eqn, invals, ctx)
         elif any(is_flat(x) for x in invals):
             outs = _flat(eqn, invals, ctx)
         else:
@@ -223,20 +231,36 @@ def _flat(eqn: Any, invals: list[Any], ctx: _Ctx) -> list[Any]:
     ``jit`` calls inlined; anything else reads the model-shaped values."""
     outs = lazy_flat.on_rows(eqn, invals)
     if outs is None and eqn.primitive.name in _CALLS:
-        inner = eqn.params.get("jaxpr", eqn.params.get("call_jaxpr"))
+        inner = jaxpr_compat.call_body(eqn.params)
         outs = _eval(inner.jaxpr, inner.consts, invals, ctx, keep_flat=True)
     return outs if outs is not None else _bind(eqn, [full(x) for x in invals])
+
+
+def _quantized(eqn: Any, invals: list[Any], ctx: _Ctx) -> list[Any]:
+    """An equation reading a quantized base kernel (no LoRA value): a view is recorded, calls and
+    control flow are entered, anything else dequantizes inside the operation (:func:`_fallback`)."""
+    v = lazy_quant.view(eqn, invals)
+    if v is not None:
+        return [v]
+    name = eqn.primitive.name
+    if name in _CALLS or name in _CUSTOM or name in _REMAT or name in ("scan", "cond", "while"):
+        return _rewrite(eqn, invals if name in _CALLS else [x if is_dequant(x) else full(x) for x in invals], ctx)
+    return _fallback(eqn, invals, ctx)
 
 
 def _rewrite(eqn: Any, invals: list[Any], ctx: _Ctx) -> list[Any]:
     name = eqn.primitive.name
     rule = _RULES.get(name)
+    if ctx.merged and name in _MERGED_USES:
+        rule = gather_stack if name == "gather" else None  # a pick of stacked layers stays a view
+        if rule is None:
+            return _fallback(eqn, invals, ctx)
     if rule is None:
         if name in _CALLS:
-            inner = eqn.params.get("jaxpr", eqn.params.get("call_jaxpr"))
+            inner = jaxpr_compat.call_body(eqn.params)
             return _eval(inner.jaxpr, inner.consts, invals, ctx, keep_flat=True)
         if name in _CUSTOM:
-            inner = eqn.params["call_jaxpr"]
+            inner = jaxpr_compat.call_body(eqn.params)
             return _eval(inner.jaxpr, inner.consts, invals, ctx)
         if name in _REMAT:
             rule = _remat
@@ -249,9 +273,7 @@ def _rewrite(eqn: Any, invals: list[Any], ctx: _Ctx) -> list[Any]:
 # --- higher-order primitives ---------------------------------------------------------------------
 
 def _remat(eqn: Any, invals: list[Any], ctx: _Ctx) -> list[Any]:
-    inner = eqn.params["jaxpr"]
-    consts = getattr(inner, "consts", [])
-    inner = getattr(inner, "jaxpr", inner)
+    inner, consts = jaxpr_compat.call_body(eqn.params)
 
     def body(*vals: Any) -> list[Any]:
         return _eval(inner, consts, vals, ctx)
@@ -262,25 +284,33 @@ def _remat(eqn: Any, invals: list[Any], ctx: _Ctx) -> list[Any]:
 
 def _scan(eqn: Any, invals: list[Any], ctx: _Ctx) -> list[Any] | None:
     p = eqn.params
-    nc, ncar = p["num_consts"], p["num_carry"]
+    nc, ncar = jaxpr_compat.scan_split(p)
     consts, carry, xs = invals[:nc], invals[nc : nc + ncar], invals[nc + ncar :]
     if any(is_lora(c) for c in carry):
         return None
-    metas, packed = [], []
+    metas, packed, w0_steps = [], [], []
     for x in xs:  # a stacked kernel scanned over its leading view axis: slice W0, A, B per step
+        if is_dequant(x):  # a quantized stacked kernel: its codes and scales are sliced per layer
+            x = _scan_quantized(x, p["length"], metas, packed, w0_steps)
+            if x is None:
+                continue
         if not is_lora(x):
             metas.append(None)
             packed.append(x)
+            w0_steps.append(None)
             continue
         lead = x.view[0]
         if len(lead) != 1 or x.role(lead[0]) != "s":
             return None
         c = lead[0]
         moved = x.map_axis(c, lambda arr, ax: jnp.moveaxis(arr, ax, 0))
-        packed.append((x.w0, moved.a, moved.b, moved.factor))
+        split = lazy_quant.layers(x.w0, p["length"]) if is_dequant(x.w0) else None
+        w0 = split[0] if split is not None else materialise(x.w0)
+        w0_steps.append(split[1] if split is not None else None)
+        packed.append((w0, moved.a, moved.b, moved.factor))
         view = tuple(tuple(q - (q > c) for q in axis) for axis in x.view[1:])
         metas.append(x.replace(w0=None, a=None, b=None, factor=None, ns=x.ns - 1, view=view))
-    closed = p["jaxpr"]
+    closed = jaxpr_compat.body(p["jaxpr"])
     keys = None
     if ctx.rng is not None and ctx.rate > 0.0:
         ctx.loops[0] += 1
@@ -288,8 +318,9 @@ def _scan(eqn: Any, invals: list[Any], ctx: _Ctx) -> list[Any] | None:
 
     def body(c: list[Any], xk: tuple[list[Any], Any]) -> tuple[list[Any], list[Any]]:
         xs_in, key = xk
-        xs_in = [m.replace(w0=x[0], a=x[1], b=x[2], factor=x[3]) if m is not None else x
-                 for m, x in zip(metas, xs_in)]
+        xs_in = [x if m is None else m(x) if callable(m) else
+                 m.replace(w0=x[0] if step is None else step(x[0]), a=x[1], b=x[2], factor=x[3])
+                 for m, x, step in zip(metas, xs_in, w0_steps)]
         sub = ctx.child(key) if key is not None else ctx
         outs = _eval(closed.jaxpr, closed.consts, list(consts) + list(c) + xs_in, sub)
         outs = [o.materialise() if is_lora(o) else o for o in outs]
@@ -300,20 +331,33 @@ def _scan(eqn: Any, invals: list[Any], ctx: _Ctx) -> list[Any] | None:
     return list(c) + list(ys)
 
 
+def _scan_quantized(x: Dequant, length: int, metas: list[Any], packed: list[Any], w0_steps: list[Any]) -> Any:
+    """A quantized kernel scanned over its leading axis: its per-layer arrays become ``xs`` (and the
+    step rebuilds one layer's :class:`Dequant`); returns None then, else its float kernel (a layout
+    whose arrays do not split by layer)."""
+    split = lazy_quant.layers(x, length)
+    if split is None:
+        return materialise(x)
+    metas.append(split[1])
+    packed.append(split[0])
+    w0_steps.append(None)
+    return None
+
+
 def _cond(eqn: Any, invals: list[Any], ctx: _Ctx) -> list[Any]:
     index, ops = invals[0], invals[1:]
     fns = [lambda *o, br=br: [x.materialise() if is_lora(x) else x for x in _eval(br.jaxpr, br.consts, o, ctx)]
-           for br in eqn.params["branches"]]
+           for br in jaxpr_compat.cond_branches(eqn.params)]
     return list(lax.switch(index, fns, *ops))
 
 
 def _while(eqn: Any, invals: list[Any], ctx: _Ctx) -> list[Any] | None:
     p = eqn.params
-    cn, bn = p["cond_nconsts"], p["body_nconsts"]
+    cn, bn = jaxpr_compat.while_split(p)
     cconsts, bconsts, carry = invals[:cn], invals[cn : cn + bn], invals[cn + bn :]
     if any(is_lora(c) for c in carry):
         return None
-    cj, bj = p["cond_jaxpr"], p["body_jaxpr"]
+    cj, bj = jaxpr_compat.body(p["cond_jaxpr"]), jaxpr_compat.body(p["body_jaxpr"])
 
     def cond_fun(c: tuple[Any, ...]) -> Any:
         return _eval(cj.jaxpr, cj.consts, list(cconsts) + list(c), ctx)[0]
@@ -323,6 +367,8 @@ def _while(eqn: Any, invals: list[Any], ctx: _Ctx) -> list[Any] | None:
 
     return list(lax.while_loop(cond_fun, body_fun, tuple(carry)))
 
+
+_MERGED_USES = frozenset({"dot_general", "conv_general_dilated", "ragged_dot_general", "gather"})
 
 _RULES: dict[str, Callable[..., list[Any] | None]] = {
     "convert_element_type": dtype_view,
@@ -419,7 +465,7 @@ def _sq_norm(w0: jax.Array, f: Any) -> jax.Array:
 
 def lazy_call(apply_fn: Callable[..., Any], frozen: Any, lora: Any, config: Any, args: Sequence[Any],
               kwargs: Mapping[str, Any], *, strict: bool = False, rng: Any = None,
-              factored: Mapping[str, Any] | None = None) -> Any:
+              factored: Mapping[str, Any] | None = None, merged: bool = False) -> Any:
     """Returns ``apply_fn(merge(frozen, lora, config), *args, **kwargs)`` computed lazily.
 
     Never forms ``s * A ⊗ B`` (nor its full-size gradient) for kernels consumed by matmul/einsum,
@@ -436,6 +482,8 @@ def lazy_call(apply_fn: Callable[..., Any], frozen: Any, lora: Any, config: Any,
         kernel for a use the rewrite does not know.
       rng: a PRNG key; turns LoRA dropout on (when ``config.dropout > 0``).
       factored: ``{path: Factored}`` (default: ``jlora.tree.adapted(frozen, lora, config)``).
+      merged: every use that consumes an adapted kernel gets ``W0 + s * A ⊗ B`` (formed inside the use,
+        forward and backward: ``lora_apply``'s merged mode on a quantized base).
 
     >>> import jlora
     >>> cfg = jlora.LoraConfig(rank=1, alpha=1.0, targets=".*")
@@ -446,11 +494,18 @@ def lazy_call(apply_fn: Callable[..., Any], frozen: Any, lora: Any, config: Any,
     if factored is None:
         factored = adapted(frozen, lora, config)
     lflat = jpaths.flatten(lora)
-    params = jpaths.map_with_path(lambda p, w: lflat[p] if p in lflat else w, frozen)
+    qflat = {p: w for p, w in jpaths.flatten(frozen).items() if is_quantized(w)}
+
+    def traced_leaf(p: str, w: Any) -> Any:  # a quantized kernel is traced as its float shape
+        return lflat[p] if p in lflat else jax.ShapeDtypeStruct(w.shape, w.dtype) if p in qflat else w
+
+    params = jpaths.map_with_path(traced_leaf, frozen)
     t = trace_apply(apply_fn, params, args, kwargs, "lazy_call")
     index = {p: i for i, p in enumerate(sorted(factored))}
     vals = list(t.leaves)
     for i, p in enumerate(t.leaf_paths):
+        if p in qflat:  # dequantized at each use, inside the op (jlora.lazy_quant)
+            vals[i] = Dequant(qflat[p])
         f = factored.get(p)
         if f is None:
             continue
@@ -459,9 +514,10 @@ def lazy_call(apply_fn: Callable[..., Any], frozen: Any, lora: Any, config: Any,
             b = _unfuse(b, f.n_stack, tuple(f.groups))
         factor = None
         if f.dora:
-            factor = dora.dora_lazy_terms(vals[i], a, b, lflat[p + "/m"], f, w0_sq=_sq_norm(vals[i], f))
+            factor = apply_dequantized(lambda t, f=f: dora.dora_lazy_terms(*t, f, w0_sq=_sq_norm(t[0], f)),
+                                       (vals[i], a, b, lflat[p + "/m"]))
         view = tuple(f.layout.canonical_axes(k) for k in range(len(f.kernel_shape)))
         vals[i] = LoraValue(vals[i], a, b, p, index[p], f.n_stack, f.n_in, view, float(f.scale), factor)
     rate = float(getattr(config, "dropout", 0.0) or 0.0)
-    outs = lazy_eval(t.closed.jaxpr, t.closed.consts, vals + t.dyn, strict=strict, rate=rate, rng=rng)
+    outs = lazy_eval(*jaxpr_compat.body(t.closed), vals + t.dyn, strict=strict, rate=rate, rng=rng, merged=merged)
     return t.unflatten([o.materialise() if is_lora(o) else o for o in outs])

@@ -19,6 +19,7 @@ import numpy as np
 from jax import lax
 from jax.custom_derivatives import SymbolicZero
 
+from jlora.lazy_quant import dequantize_after, is_dequant
 from jlora.lazy_value import bind, is_lora
 
 __all__ = ["base_rows", "dense_rows", "fuse_is_cheaper", "low_rank_2d", "merge_is_cheaper", "plain_dense"]
@@ -74,6 +75,13 @@ def _low_bwd(res: tuple[Any, ...], dys: tuple[jax.Array, ...], svec: Any = None)
 
 
 low_rank_2d.defvjp(_low_fwd, _low_bwd)
+
+
+def _values(w: Any) -> Any:
+    """The primal values of one custom-VJP input (an array or a quantized kernel's pytree)."""
+    if not is_dequant(w):
+        return w.value
+    return jax.tree_util.tree_map(lambda p: p.value, w, is_leaf=lambda p: hasattr(p, "perturbed"))
 
 
 def plain_dense(eqn: Any, v: Any) -> bool:
@@ -183,7 +191,8 @@ def dense_rows(eqns: Sequence[Any], scales: Sequence[float]) -> Callable[..., li
         return jnp.asarray(np.concatenate([np.full(b.shape[0], s, np.float32) for b, s in zip(bs, scales)]))
 
     def fwd(x2, w0s, as_, bs):  # symbolic zeros: each leaf a CustomVJPPrimal (value, perturbed)
-        x2v, ws = x2.value, tuple(w.value for w in w0s)
+        x2v, kept = x2.value, tuple(_values(w) for w in w0s)
+        ws = tuple(dequantize_after(w, x2v) for w in kept)  # a quantized W0: float here, codes in the residuals
         a_cat = jnp.concatenate([a.value for a in as_], axis=1) if len(as_) > 1 else as_[0].value
         bs = tuple(b.value for b in bs)
         svec = scale_vec(bs)  # s scales low and dlow (one op per group), not each B and dB
@@ -194,13 +203,15 @@ def dense_rows(eqns: Sequence[Any], scales: Sequence[float]) -> Callable[..., li
             pairs = list(zip([base_rows(e, x2v, w) for e, w in zip(eqns, ws)], lows))
         # x2 itself is kept only for a W0 that is differentiated (a frozen one never is in training);
         # else its dtype rides along as an empty array
-        keep = x2v if any(w.perturbed for w in w0s) else x2v[:0, :0]
-        return pairs, (res, ws, keep, tuple(w.perturbed for w in w0s))
+        perturbed = tuple(not is_dequant(w) and w.perturbed for w in w0s)
+        keep = x2v if any(perturbed) else x2v[:0, :0]
+        return pairs, (res, kept, keep, perturbed)
 
     def bwd(res, cts):
-        lres, ws, keep, perturbed = res
+        lres, kept, keep, perturbed = res
         cts = [tuple(jnp.zeros(c.shape, c.dtype) if isinstance(c, SymbolicZero) else c for c in pair)
                for pair in cts]
+        ws = tuple(dequantize_after(w, cts) for w in kept)  # a quantized W0 is dequantized again, here
         dx, da_cat, dbss = _low_bwd(lres, tuple(dlow for _, dlow in cts), scale_vec(lres[2]))
         dx = dx.astype(keep.dtype)
         dws = []
@@ -218,6 +229,7 @@ def dense_rows(eqns: Sequence[Any], scales: Sequence[float]) -> Callable[..., li
     @jax.custom_vjp
     def op(x2, w0s, as_, bs):
         t, n_in = x2.shape
+        w0s = tuple(dequantize_after(w, x2) for w in w0s)
         bss = scaled(bs)
         # merge only where it costs fewer FLOPs and W0's dtype holds the factors' precision (a bf16
         # base with f32 factors keeps the f32 low-rank branch, as in training)

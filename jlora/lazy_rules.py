@@ -20,6 +20,7 @@ from jax import lax
 
 from jlora.lazy_dense import base_rows, dense_rows, low_rank_2d, plain_dense
 from jlora.lazy_flat import Flat, add, full, rows
+from jlora.lazy_quant import is_dequant
 from jlora.lazy_value import LoraValue, bind, is_lora
 
 __all__ = ["dot_general", "conv", "gather_rows", "ragged_dot"]
@@ -218,7 +219,8 @@ def conv(eqn: Any, invals: list[Any], ctx: Any) -> list[Any] | None:
     lead = [0] if g > 1 else []
     bs = bs.transpose(lead + [w.ns] + [w.b_axis(c) for c in outs]).reshape((g, r, -1) if g > 1 else (r, -1))
     small = math.prod(w.shape) <= math.prod(eqn.outvars[0].aval.shape)  # the kernel is smaller than its output
-    if small and g == 1 and w.factor is None and not ctx.dropout_on and x.dtype == w.w0.dtype == w.a.dtype == bs.dtype:
+    if (small and g == 1 and w.factor is None and not ctx.dropout_on and not is_dequant(w.w0)
+            and x.dtype == w.w0.dtype == w.a.dtype == bs.dtype):
         return [_conv_merged(eqn, spec[0], feat)(x, w.w0, a_conv, bs)]
     base_of = lambda xx: bind(eqn, [xx, w.w0])[0]  # noqa: E731
     base = base_of(x)

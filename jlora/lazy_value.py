@@ -22,6 +22,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from jlora.layout import regroup
+from jlora.lazy_quant import Dequant, apply_dequantized, is_dequant, materialise as _dequantized
 
 __all__ = ["LoraValue"]
 
@@ -115,15 +116,16 @@ class LoraValue:
         ns, ni = self.ns, self.ni
         sizes = self.sizes
         stack = sizes[:ns]
-        acc = jnp.promote_types(jnp.float32, jnp.promote_types(self.w0.dtype, self.a.dtype))
+        w0 = _dequantized(self.w0)  # a quantized base: its float kernel (callers run this inside a checkpoint)
+        acc = jnp.promote_types(jnp.float32, jnp.promote_types(w0.dtype, self.a.dtype))
         a = self.a.astype(acc).reshape(stack + (math.prod(sizes[ns : ns + ni]), self.rank))
         b = self.b.astype(acc).reshape(stack + (self.rank, -1))
         d = jnp.matmul(a, b, precision=lax.Precision.HIGHEST) * jnp.asarray(self.scale, acc)
-        w = self.w0.astype(acc) + self.to_view(d.reshape(sizes))
+        w = w0.astype(acc) + self.to_view(d.reshape(sizes))
         if self.factor is not None:
             f = self.factor.astype(acc).reshape(stack + (1,) * ni + sizes[ns + ni :])
             w = w * self.to_view(jnp.broadcast_to(f, sizes))
-        return w.astype(self.w0.dtype)
+        return w.astype(w0.dtype)
 
     # --- canonical-axis surgery ------------------------------------------------------------------
 
@@ -175,15 +177,29 @@ def is_lora(x: Any) -> bool:
 
 
 def bind(eqn: Any, invals: Sequence[Any], **overrides: Any) -> list[Any]:
-    """Binds ``eqn``'s primitive on ``invals`` with its params (``overrides`` replace some)."""
+    """Binds ``eqn``'s primitive on ``invals`` with its params (``overrides`` replace some).
+
+    A quantized kernel (:class:`~jlora.lazy_quant.Dequant`) among ``invals`` is dequantized inside the
+    operation (:func:`~jlora.lazy_quant.apply_dequantized`), forward and backward."""
+    if any(is_dequant(x) for x in invals):
+        return apply_dequantized(lambda vals: bind(eqn, vals, **overrides), list(invals))
     params = eqn.primitive.get_bind_params(dict(eqn.params, **overrides))
     with eqn.ctx.manager:
         out = eqn.primitive.bind(*invals, **params)
     return list(out) if eqn.primitive.multiple_results else [out]
 
 
+def view_of_w0(eqn: Any, invals: Sequence[Any]) -> Any:
+    """``eqn`` (a view: cast, reshape, transpose, slice, a pick along stack axes) applied to ``W0`` =
+    ``invals[0]``; a quantized ``W0`` records it (dequantized later, at its use)."""
+    w0, ops = invals[0], tuple(invals[1:])
+    if is_dequant(w0):
+        return Dequant(w0.q, w0.views + (eqn,), w0.operands + (ops,))
+    return bind(eqn, invals)[0]
+
+
 def _with_w0(v: LoraValue, eqn: Any, **kw: Any) -> list[Any]:
-    return [v.replace(w0=bind(eqn, [v.w0])[0], **kw)]
+    return [v.replace(w0=view_of_w0(eqn, [v.w0]), **kw)]
 
 
 # --- views ---------------------------------------------------------------------------------------
@@ -228,7 +244,7 @@ def rev(eqn: Any, invals: list[Any], ctx: Any) -> list[Any] | None:
     for j in eqn.params["dimensions"]:
         for c in v.view[j]:
             v = v.map_axis(c, lambda x, ax: lax.rev(x, (ax,)))
-    return [v.replace(w0=bind(eqn, [invals[0].w0])[0])]
+    return [v.replace(w0=view_of_w0(eqn, [invals[0].w0]))]
 
 
 def _stack_of(v: LoraValue, j: int) -> int | None:
@@ -250,7 +266,7 @@ def slice_(eqn: Any, invals: list[Any], ctx: Any) -> list[Any] | None:
             return None
         lo, hi, st = p["start_indices"][j], p["limit_indices"][j], strides[j]
         out = out.map_axis(c, lambda x, ax, lo=lo, hi=hi, st=st: lax.slice_in_dim(x, lo, hi, st, ax))
-    return [out.replace(w0=bind(eqn, [v.w0])[0])]
+    return [out.replace(w0=view_of_w0(eqn, [v.w0]))]
 
 
 def dynamic_slice(eqn: Any, invals: list[Any], ctx: Any) -> list[Any] | None:
@@ -267,7 +283,7 @@ def dynamic_slice(eqn: Any, invals: list[Any], ctx: Any) -> list[Any] | None:
         if c is None:
             return None
         out = out.map_axis(c, lambda x, ax, s=starts[j], k=sizes[j]: lax.dynamic_slice_in_dim(x, s, k, ax))
-    return [out.replace(w0=bind(eqn, [v.w0, *starts])[0])]
+    return [out.replace(w0=view_of_w0(eqn, [v.w0, *starts]))]
 
 
 def gather_stack(eqn: Any, invals: list[Any], ctx: Any) -> list[Any] | None:
@@ -308,5 +324,5 @@ def gather_stack(eqn: Any, invals: list[Any], ctx: Any) -> list[Any] | None:
     offset_axes = iter([tuple(renum(c) for c in v.view[j]) for j in kept])
     batch_axes = iter([(k,) for k in range(n_batch)])
     view = tuple(next(offset_axes) if j in dn.offset_dims else next(batch_axes) for j in range(out_nd))
-    return [v.replace(w0=bind(eqn, [v.w0, idx])[0], a=a, b=b, factor=f, ns=v.ns + n_batch - len(collapsed),
+    return [v.replace(w0=view_of_w0(eqn, [v.w0, idx]), a=a, b=b, factor=f, ns=v.ns + n_batch - len(collapsed),
                       view=view)]

@@ -23,13 +23,18 @@ Schemes (``w`` is a kernel of shape ``stack + in + out``):
   (the same blocks as the flat layout, but the kernel's leading axes are kept, so a sharding of
   the kernel applies to them: see :func:`quantized_sharding`). Otherwise the flattened kernel is
   zero-padded to a whole number of blocks (zeros never raise a block's absmax, so the values are
-  those of bitsandbytes' partial last block) and codes are ``(n_blocks, block_size // 2)``,
+  those of bitsandbytes' partial last block, which, as there, is scaled by a true division
+  ``w / absmax`` with its absmax at least 1e-38) and codes are ``(n_blocks, block_size // 2)``,
   absmax ``(n_blocks,)``.
 - ``double_quant=True`` (QLoRA's double quantization, bitsandbytes' ``compress_statistics``):
   the float32 absmax values are flattened, their mean is subtracted (``scales_offset``, a float32
   scalar) and they are quantized blockwise (blocks of 256, one float32 absmax per block in
   ``scales_scale``) to 8-bit indices into bitsandbytes' signed dynamic map
-  (:func:`dynamic_map`): 0.5 + 1/64 + 4/16384 bytes per weight instead of 0.5 + 4/64.
+  (:func:`dynamic_map`): 0.5 + 1/64 + 4/16384 bytes per weight instead of 0.5 + 4/64. Codes,
+  block absmax, offset and dequantized values are bit-identical to bitsandbytes'
+  ``quantize_4bit(..., compress_statistics=True)`` on the CPU: its float32 mean (PyTorch's summation
+  order), its 65536-point code table instead of the exactly nearest level, its two roundings when
+  dequantizing (:mod:`jlora.quant_dq`).
 - ``'int8'``: per-output-channel absmax. The scale is ``absmax / 127`` over the kernel's *input*
   axes, one per output unit (and per stacked layer): ``scales`` has the kernel's shape with the
   input axes of size 1. The input axes are the ones a :class:`~jlora.LoraConfig` states for the
@@ -62,9 +67,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jlora import checks, paths, quant_gguf
+from jlora import checks, paths, quant_dq, quant_gguf
 from jlora.config import LoraConfig
 from jlora.layout import Layout
+from jlora.quant_dq import dynamic_map
 
 __all__ = [
     "NF4_CODE",
@@ -78,10 +84,10 @@ __all__ = [
     "quant_report",
     "quantize",
     "quantized_sharding",
+    "splits_by_layer",
 ]
 
 SCHEMES = ("nf4", "int8") + quant_gguf.SCHEMES
-DQ_BLOCK = 256
 
 #: The 16 NF4 levels, bitsandbytes' exact float32 values (``get_4bit_type('nf4')``; QLoRA, eq. 4).
 NF4_CODE: tuple[float, ...] = (
@@ -90,25 +96,6 @@ NF4_CODE: tuple[float, ...] = (
     0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224,
     0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0,
 )
-
-
-def dynamic_map() -> np.ndarray:
-    """bitsandbytes' signed 8-bit dynamic quantization map (``create_dynamic_map()``), sorted.
-
-    256 float32 values in [-1, 1]: for exponents 10^-6..10^0, 2^i bin means of ``linspace(0.1, 1)``,
-    both signs, plus 0 and 1 (computed in float64, rounded once to float32).
-
-    >>> m = dynamic_map()
-    >>> m.shape, float(m[0]), float(m[-1]), bool(np.all(np.diff(m) >= 0))
-    ((256,), -0.992968738079071, 1.0, True)
-    """
-    data: list[float] = []
-    for i in range(7):
-        bounds = np.linspace(0.1, 1.0, 2**i + 1)
-        means = (bounds[:-1] + bounds[1:]) / 2.0
-        data += list(10.0 ** (-6 + i) * means) + list(-(10.0 ** (-6 + i)) * means)
-    data += [0.0, 1.0]
-    return np.sort(np.asarray(data, np.float64)).astype(np.float32)
 
 
 def _midpoints(code: np.ndarray) -> np.ndarray:
@@ -200,6 +187,23 @@ def _unflatten(aux: tuple[Any, ...], children: Sequence[Any]) -> QuantizedArray:
 jax.tree_util.register_pytree_with_keys(QuantizedArray, _flatten_with_keys, _unflatten, _flatten)
 
 
+def splits_by_layer(q: QuantizedArray) -> bool:
+    """Whether every array of ``q`` has the kernel's leading axis, so that ``q[i]`` (one stacked layer or
+    expert) is the same scheme on ``shape[1:]``: nf4 with row blocks and no double quantization, int8
+    with its leading axis not an input axis. ``lax.scan`` over the layers then slices the codes.
+
+    >>> splits_by_layer(quantize({"w": jnp.ones((2, 4, 64))}, "w")["w"])
+    True
+    """
+    if len(q.shape) < 2:
+        return False
+    if q.scheme == "nf4":
+        return q.rows and q.scales_scale is None and len(q.shape) >= 3
+    if q.scheme == "int8":
+        return q.scales.shape[0] == q.shape[0]
+    return False
+
+
 def is_quantized(x: Any) -> bool:
     """True for a :class:`QuantizedArray` leaf.
 
@@ -216,11 +220,21 @@ def _nearest(xn: jax.Array, code: np.ndarray) -> jax.Array:
     return jnp.searchsorted(jnp.asarray(_midpoints(code)), xn, side="left").astype(jnp.uint8)
 
 
-def _blockwise(x: jax.Array, code: np.ndarray) -> tuple[jax.Array, jax.Array]:
-    """Codes and float32 absmax of ``x`` (..., block): nearest level of ``x * (1 / absmax)``."""
+def _blockwise(x: jax.Array, code: np.ndarray, partial: int = 0) -> tuple[jax.Array, jax.Array]:
+    """Codes and float32 absmax of ``x`` (..., block): nearest level of ``x * (1 / absmax)``.
+
+    ``partial``: the number of real values in the last block of a flat ``x`` (blocks, block) that
+    does not fill it (0: none). bitsandbytes scales that block by a true division and clamps its
+    absmax at 1e-38, so this does too (the barrier keeps XLA from turning the division by a
+    broadcast into a multiplication by the reciprocal)."""
     absmax = jnp.max(jnp.abs(x), axis=-1)
     inv = jnp.where(absmax > 0, 1.0 / jnp.where(absmax > 0, absmax, 1.0), 0.0).astype(jnp.float32)
-    return _nearest(x * inv[..., None], code), absmax
+    xn = x * inv[..., None]
+    if partial:
+        last = jnp.maximum(absmax[-1], jnp.float32(1e-38))
+        xn = xn.at[-1].set(x[-1] / jax.lax.optimization_barrier(jnp.broadcast_to(last, x[-1].shape)))
+        absmax = absmax.at[-1].set(last)
+    return _nearest(xn, code), absmax
 
 
 def _nf4_blocks(w: jax.Array, shape: tuple[int, ...], bs: int) -> tuple[jax.Array, bool]:
@@ -232,26 +246,18 @@ def _nf4_blocks(w: jax.Array, shape: tuple[int, ...], bs: int) -> tuple[jax.Arra
     return jnp.pad(x.reshape(-1), (0, nb * bs - n)).reshape(nb, bs), False
 
 
-def _double_quant(absmax: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-    flat = absmax.reshape(-1)
-    offset = jnp.mean(flat)
-    m = flat.shape[0]
-    nb = -(-m // DQ_BLOCK)
-    v = jnp.pad(flat - offset, (0, nb * DQ_BLOCK - m)).reshape(nb, DQ_BLOCK)
-    q, s2 = _blockwise(v, dynamic_map())
-    return q.reshape(-1)[:m].reshape(absmax.shape), s2, offset
 
 
 @functools.partial(jax.jit, static_argnums=(1, 2, 3, 4))
 def _nf4(w: jax.Array, shape: tuple[int, ...], bs: int, dq: bool, dtype: Any) -> QuantizedArray:
     blocks, rows = _nf4_blocks(w, shape, bs)
-    idx, absmax = _blockwise(blocks, np.asarray(NF4_CODE, np.float32))
+    idx, absmax = _blockwise(blocks, np.asarray(NF4_CODE, np.float32), 0 if rows else math.prod(shape) % bs)
     pairs = idx.reshape(idx.shape[:-1] + (bs // 2, 2))
     packed = (pairs[..., 0] << 4) | pairs[..., 1]
     lead = shape[:-1] if rows else (blocks.shape[0],)
     codes = packed.reshape(lead + (-1,))
     if dq:
-        q, s2, offset = _double_quant(absmax)
+        q, s2, offset = quant_dq.double_quantize(absmax)
         return QuantizedArray(codes, q, s2, offset, shape, dtype, "nf4", bs, rows)
     return QuantizedArray(codes, absmax, None, None, shape, dtype, "nf4", bs, rows)
 
@@ -259,13 +265,7 @@ def _nf4(w: jax.Array, shape: tuple[int, ...], bs: int, dq: bool, dtype: Any) ->
 def _nf4_absmax(q: QuantizedArray) -> jax.Array:
     if q.scales_scale is None:
         return q.scales
-    dmap = jnp.asarray(dynamic_map())
-    flat = q.scales.reshape(-1)
-    m = flat.shape[0]
-    nb = q.scales_scale.shape[0]
-    padded = jnp.pad(flat, (0, nb * DQ_BLOCK - m)).reshape(nb, DQ_BLOCK)
-    vals = dmap[padded.astype(jnp.int32)] * q.scales_scale[:, None]
-    return (vals.reshape(-1)[:m] + q.scales_offset).reshape(q.scales.shape)
+    return quant_dq.dequantize_absmax(q.scales, q.scales_scale, q.scales_offset)
 
 
 def _nf4_dequant(q: QuantizedArray) -> jax.Array:
