@@ -230,10 +230,11 @@ def _blockwise(x: jax.Array, code: np.ndarray, partial: int = 0) -> tuple[jax.Ar
     absmax = jnp.max(jnp.abs(x), axis=-1)
     inv = jnp.where(absmax > 0, 1.0 / jnp.where(absmax > 0, absmax, 1.0), 0.0).astype(jnp.float32)
     xn = x * inv[..., None]
-    if partial:
-        last = jnp.maximum(absmax[-1], jnp.float32(1e-38))
-        xn = xn.at[-1].set(x[-1] / jax.lax.optimization_barrier(jnp.broadcast_to(last, x[-1].shape)))
-        absmax = absmax.at[-1].set(last)
+    if partial:  # (a select, not a max: XLA's CPU code flushes the subnormal 1e-38 to 0 in arithmetic)
+        last = absmax[-1]
+        div = x[-1] / jax.lax.optimization_barrier(jnp.broadcast_to(jnp.where(last > 0, last, 1.0), x[-1].shape))
+        xn = xn.at[-1].set(jnp.where(last > 0, div, 0.0))
+        absmax = absmax.at[-1].set(jnp.where(last > 0, last, jnp.float32(1e-38)))
     return _nearest(xn, code), absmax
 
 
