@@ -29,6 +29,7 @@ from typing import Any
 
 import jax
 
+from jlora import jaxpr_compat
 from jlora.layout import Layout, regroup
 
 _PASS = frozenset({"convert_element_type", "copy", "copy_p", "reduce_precision", "rev"})
@@ -290,12 +291,12 @@ class _Reader:
             self.found.append(_ragged_use(eqn, view, self.shape))
             return []
         if name == "scan":
-            p = eqn.params
-            body = p["jaxpr"].jaxpr
+            nc, ncar = jaxpr_compat.scan_split(eqn.params)
+            body = jaxpr_compat.body(eqn.params["jaxpr"]).jaxpr
             for pos in positions:
-                if pos < p["num_consts"]:
+                if pos < nc:
                     reached = self.follow(body, body.invars[pos], view)
-                elif pos < p["num_consts"] + p["num_carry"]:
+                elif pos < nc + ncar:
                     self.found.append("scan carry")
                     reached = []
                 else:
@@ -304,14 +305,14 @@ class _Reader:
                     self.found.append("a value returned from a scan body")
             return []
         if name == "cond":
-            for branch in eqn.params["branches"]:
+            for branch in jaxpr_compat.cond_branches(eqn.params):
                 for pos in positions:
                     if pos > 0 and self.follow(branch.jaxpr, branch.jaxpr.invars[pos - 1], view):
                         self.found.append("a value returned from a cond branch")
             return []
         if name == "while":
-            cn, bn = eqn.params["cond_nconsts"], eqn.params["body_nconsts"]
-            body = eqn.params["body_jaxpr"].jaxpr
+            cn, bn = jaxpr_compat.while_split(eqn.params)
+            body = jaxpr_compat.body(eqn.params["body_jaxpr"]).jaxpr
             for pos in positions:
                 if cn <= pos < cn + bn:
                     self.follow(body, body.invars[pos - cn], view)

@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 from jax.extend import core as jcore
 
-from jlora import paths
+from jlora import jaxpr_compat, paths
 from jlora.describe import kernel_layouts
 from jlora.lazy import trace_apply
 from jlora.lazy_value import bind
@@ -68,7 +68,7 @@ def _scan(eqn: Any, invals: list[Any], ids: Any) -> list[Any]:
     """A scan over layer-stacked kernels: each step slices W0 and gathers that layer's factors per
     example (scratch: one layer's factors per example, never the whole stack per example)."""
     p = eqn.params
-    nc, ncar = p["num_consts"], p["num_carry"]
+    nc, ncar = jaxpr_compat.scan_split(p)
     consts, carry, xs = invals[:nc], invals[nc : nc + ncar], invals[nc + ncar :]
     for v in list(carry) + [c for c in consts if isinstance(c, _Rows) and "s" in c.roles]:
         if isinstance(v, _Rows):
@@ -78,7 +78,7 @@ def _scan(eqn: Any, invals: list[Any], ids: Any) -> list[Any]:
         if not v.roles.startswith("s") or "s" in v.roles[1:]:
             raise _refuse(v.path, f"is scanned over an axis that is not its layer axis (roles {v.roles!r})")
     packed = [x.w0 if isinstance(x, _Rows) else x for x in xs]
-    closed = p["jaxpr"]
+    closed = jaxpr_compat.body(p["jaxpr"])
 
     def body(c: list[Any], step: tuple[list[Any], Any]) -> tuple[list[Any], list[Any]]:
         sliced, i = step
@@ -114,12 +114,9 @@ def _eval(jaxpr: Any, consts: Sequence[Any], args: Sequence[Any], ids: Any) -> l
         elif name == "dot_general" and isinstance(invals[1], _Rows) and not isinstance(invals[0], _Rows) \
                 and "s" not in invals[1].roles:
             outs = [_dot(eqn, invals[0], invals[1], ids)]
-        elif name in _CALLS:
-            inner = eqn.params.get("jaxpr", eqn.params.get("call_jaxpr"))
+        elif name in _CALLS or name in _INNER:
+            inner = jaxpr_compat.call_body(eqn.params)
             outs = _eval(inner.jaxpr, inner.consts, invals, ids)
-        elif name in _INNER:
-            inner = eqn.params.get("call_jaxpr", eqn.params.get("jaxpr"))
-            outs = _eval(getattr(inner, "jaxpr", inner), getattr(inner, "consts", ()), invals, ids)
         else:
             raise _refuse(rows[0].path, f"is used by primitive {name!r}")
         for v, x in zip(eqn.outvars, outs):
@@ -161,4 +158,4 @@ def rows_call(apply_fn: Callable[..., Any], frozen: Any, stacked: Any, ids: Any,
     for i, p in enumerate(t.leaf_paths):
         if p in layouts:
             vals[i] = _Rows(vals[i], flat[p + "/A"], flat[p + "/B"], layouts[p].roles, p)  # factors: canonical
-    return t.unflatten(_eval(t.closed.jaxpr, t.closed.consts, vals + t.dyn, jnp.asarray(ids)))
+    return t.unflatten(_eval(*jaxpr_compat.body(t.closed), vals + t.dyn, jnp.asarray(ids)))
