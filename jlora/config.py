@@ -15,7 +15,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 SCHEMA_VERSION = 1
-INITS = ("kaiming", "gaussian", "pissa", "olora")
+INITS = ("kaiming", "gaussian", "pissa", "olora", "loftq")
 """Fixed init names; ``'pissa_niter_K'`` (randomized PiSSA, K subspace iterations) is accepted too."""
 _PISSA_NITER = re.compile(r"pissa_niter_(\d+)")
 
@@ -109,6 +109,9 @@ class LoraConfig:
       dropout: LoRA dropout rate on the input of A (lazy mode, only when a ``lora_rng`` is given).
       init: ``'kaiming'`` (A kaiming-uniform, B zero; PEFT's default) or ``'gaussian'``
         (A normal with std 1/r, B zero). Embedding tables always get A zero, B normal.
+        ``'pissa'``, ``'pissa_niter_K'``, ``'olora'`` start from the kernel and return a residual base
+        (:mod:`jlora.inits`); ``'loftq'`` returns a quantized base Q and factors with
+        ``Q + s·A⊗B ≈ W`` (:mod:`jlora.loftq`).
       trainable: regexes of leaves trained whole (biases, a new head): PEFT's ``bias``/``modules_to_save``.
       axes: ``{regex: n_in}``: the number of input axes of a kernel (after its stack axes), for
         kernels whose split ``init`` cannot read from a trace.
@@ -122,6 +125,8 @@ class LoraConfig:
         magnitude ``m`` (one per output unit) and runs with ``m * V / ||V||_in``, ``V = W0 + s A B``.
       embedding_rows: ``{regex: (row, ...)}``: train only these rows of a table (new tokens; PEFT's
         ``trainable_token_indices``); the lora tree holds them as ``'rows'`` of shape ``(n_rows, d)``.
+      loftq_bits: ``init='loftq'``: the base's bits, 4 (NF4) or 8 (int8) (PEFT's ``LoftQConfig.loftq_bits``).
+      loftq_iter: ``init='loftq'``: alternating quantize / truncated-SVD steps, >= 1 (``loftq_iter``).
       version: schema version of the JSON form.
 
     >>> cfg = LoraConfig(rank=4, alpha=8, targets=r".*/query/kernel", rank_pattern={r".*layer_0.*": 2})
@@ -147,6 +152,8 @@ class LoraConfig:
     fused: tuple[tuple[str, tuple[bool, ...]], ...] = ()
     use_dora: bool = False
     embedding_rows: tuple[tuple[str, tuple[int, ...]], ...] = ()
+    loftq_bits: int = 4
+    loftq_iter: int = 1
     version: int = SCHEMA_VERSION
 
     def __post_init__(self) -> None:
@@ -205,6 +212,7 @@ class LoraConfig:
                 f"LoraConfig.init: expected one of {INITS} or 'pissa_niter_K' (K an int), got {self.init!r}; "
                 "fix: e.g. init='kaiming' (PEFT's default)"
             )
+        self._check_loftq()
         if isinstance(self.version, bool) or not isinstance(self.version, int) or self.version < SCHEMA_VERSION:
             raise ValueError(
                 f"LoraConfig.version: expected schema {SCHEMA_VERSION}, got {self.version!r}, which no jlora "
@@ -214,6 +222,19 @@ class LoraConfig:
             raise ValueError(
                 f"LoraConfig.version: schema {self.version} is newer than this jlora reads (up to "
                 f"{SCHEMA_VERSION}); fix: upgrade jlora to read this adapter config"
+            )
+
+    def _check_loftq(self) -> None:
+        if isinstance(self.loftq_bits, bool) or not isinstance(self.loftq_bits, int) or self.loftq_bits not in (4, 8):
+            raise ValueError(f"LoraConfig.loftq_bits: expected 4 (NF4) or 8 (int8), got {self.loftq_bits!r}; "
+                             "fix: loftq_bits=4 (PEFT's default)")
+        if isinstance(self.loftq_iter, bool) or not isinstance(self.loftq_iter, int) or self.loftq_iter < 1:
+            raise ValueError(f"LoraConfig.loftq_iter: expected an int >= 1 (alternating steps), got "
+                             f"{self.loftq_iter!r}; fix: e.g. loftq_iter=1 (PEFT's default) or 5")
+        if self.init != "loftq" and (self.loftq_bits, self.loftq_iter) != (4, 1):
+            raise ValueError(
+                f"LoraConfig.loftq_bits/loftq_iter ({self.loftq_bits}, {self.loftq_iter}) apply to init='loftq', "
+                f"got init={self.init!r}; fix: set init='loftq', or drop the loftq settings"
             )
 
     def rank_for(self, path: str) -> int:

@@ -160,6 +160,12 @@ def to_plain_adapter(original_frozen: Any, frozen_residual: Any, lora: Any, conf
     >>> plain["d"]["kernel"]["A"].shape, cfg2.rank, cfg2.alpha, cfg2.init
     ((3, 2), 2, 2.0, 'kaiming')
     """
+    if config.init == "loftq":
+        raise ValueError(
+            "to_plain_adapter: a LoftQ adapter (init='loftq') trains on the quantized base Q; W0 - Q is the full-rank "
+            "quantization error, so no low-rank adapter of the original base equals it. Fix: keep the quantized "
+            "base, or merge: jlora.merge(frozen, lora, config, into='float')"
+        )
     if config.use_dora:
         raise ValueError(
             "to_plain_adapter: a DoRA adapter is not linear in its factors (W' = m·V/||V||), so it has no plain "

@@ -14,7 +14,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from jlora import analysis, checks, dora, extras, inits, kinds, paths, quant
+from jlora import analysis, checks, dora, extras, inits, kinds, loftq, paths, quant
 from jlora.config import LoraConfig
 from jlora.describe import adapted, kernel_layouts, nest
 from jlora.kinds import Factored
@@ -50,6 +50,11 @@ def _targets(flat: Mapping[str, Any], config: LoraConfig) -> list[str]:
             f"{list(config.exclude)}, so nothing would adapt; fix: narrow the exclude regexes or widen the targets"
         )
     return chosen
+
+
+def _base(w: Any) -> Any:
+    """The float W0 that init's magnitude and rows start from (LoftQ's quantized Q, dequantized)."""
+    return quant.dequantize(w, dtype=None) if quant.is_quantized(w) else w
 
 
 def _layouts(flat: Mapping[str, Any], chosen: Sequence[str], config: LoraConfig,
@@ -117,7 +122,9 @@ def init(key: jax.Array, params: Any, config: LoraConfig, apply_fn: Callable[...
       ``{"A", "B"}`` per adapted kernel (A: ``stack + in + (r,)``, B: ``stack + (r,) + out``), plus
       ``"m"`` (``stack + out``) with ``use_dora`` (:mod:`jlora.dora`), ``"rows"`` per
       ``embedding_rows`` table, and a copy of each leaf matched by ``config.trainable``. The model
-      output is unchanged at init.
+      output is unchanged at init, except with ``init='loftq'``: ``frozen`` then holds each adapted
+      kernel's quantized base Q (a ``QuantizedArray``) and the model starts at ``Q + s·A⊗B ≈ W0``
+      (:mod:`jlora.loftq`).
 
     >>> params = {"dense": {"kernel": jnp.ones((4, 3)), "bias": jnp.zeros(3)}}
     >>> frozen, lora = init(jax.random.key(0), params, LoraConfig(rank=2, targets=".*kernel"))
@@ -161,7 +168,10 @@ def init(key: jax.Array, params: Any, config: LoraConfig, apply_fn: Callable[...
             )
         k = jax.random.fold_in(key, zlib.crc32(p.encode()))
         scale = config.scale_for(p, configured)
-        if inits.changes_base(config.init):
+        if config.init == "loftq":
+            a, b, residual[p] = loftq.loftq_kernel(leaf, lay, rank, scale, config.loftq_bits, config.loftq_iter,
+                                                   dtype, path=p, groups=groups)
+        elif inits.changes_base(config.init):
             a, b, residual[p] = inits.init_from_kernel(k, leaf, lay, rank, scale, config.init,
                                                        dtype, path=p, groups=groups)
         else:
@@ -174,7 +184,7 @@ def init(key: jax.Array, params: Any, config: LoraConfig, apply_fn: Callable[...
                     "values, got a jax.ShapeDtypeStruct; fix: pass arrays (jax.eval_shape can abstract them)"
                 )
             f = Factored(p, lay, rank, scale, groups, True)
-            out[p + "/m"] = dora.magnitude(residual.get(p, leaf), a, b, f).astype(dtype)
+            out[p + "/m"] = dora.magnitude(_base(residual.get(p, leaf)), a, b, f).astype(dtype)
     if config.trainable:
         paths.check_rules_match("trainable", config.trainable, flat)
     if config.embedding_rows:
@@ -194,7 +204,7 @@ def init(key: jax.Array, params: Any, config: LoraConfig, apply_fn: Callable[...
                     f"LoraConfig.embedding_rows: {p!r} is also trained whole (LoraConfig.trainable); fix: "
                     "drop one of the two rules"
                 )
-            out[p + "/rows"] = extras.init_rows(residual.get(p, leaf), rows, p)
+            out[p + "/rows"] = extras.init_rows(_base(residual.get(p, leaf)), rows, p)
     frozen = params if not residual else paths.map_with_path(lambda q, w: residual.get(q, w), params)
     return frozen, nest(out, layouts)
 

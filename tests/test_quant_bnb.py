@@ -18,6 +18,8 @@ import torch
 
 from jlora import quant, quant_dq
 
+NF4 = bnb_f.get_4bit_type("nf4", device="cpu").numpy()  # bitsandbytes' own 16 levels
+
 
 @contextlib.contextmanager
 def torch_threads(n: int):
@@ -39,7 +41,16 @@ def matrix(shape, kind: str, seed: int = 0) -> np.ndarray:
 def bnb_nf4(w: np.ndarray, double_quant: bool):
     packed, state = bnb_f.quantize_4bit(torch.from_numpy(w), blocksize=64, compress_statistics=double_quant,
                                         quant_type="nf4")
-    back = bnb_f.dequantize_4bit(packed, state).numpy()
+    if w.shape[-1] % 16 == 0 and w.shape[-1] % 64:
+        # bitsandbytes 0.50.2's AVX-512 dequantize_4bit takes a row's scales at row * (last // 64) + k // 64,
+        # as if the blocks tiled each row, while quantize_4bit blocks the flattened tensor: on such shapes its
+        # output is not its own quantization's. The reference is then its codes and (nested) absmax
+        # dequantized as its scalar kernel does: NF4 level * absmax, one float32 multiply
+        absmax = bnb_f.dequantize_blockwise(state.absmax, state.state2) + state.offset if double_quant else state.absmax
+        nibbles = np.stack([packed.numpy().reshape(-1) >> 4, packed.numpy().reshape(-1) & 15], -1).reshape(-1, 64)
+        back = (NF4[nibbles] * absmax.numpy()[:, None]).reshape(-1)[: w.size].reshape(w.shape)
+    else:
+        back = bnb_f.dequantize_4bit(packed, state).numpy()
     return packed.numpy().reshape(-1), state, back
 
 
@@ -71,6 +82,7 @@ SHAPES = [
     ((3, 5, 70), "normal"),      # stacked, flat layout, 1050 weights
     ((1000, 640), "heavy"),      # 10000 absmax: 40 nested blocks
     ((7, 9), "normal"),          # smaller than one block, odd size
+    ((96, 160), "heavy"),        # blocks straddle rows (160 = 2.5 blocks): see bnb_nf4
 ]
 
 
