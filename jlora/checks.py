@@ -189,16 +189,47 @@ def lora_tree(where: str, lora: Any) -> None:
     Traceback (most recent call last):
       ...
     TypeError: jlora.merge: `lora` must be the lora tree (a dict of arrays from ...
+    >>> lora_tree("jlora.merge", {"k": {"A": [[1.0]], "B": jnp.ones((1, 2))}})  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+      ...
+    TypeError: jlora.merge: lora leaf 'k/A' is a Python list, not an array; ...
     """
     leaves = jax.tree.leaves(lora, is_leaf=paths.is_variable)
-    if lora is None or hasattr(lora, "shape") or not leaves or not all(
-            hasattr(x, "shape") and hasattr(x, "dtype") or paths.is_variable(x) for x in leaves):
-        plain = not isinstance(lora, dict) or not leaves
-        got = f"{type(lora).__name__} {lora!r}" if plain else "a tree with non-array leaves"
+    if lora is None or hasattr(lora, "shape") or not leaves:
+        got = f"{type(lora).__name__} {lora!r}"
         raise TypeError(
             f"{where}: `lora` must be the lora tree (a dict of arrays from jlora.init), got {got[:120]}; fix: pass "
             "the lora tree returned by frozen, lora = jlora.init(key, params, config)"
         )
+    bad = _first_non_array(lora)
+    if bad is not None and bad[0] == "":  # the whole argument is one non-array value (a list of numbers, ...)
+        raise TypeError(
+            f"{where}: `lora` must be the lora tree (a dict of arrays from jlora.init), got {type(lora).__name__} "
+            f"{lora!r}"[:160] + "; fix: pass the lora tree returned by frozen, lora = jlora.init(key, params, config)"
+        )
+    if bad is not None:
+        path, what = bad
+        raise TypeError(
+            f"{where}: lora leaf {path!r} is {what[:120]}, not an array; every leaf of the lora tree is a jax/NumPy "
+            f"array (or jax.ShapeDtypeStruct); fix: jnp.asarray it (lora[...] = jnp.asarray(value)), or pass the "
+            "lora tree returned by frozen, lora = jlora.init(key, params, config)"
+        )
+
+
+def _first_non_array(tree: Any) -> tuple[str, str] | None:
+    """``(path, description)`` of the first leaf that is not an array; a list or tuple of Python values
+    (a factor given as nested lists) is named whole."""
+    def numbers(x: Any) -> bool:
+        return isinstance(x, (list, tuple)) and not hasattr(x, "_fields") and bool(jax.tree.leaves(x)) and not any(
+            hasattr(v, "shape") for v in jax.tree.leaves(x))
+
+    found = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: paths.is_variable(x) or numbers(x))[0]
+    for keypath, x in found:
+        if paths.is_variable(x) or (hasattr(x, "shape") and hasattr(x, "dtype")):
+            continue
+        what = f"a Python {type(x).__name__}" if isinstance(x, (list, tuple)) else f"{type(x).__name__} {x!r}"
+        return paths.path_str(keypath), what
+    return None
 
 
 def factored(where: str, f: Any, **arrays: Any) -> None:

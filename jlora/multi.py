@@ -71,7 +71,7 @@ def combine(frozen: Any, adapters: Sequence[tuple[Any, LoraConfig]], weights: Se
     if method not in ("cat", "svd", "linear"):
         raise ValueError(f"combine: method must be 'cat', 'svd' or 'linear', got {method!r}; fix: 'cat' (exact)")
     if method == "svd" and (rank is None or rank <= 0):
-        raise ValueError(f"combine(method='svd'): give the target rank, e.g. rank=8; got {rank!r}")
+        raise ValueError(f"combine(method='svd'): needs a positive target rank, got {rank!r}; fix: e.g. rank=8")
     described = [_scaled_factors(frozen, lora, cfg) for lora, cfg in adapters]
     kernels = sorted({p for info, _ in described for p in info})
     out: dict[str, Any] = {}
@@ -84,7 +84,7 @@ def combine(frozen: Any, adapters: Sequence[tuple[Any, LoraConfig]], weights: Se
         groups[p] = f0.groups
         if method == "cat" or (method == "linear" and f0.groups is not None):
             if f0.groups is not None and method == "linear":
-                raise ValueError(f"combine(method='linear'): fused kernel {p!r} is not supported; use 'cat'")
+                raise ValueError(f"combine(method='linear'): fused kernel {p!r} is not supported; fix: method='cat'")
             a_axis = -1
             b_axis = f0.n_stack + (1 if f0.groups else 0)
             if f0.groups is not None:
@@ -100,7 +100,8 @@ def combine(frozen: Any, adapters: Sequence[tuple[Any, LoraConfig]], weights: Se
             errors[p] = 0.0
         elif method == "linear":
             if len({f.rank for _, f, _ in present}) != 1:
-                raise ValueError(f"combine(method='linear'): {p!r} has different ranks {[f.rank for _, f, _ in present]}; use 'cat' or 'svd'")
+                raise ValueError(f"combine(method='linear'): {p!r} has different ranks {[f.rank for _, f, _ in present]}; "
+                                 "fix: method='cat' (exact) or 'svd'")
             a = sum(w * flat[p + "/A"] for w, _, flat in present)
             b = sum(flat[p + "/B"] for _, _, flat in present)
             out[p + "/A"], out[p + "/B"] = a, b
@@ -110,7 +111,7 @@ def combine(frozen: Any, adapters: Sequence[tuple[Any, LoraConfig]], weights: Se
             errors[p] = float(np.linalg.norm(exact - got))
         else:
             if f0.groups is not None:
-                raise ValueError(f"combine(method='svd'): fused kernel {p!r} is not supported; use 'cat'")
+                raise ValueError(f"combine(method='svd'): fused kernel {p!r} is not supported; fix: method='cat'")
             total = sum(w * _np_delta(flat[p + "/A"], flat[p + "/B"], f) for w, f, flat in present)
             m = _flat2d(total, f0)
             u, sv, vt = np.linalg.svd(m, full_matrices=False)

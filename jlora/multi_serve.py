@@ -21,6 +21,7 @@ from jax import lax
 from jlora import checks
 from jlora.apply import lora_apply
 from jlora.config import LoraConfig
+from jlora.describe import adapted
 from jlora.multi_rows import rows_call
 
 __all__ = ["mixed_apply", "gathered_lowrank", "grouped_lowrank"]
@@ -78,7 +79,8 @@ def mixed_apply(apply_fn: Callable[..., Any], s_config: LoraConfig, mode: str = 
                 )
         n = jax.tree.leaves(stacked)[0].shape[0] if jax.tree.leaves(stacked) else 1
         checks.adapter_ids("mixed_apply", "adapter_ids", ids, n)
-        if single is None:
+        if single is None:  # the check lazy and merged modes make on each example's factors (rank, shapes)
+            adapted(frozen, jax.tree.map(lambda x: jax.ShapeDtypeStruct(jnp.shape(x)[1:], x.dtype), stacked), s_config)
             return rows_call(apply_fn, frozen, stacked, ids, args, kwargs)
         per_example = jax.tree.map(lambda x: x[ids], stacked)
 

@@ -128,11 +128,33 @@ def _described(frozen: Any, lora: Any, config: LoraConfig) -> tuple[dict[str, Fa
     return info, flat
 
 
+def _fold(b: Any, scale: float) -> Any:
+    """``scale * B`` in float32, rounded once to B's dtype: how a serving stack holds B."""
+    return (b.astype(jnp.float32) * scale).astype(b.dtype)
+
+
+def _unfold(folded: Any, scale: float) -> Any:
+    """A B with ``_fold(B, scale) == folded`` bit for bit: ``folded / scale``, then moved by an ulp while
+    folding it again lands below or above (the division alone is off by an ulp wherever ``scale`` is not
+    a power of two, and a saved-and-restored stack would differ from the one in memory).
+
+    >>> b = jnp.linspace(-1.0, 1.0, 101)
+    >>> bool((_fold(_unfold(_fold(b, 7 / 3), 7 / 3), 7 / 3) == _fold(b, 7 / 3)).all())
+    True
+    """
+    x = (folded.astype(jnp.float32) / scale).astype(folded.dtype)
+    toward = jnp.asarray(jnp.inf if scale > 0 else -jnp.inf, folded.dtype)
+    for _ in range(4):  # the preimage is within ~2 ulps of the quotient
+        y = _fold(x, scale)
+        x = jnp.where(y < folded, jnp.nextafter(x, toward), jnp.where(y > folded, jnp.nextafter(x, -toward), x))
+    return x
+
+
 def _scaled_factors(frozen: Any, lora: Any, config: LoraConfig) -> tuple[dict[str, Factored], dict[str, Any]]:
     """The adapter with each scale folded into its B (the returned descriptions have scale 1)."""
     info, flat = _described(frozen, lora, config)
     for p, f in info.items():
-        flat[p + "/B"] = (flat[p + "/B"].astype(jnp.float32) * f.scale).astype(flat[p + "/B"].dtype)
+        flat[p + "/B"] = _fold(flat[p + "/B"], f.scale)
     return {p: dataclasses.replace(f, scale=1.0) for p, f in info.items()}, flat
 
 
@@ -261,8 +283,10 @@ def scaled(lora: Any, scales: Mapping[str, Any]) -> Any:
 def unstack(s: Stack, frozen: Any = None) -> dict[str, tuple[Any, LoraConfig]]:
     """Each adapter as ``{name: (lora, config)}`` with its own ranks, paths and config, as
     :func:`stack` received it (for ``jlora.save_adapter``). A serving stack's B is divided by
-    the folded scale again (exact up to float rounding); a training stack's factors are returned as
-    they are. ``frozen`` (optional) checks each result with ``jlora.adapted``.
+    the folded scale again (:func:`_unfold`: within an ulp of the original, and chosen so that
+    folding it again gives the stack's B bit for bit: a stack saved with ``save_stack`` restores
+    bit-identical); a training stack's factors are returned as they are. ``frozen`` (optional)
+    checks each result with ``jlora.adapted``.
 
     >>> frozen = {"w": jnp.zeros((4, 4))}
     >>> a = ({"w": {"A": jnp.ones((4, 1)), "B": jnp.ones((1, 4))}}, LoraConfig(rank=1, alpha=2, targets="w"))
@@ -290,7 +314,7 @@ def unstack(s: Stack, frozen: Any = None) -> dict[str, tuple[Any, LoraConfig]]:
             f = Factored(kernel, lay, r, 1.0, groups)
             a, b = _resize_rank(flat[kernel + "/A"][i], flat[kernel + "/B"][i], f, r)
             if s.folded:
-                b = (b.astype(jnp.float32) / float(s.scales[kernel][i])).astype(b.dtype)
+                b = _unfold(b, float(s.scales[kernel][i]))
             if (tuple(a.shape), tuple(b.shape)) != kinds.factor_shapes(lay, r, groups):
                 raise ValueError(f"jlora.multi.unstack: {kernel!r} of adapter {name!r} does not fit its config "
                                  f"(rank {r}); fix: make the stack with jlora.multi.stack")

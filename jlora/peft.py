@@ -38,12 +38,14 @@ from jlora import analysis, paths, peft_experts
 from jlora.config import LoraConfig
 from jlora.describe import kernel_layouts, nest
 from jlora.layout import Layout
-from jlora.peft_layout import factors_from_torch, factors_to_torch, plain_layout, whole_from_torch, whole_to_torch
-from jlora.peft_keys import (BERT_KEY_MAP, CONFIG_NAME, GPT2_FAN_IN_FAN_OUT, GPT2_KEY_MAP, LLAMA_KEY_MAP, PICKLED_NAMES, PREFIX, WEIGHTS_NAME, KeyMap,
-                             _check_exportable, _group, _mapper, _number, _peft_targets, _pattern_key, _place,
-                             _read_config, _token_indices, _torch_param, module_name)
+from jlora.peft_layout import (factors_from_torch, factors_to_torch, untraced_layout, whole_from_torch,
+                               whole_to_torch)
+from jlora.peft_keys import (BERT_KEY_MAP, CONFIG_NAME, GPT2_FAN_IN_FAN_OUT, GPT2_KEY_MAP, LLAMA_KEY_MAP, PICKLED_NAMES,
+                             PREFIX, WEIGHTS_NAME, KeyMap, PortKeyMap, _check_exportable, _group, _mapper, _number,
+                             _peft_targets, _pattern_key, _place, _read_config, _token_indices, _torch_param,
+                             module_name, stated_kernels)
 
-__all__ = ["save", "load", "module_name", "KeyMap", "LLAMA_KEY_MAP", "BERT_KEY_MAP", "GPT2_KEY_MAP",
+__all__ = ["save", "load", "module_name", "KeyMap", "PortKeyMap", "LLAMA_KEY_MAP", "BERT_KEY_MAP", "GPT2_KEY_MAP",
            "GPT2_FAN_IN_FAN_OUT"]
 
 
@@ -67,6 +69,10 @@ def _walk(tree: Any, prefix: str, pairs: dict[str, tuple[Any, Any, Any]], whole:
             _walk(value, f"{prefix}/{key}" if prefix else str(key), pairs, whole, rows)
 
 
+def _square_kernel(path: str, value: np.ndarray, shape: tuple[int, ...]) -> bool:
+    return path.rsplit("/", 1)[-1] == "kernel" and value.ndim == 2 and len(shape) == 2 and shape[0] == shape[1]
+
+
 def _module_of(name: str) -> str:
     """The torch module name of an adapter tensor key (after PEFT's prefix).
 
@@ -88,7 +94,8 @@ def _adapter_dir(directory: str | os.PathLike[str], adapter_name: str | None) ->
     if not isinstance(adapter_name, str) or not re.fullmatch(r"[A-Za-z0-9_.\-]+", adapter_name) or adapter_name in (
             ".", ".."):
         raise ValueError(
-            f"adapter_name: expected a plain folder name (letters, digits, '_', '-', '.'), got {adapter_name!r}"
+            f"adapter_name: expected a plain folder name (letters, digits, '_', '-', '.'), got {adapter_name!r}; "
+            "fix: a name such as 'sql' (PEFT writes a named adapter to directory/adapter_name)"
         )
     return root / adapter_name
 
@@ -137,9 +144,11 @@ def save(directory: str | os.PathLike[str], lora: Mapping[str, Any], config: Lor
     from safetensors.numpy import save_file
 
     if not isinstance(config, LoraConfig):
-        raise TypeError(f"jlora.peft.save: config must be a jlora.LoraConfig, got {type(config).__name__}")
+        raise TypeError(f"jlora.peft.save: config must be a jlora.LoraConfig, got {type(config).__name__}; fix: pass "
+                        "the config the lora tree was made with (jlora.restore_adapter returns it too)")
     if not isinstance(lora, Mapping):
-        raise TypeError(f"jlora.peft.save: lora must be the nested-dict lora tree, got {type(lora).__name__}")
+        raise TypeError(f"jlora.peft.save: lora must be the nested-dict lora tree, got {type(lora).__name__}; fix: "
+                        "pass the lora tree from jlora.init (or jlora.restore_adapter)")
     _check_exportable(config)
     fn = _mapper(key_map)
     conv = (conv,) if isinstance(conv, str) else tuple(conv)
@@ -195,7 +204,7 @@ def save(directory: str | os.PathLike[str], lora: Mapping[str, Any], config: Lor
             if A.ndim < 2 or B.ndim < 2 or B.shape[0] != A.shape[-1]:
                 raise ValueError(
                     f"jlora.peft.save: lora factors of {path!r}: A {A.shape} and B {B.shape} are not a rank-r pair "
-                    "(expected A = in... + (r,), B = (r,) + out...)"
+                    "(expected A = in... + (r,), B = (r,) + out...); fix: save the lora tree jlora.init made"
                 )
             shape = A.shape[:-1] + B.shape[1:]
             kind = "conv" if paths.matches(conv, path) else "embed" if path.endswith("/embedding") else "dense"
@@ -211,7 +220,8 @@ def save(directory: str | os.PathLike[str], lora: Mapping[str, Any], config: Lor
             continue
         module = place(path)
         if module in modules:
-            raise ValueError(f"jlora.peft.save: key_map sends both {modules[module]!r} and {path!r} to {module!r}")
+            raise ValueError(f"jlora.peft.save: key_map sends both {modules[module]!r} and {path!r} to {module!r}; "
+                             "fix: make the key_map give each kernel its own torch module")
         modules[module] = path
         key = PREFIX + module
         for suffix, tensor in factors_to_torch(path, A, B, None if m is None else np.asarray(m), layout).items():
@@ -343,6 +353,9 @@ def load(directory: str | os.PathLike[str], params: Any, key_map: KeyMap, *,
         kernel are read from the trace (needed for kernels not stored ``(in..., out...)``, e.g. an
         ``(out, in)`` PyTorch-style or Gemma einsum kernel, and for OIHW or grouped convs).
       layouts: ``{path: Layout}`` given directly instead (e.g. ``jlora.kernel_layouts(lora)``).
+        Without a trace or a layout, a :class:`PortKeyMap` states the order of the kernels (the Flax
+        ports' maps do: ``(in, out)``); with none of the three, the sizes decide, and a kernel they do
+        not tell apart (a square one: ``(in, out)`` and ``(out, in)`` both fit) is refused.
       ignore: regexes of torch module names whose adapter tensors are skipped on purpose (a module the
         Flax model does not have, e.g. BERT's ``pooler.dense`` matched by a ``dense`` target).
       fan_in_fan_out: regexes of kernel paths whose torch module stores ``(in, out)`` (GPT-2's
@@ -371,6 +384,7 @@ def load(directory: str | os.PathLike[str], params: Any, key_map: KeyMap, *,
     from safetensors.numpy import load_file
 
     fn = _mapper(key_map)
+    kernels = stated_kernels(key_map)
     ignore_rules = (ignore,) if isinstance(ignore, str) else tuple(ignore)
     src = _adapter_dir(directory, adapter_name)
     if not src.is_dir():
@@ -387,16 +401,19 @@ def load(directory: str | os.PathLike[str], params: Any, key_map: KeyMap, *,
                 "save_pretrained(..., safe_serialization=True)"
             )
         raise FileNotFoundError(
-            f"jlora.peft.load: {weights} is missing (folder holds: {sorted(p.name for p in src.iterdir())})"
+            f"jlora.peft.load: {weights} is missing (folder holds: {sorted(p.name for p in src.iterdir())}); fix: "
+            "pass the folder PEFT's save_pretrained wrote (for a named adapter: adapter_name=...)"
         )
     cfg_path = src / CONFIG_NAME
     if not cfg_path.is_file():
-        raise FileNotFoundError(f"jlora.peft.load: {cfg_path} is missing; a PEFT adapter needs its config")
+        raise FileNotFoundError(f"jlora.peft.load: {cfg_path} is missing; a PEFT adapter needs its config; fix: "
+                                "copy adapter_config.json from where the adapter was saved, beside its weights")
     body = _read_config(cfg_path)
     try:
         tensors = load_file(str(weights))
     except (SafetensorError, OSError, ValueError) as err:
-        raise ValueError(f"jlora.peft.load: {weights} is not a readable safetensors file ({err})") from None
+        raise ValueError(f"jlora.peft.load: {weights} is not a readable safetensors file ({err}); fix: save the "
+                         "adapter again (PEFT's save_pretrained or jlora.peft.save)") from None
 
     flat = paths.flatten(params)
     owner: dict[tuple[str, str], str] = {}  # (module, torch param) -> jlora path
@@ -406,7 +423,8 @@ def load(directory: str | os.PathLike[str], params: Any, key_map: KeyMap, *,
             continue
         key = (module, _torch_param(path))
         if key in owner:
-            raise ValueError(f"jlora.peft.load: key_map sends both {owner[key]!r} and {path!r} to {'.'.join(key)}")
+            raise ValueError(f"jlora.peft.load: key_map sends both {owner[key]!r} and {path!r} to {'.'.join(key)}; "
+                             "fix: make the key_map give each params leaf its own torch module")
         owner[key] = path
     known_modules = sorted({m for m, _ in owner})
 
@@ -451,7 +469,8 @@ def load(directory: str | os.PathLike[str], params: Any, key_map: KeyMap, *,
             continue
         if ".lora_" in name:
             raise ValueError(
-                f"jlora.peft.load: {weights}: key {key!r} belongs to a LoRA variant jlora does not read yet"
+                f"jlora.peft.load: {weights}: key {key!r} belongs to a LoRA variant jlora does not read yet; fix: "
+                "merge the adapter in PEFT (merge_and_unload) and load the merged weights as params instead"
             )
         module, _, param = name.rpartition(".")
         module = module.removesuffix(".base_layer")
@@ -479,13 +498,15 @@ def load(directory: str | os.PathLike[str], params: Any, key_map: KeyMap, *,
     for module, parts in sorted(factors.items()):
         if "A" not in parts or "B" not in parts:
             have = next(iter(parts.values()))[0]
-            raise ValueError(f"jlora.peft.load: {weights}: {have!r} has no partner factor (need both A and B)")
+            raise ValueError(f"jlora.peft.load: {weights}: {have!r} has no partner factor (need both A and B); fix: "
+                             "save the adapter again (the file is incomplete)")
         key_a, tA = parts["A"]
         path = where(key_a, module, "weight")
         if not _peft_targets(body, module):
             raise ValueError(
                 f"jlora.peft.load: {weights} holds factors for {module!r} ({path!r}) but {CONFIG_NAME} does not "
-                "target it (target_modules / exclude_modules / layers_to_transform); PEFT would ignore them"
+                "target it (target_modules / exclude_modules / layers_to_transform); PEFT would ignore them; fix: "
+                "correct target_modules in the config, or save the adapter again from PEFT"
             )
         shape = tuple(flat[path].shape)
         tA, tB = parts["A"][1], parts["B"][1]
@@ -496,11 +517,12 @@ def load(directory: str | os.PathLike[str], params: Any, key_map: KeyMap, *,
         layout = known.get(path)
         if layout is None:
             kind = "embed" if "embed" in parts else "conv" if tA.ndim > 2 else "dense"
-            layout = plain_layout(path, shape, tA.shape[-1] if tA.ndim == 2 else 0,
-                                  tB.shape[0] if tB.ndim == 2 else 0, kind) or Layout.plain(shape, 0, len(shape) - 1)
+            layout = untraced_layout(path, key_a, shape, tA.shape[-1] if tA.ndim == 2 else 0,
+                                     tB.shape[0] if tB.ndim == 2 else 0, kind, kernels)
         elif layout.shape != shape:
             raise ValueError(f"jlora.peft.load: the layout given for {path!r} is for shape {layout.shape}, the "
-                             f"params leaf has shape {shape}")
+                             f"params leaf has shape {shape}; fix: layouts=jlora.kernel_layouts(lora) of a lora tree "
+                             "made on these params, or jlora.Layout(leaf.shape, roles)")
         if "embed" in parts and layout.kind != "embed":
             layout = Layout(layout.shape, layout.roles, layout.splits, "embed")
         A, B, m = factors_from_torch(path, layout, parts)
@@ -511,7 +533,8 @@ def load(directory: str | os.PathLike[str], params: Any, key_map: KeyMap, *,
         if r != expect_r:
             raise ValueError(
                 f"jlora.peft.load: {key_a!r} has rank {r} but {CONFIG_NAME} gives module {module!r} rank {expect_r} "
-                "(r / rank_pattern); the file and its config disagree"
+                "(r / rank_pattern); the file and its config disagree; fix: save the adapter again from PEFT (or "
+                "correct r / rank_pattern in the config)"
             )
         pattern = _pattern_key(alpha_pattern, module)
         alphas[path] = float(alpha_pattern[pattern]) if pattern is not None else alpha
@@ -523,7 +546,8 @@ def load(directory: str | os.PathLike[str], params: Any, key_map: KeyMap, *,
         if ("m" in parts) != use_dora:
             raise ValueError(
                 f"jlora.peft.load: {weights}: module {module!r} {'has' if 'm' in parts else 'has no'} "
-                f"lora_magnitude_vector but {CONFIG_NAME} has use_dora={use_dora}; the file and its config disagree"
+                f"lora_magnitude_vector but {CONFIG_NAME} has use_dora={use_dora}; the file and its config disagree; "
+                "fix: save the adapter again from PEFT (or correct use_dora in the config)"
             )
         if m is not None:
             out[path + "/m"] = jnp.asarray(m)
@@ -539,11 +563,12 @@ def load(directory: str | os.PathLike[str], params: Any, key_map: KeyMap, *,
         table = tuple(flat[path].shape)
         if indices is None:
             raise ValueError(f"jlora.peft.load: {weights} holds {key!r} but {CONFIG_NAME}'s trainable_token_indices "
-                             f"({body.get('trainable_token_indices')!r}) names no indices for {module!r}")
+                             f"({body.get('trainable_token_indices')!r}) names no indices for {module!r}; fix: "
+                             "add the module's indices to trainable_token_indices, or save the adapter again")
         if value.shape != (len(indices),) + table[1:]:
             raise ValueError(f"jlora.peft.load: {key!r} has shape {value.shape}; expected "
                              f"{(len(indices),) + table[1:]} ({len(indices)} trainable_token_indices of the table "
-                             f"{path!r} of shape {table})")
+                             f"{path!r} of shape {table}); fix: check the key_map and the base model (its vocabulary)")
         out[path + "/rows"] = jnp.asarray(value, dtype=flat[path].dtype)
         embedding_rows[re.escape(path)] = tuple(int(i) for i in indices)
 
@@ -562,9 +587,20 @@ def load(directory: str | os.PathLike[str], params: Any, key_map: KeyMap, *,
                     )
                 continue
         if value.dtype.kind != "f":
-            raise ValueError(f"jlora.peft.load: {key!r} has dtype {value.dtype}, expected a float tensor")
+            raise ValueError(f"jlora.peft.load: {key!r} has dtype {value.dtype}, expected a float tensor; fix: "
+                             "re-save the adapter from a float PEFT model")
         ffo = (None if body.get("fan_in_fan_out") else False) if fan_in_fan_out is None else \
             paths.matches((fan_in_fan_out,) if isinstance(fan_in_fan_out, str) else tuple(fan_in_fan_out), path)
+        order = {"io": "in_out", "oi": "out_in"}.get(known[path].roles, "") if path in known else kernels
+        if order is None and _square_kernel(path, value, shape):
+            raise ValueError(
+                f"jlora.peft.load: {key!r} is the square weight {tuple(value.shape)} of a module saved whole; whether "
+                f"{path!r} is stored (in, out) or (out, in) is known neither from the key map nor from layouts=. "
+                f"Fix: layouts={{{path!r}: jlora.Layout({shape}, 'io')}} ('oi' for (out, in)), or a key map that "
+                "states the order: jlora.peft.PortKeyMap(pairs, kernels='in_out' or 'out_in')"
+            )
+        if order == "out_in" and ffo is not None:
+            ffo = not ffo  # the leaf is stored as torch's nn.Linear stores it: no transpose
         out[path] = jnp.asarray(whole_from_torch(path, key, value, shape, ffo), dtype=leaf.dtype)
         trainable.append(path)
 

@@ -83,7 +83,8 @@ def factors_from_torch(path: str, key: str, tA: np.ndarray, tB: np.ndarray, layo
     if tA.ndim != 2 or tB.ndim != 2 or tA.shape[1] != n_in or tB.shape[0] != n_out:
         raise ValueError(
             f"jlora.peft.load: {key!r}: lora_A {tuple(tA.shape)} / lora_B {tuple(tB.shape)} do not fit the expert "
-            f"kernel {path!r} {layout.describe()}; expected lora_A (E·r, {n_in}), lora_B ({n_out}, r·E)"
+            f"kernel {path!r} {layout.describe()}; expected lora_A (E·r, {n_in}), lora_B ({n_out}, r·E); fix: check "
+            "the key_map, the base model and the kernel's layout (apply_fn/args or layouts=)"
         )
     for name, size in (("lora_A rows", tA.shape[0]), ("lora_B columns", tB.shape[1])):
         if size != e * rank:
@@ -152,7 +153,8 @@ def export(experts: Mapping[str, tuple[Any, Any, Layout]], place: Callable[[str]
     seen: dict[str, str] = {}
     for path, name in names.items():
         if name in seen:
-            raise ValueError(f"jlora.peft.save: key_map sends both {seen[name]!r} and {path!r} to {name!r}")
+            raise ValueError(f"jlora.peft.save: key_map sends both {seen[name]!r} and {path!r} to {name!r}; fix: "
+                             "make the key_map give each expert kernel its own torch parameter")
         seen[name] = path
     prefixes = wrapper_prefixes(list(names.values()), param_order)
     tensors: dict[str, np.ndarray] = {}
@@ -173,7 +175,8 @@ def export(experts: Mapping[str, tuple[Any, Any, Layout]], place: Callable[[str]
 def _layout_from_sizes(path: str, shape: tuple[int, ...], tA: np.ndarray, key: str) -> Layout:
     if len(shape) != 3:
         raise ValueError(f"jlora.peft.load: {key!r} targets {path!r} of shape {shape}; a PEFT target parameter "
-                         "of E experts is 3-D (E, ., .)")
+                         "of E experts is 3-D (E, ., .); fix: check the key_map (it places this parameter at a "
+                         "leaf that is not an expert kernel)")
     n_in = tA.shape[1] if tA.ndim == 2 else -1
     if shape[1] == shape[2] or n_in not in shape[1:]:
         raise ValueError(
@@ -242,7 +245,8 @@ def read(tensors: dict[str, np.ndarray], body: Mapping[str, Any], params: Any,
         lay = known.get(path) or _layout_from_sizes(path, shape, tA, ka)
         if not is_expert(lay):
             raise ValueError(f"jlora.peft.load: {path!r} {lay.describe()} is not an expert kernel (E, in, out) "
-                             "in any order; PEFT target_parameters hold one")
+                             "in any order; PEFT target_parameters hold one; fix: pass apply_fn/args or layouts= "
+                             "that give this kernel its expert (stack) axis")
         rp, ap = pattern(rank_pattern, name), pattern(alpha_pattern, name)
         r = int(rank_pattern[rp]) if rp is not None else rank
         A, B = factors_from_torch(path, ka, tA, tB, lay, r)

@@ -33,6 +33,46 @@ PREFIX = "base_model.model."
 
 KeyMap = Union[Callable[[str], Union[str, None]], Sequence[tuple[str, str]]]
 
+KERNEL_ORDERS = ("in_out", "out_in")
+
+
+class PortKeyMap(tuple):
+    """A key map (``(regex, replacement)`` pairs) that also states how the model stores its kernels.
+
+    ``kernels='in_out'``: every adapted kernel is stored ``(in..., out...)`` (Flax ``nn.Dense``,
+    ``nnx.Linear``: the Flax ports' maps :data:`LLAMA_KEY_MAP`, :data:`BERT_KEY_MAP`,
+    :data:`GPT2_KEY_MAP`); ``'out_in'``: ``(out..., in...)`` (PyTorch's ``nn.Linear`` weights kept
+    as they are, equinox). :func:`jlora.peft.load` reads a kernel's layout from it when there is no
+    trace (``apply_fn``) and no ``layouts=`` entry; without any of the three a square kernel is refused.
+
+    >>> m = PortKeyMap([("params/up/kernel", "up")], kernels="out_in")
+    >>> m.kernels, module_name("params/up/kernel", m)
+    ('out_in', 'up')
+    """
+
+    kernels: str
+
+    def __new__(cls, pairs: Sequence[tuple[str, str]], *, kernels: str) -> "PortKeyMap":
+        if kernels not in KERNEL_ORDERS:
+            raise ValueError(f"PortKeyMap: kernels must be one of {KERNEL_ORDERS}, got {kernels!r}; fix: 'in_out' "
+                             "for Flax-style (in, out) kernels, 'out_in' for PyTorch-style (out, in) ones")
+        self = super().__new__(cls, tuple(tuple(p) for p in pairs))
+        self.kernels = kernels
+        return self
+
+    def __repr__(self) -> str:
+        return f"PortKeyMap({tuple(self)!r}, kernels={self.kernels!r})"
+
+
+def stated_kernels(key_map: KeyMap) -> str | None:
+    """How the key map says the model stores its kernels (``'in_out'``/``'out_in'``), or None.
+
+    >>> stated_kernels(LLAMA_KEY_MAP), stated_kernels([("a", "b")])
+    ('in_out', None)
+    """
+    kernels = getattr(key_map, "kernels", None)
+    return kernels if kernels in KERNEL_ORDERS else None
+
 # PyTorch parameter name of each Flax leaf name (kernel/embedding/scale all live in `.weight`).
 _TORCH_PARAM = {"kernel": "weight", "embedding": "weight", "scale": "weight", "weight": "weight", "bias": "bias"}
 
@@ -77,11 +117,13 @@ def _mapper(key_map: KeyMap) -> Callable[[str], str | None]:
     compiled = []
     for item in key_map:
         if not (isinstance(item, (tuple, list)) and len(item) == 2 and all(isinstance(s, str) for s in item)):
-            raise TypeError(f"key_map: expected (regex, replacement) string pairs, got item {item!r}")
+            raise TypeError(f"key_map: expected (regex, replacement) string pairs, got item {item!r}; fix: e.g. "
+                            "(r'params/layers_(\\d+)/attn/q_proj/kernel', r'model.layers.\\1.self_attn.q_proj')")
         try:
             compiled.append((re.compile(item[0]), item[1]))
         except re.error as err:
-            raise ValueError(f"key_map: {item[0]!r} is not a valid regex ({err})") from None
+            raise ValueError(f"key_map: {item[0]!r} is not a valid regex ({err}); fix: escape literal characters "
+                             "(re.escape) or close the group") from None
 
     def fn(path: str) -> str | None:
         for pattern, replacement in compiled:
@@ -119,7 +161,8 @@ def _place(fn: Callable[[str], str | None], path: str) -> str | None:
         if leaf not in ("kernel", "embedding"):
             name = fn(parent + "/kernel") or fn(parent + "/embedding")
     if name is not None and not isinstance(name, str):
-        raise TypeError(f"key_map({path!r}): expected a module name string or None, got {name!r}")
+        raise TypeError(f"key_map({path!r}): expected a module name string or None, got {name!r}; fix: return the "
+                        "torch module's dotted name (e.g. 'model.layers.0.self_attn.q_proj'), or None for no module")
     return name
 
 
@@ -128,31 +171,31 @@ def _torch_param(path: str) -> str:
     return _TORCH_PARAM.get(leaf, leaf)
 
 
-GPT2_KEY_MAP: tuple[tuple[str, str], ...] = (
+GPT2_KEY_MAP: PortKeyMap = PortKeyMap((
     (r"params/wte/embedding", "transformer.wte"),
     (r"params/wpe/embedding", "transformer.wpe"),
     (r"params/h_(\d+)/(ln_1|ln_2)/(?:scale|bias)", r"transformer.h.\1.\2"),
     (r"params/h_(\d+)/attn/(c_attn|c_proj)/(?:kernel|bias)", r"transformer.h.\1.attn.\2"),
     (r"params/h_(\d+)/mlp/(c_fc|c_proj)/(?:kernel|bias)", r"transformer.h.\1.mlp.\2"),
     (r"params/ln_f/(?:scale|bias)", "transformer.ln_f"),
-)
+), kernels="in_out")
 """Key map of a Flax GPT-2 named like ``transformers.GPT2LMHeadModel`` (``params/h_0/attn/c_attn/kernel``)."""
 
 GPT2_FAN_IN_FAN_OUT = r"params/h_\d+/(attn|mlp)/(c_attn|c_proj|c_fc)/kernel"
 """GPT-2's ``Conv1D`` layers store their torch weight ``(in, out)``, like a Flax kernel (PEFT's
 ``fan_in_fan_out``): pass as ``fan_in_fan_out=`` to :func:`jlora.peft.save` / :func:`jlora.peft.load`."""
 
-LLAMA_KEY_MAP: tuple[tuple[str, str], ...] = (
+LLAMA_KEY_MAP: PortKeyMap = PortKeyMap((
     (r"params/embed_tokens/embedding", "model.embed_tokens"),
     (r"params/layers_(\d+)/attn/(q_proj|k_proj|v_proj|o_proj)/(?:kernel|bias)", r"model.layers.\1.self_attn.\2"),
     (r"params/layers_(\d+)/mlp/(gate_proj|up_proj|down_proj)/(?:kernel|bias)", r"model.layers.\1.mlp.\2"),
     (r"params/layers_(\d+)/(input_layernorm|post_attention_layernorm)/scale", r"model.layers.\1.\2"),
     (r"params/norm/scale", "model.norm"),
     (r"params/lm_head/kernel", "lm_head"),
-)
+), kernels="in_out")
 """Key map of ``examples/models/llama.py`` onto ``transformers.LlamaForCausalLM``."""
 
-BERT_KEY_MAP: tuple[tuple[str, str], ...] = (
+BERT_KEY_MAP: PortKeyMap = PortKeyMap((
     (r"params/embeddings/(word|position|token_type)_embeddings/embedding", r"embeddings.\1_embeddings"),
     (r"params/embeddings/norm/(?:scale|bias)", "embeddings.LayerNorm"),
     (r"params/encoder/layer_(\d+)/attention/(query|key|value)/(?:kernel|bias)", r"encoder.layer.\1.attention.self.\2"),
@@ -161,7 +204,7 @@ BERT_KEY_MAP: tuple[tuple[str, str], ...] = (
     (r"params/encoder/layer_(\d+)/mlp/intermediate/(?:kernel|bias)", r"encoder.layer.\1.intermediate.dense"),
     (r"params/encoder/layer_(\d+)/mlp/output/(?:kernel|bias)", r"encoder.layer.\1.output.dense"),
     (r"params/encoder/layer_(\d+)/mlp_norm/(?:scale|bias)", r"encoder.layer.\1.output.LayerNorm"),
-)
+), kernels="in_out")
 """Key map of ``examples/models/minilm.py`` onto ``transformers.BertModel`` (for ``BertFor*`` heads,
 prefix the module names with ``bert.``)."""
 
@@ -250,11 +293,12 @@ def _read_config(path: Path) -> dict[str, Any]:
         raise ValueError(f"jlora.peft.load: {path} is not valid JSON ({err}); fix: re-save the adapter with PEFT's "
                          "save_pretrained") from None
     if not isinstance(body, dict):
-        raise ValueError(f"jlora.peft.load: {path} must hold a JSON object, got {type(body).__name__}")
+        raise ValueError(f"jlora.peft.load: {path} must hold a JSON object, got {type(body).__name__}; fix: re-save "
+                         "the adapter with PEFT's save_pretrained")
     if body.get("peft_type") != "LORA":
         raise ValueError(
             f"jlora.peft.load: {path}: peft_type is {body.get('peft_type')!r}; jlora reads LoRA adapters "
-            "(peft_type 'LORA') only"
+            "(peft_type 'LORA') only; fix: load this adapter with PEFT, or convert it to a LoRA adapter there"
         )
     refused = []
     for key, what in _REFUSED_UNLESS_DEFAULT.items():
@@ -268,12 +312,16 @@ def _read_config(path: Path) -> dict[str, Any]:
             "the original model; fix: save it in PEFT with path_initial_model_for_weight_conversion"
         )
     if refused:
-        raise ValueError(f"jlora.peft.load: {path} uses features jlora does not support: " + "; ".join(refused))
+        raise ValueError(f"jlora.peft.load: {path} uses features jlora does not support: " + "; ".join(refused)
+                         + ("" if all("fix:" in r for r in refused) else "; fix: merge the adapter in PEFT "
+                            "(merge_and_unload) and load the merged weights as params"))
     if body.get("bias", "none") not in ("none", "all", "lora_only"):
-        raise ValueError(f"jlora.peft.load: {path}: bias must be 'none', 'all' or 'lora_only', got {body['bias']!r}")
+        raise ValueError(f"jlora.peft.load: {path}: bias must be 'none', 'all' or 'lora_only', got {body['bias']!r}; "
+                         "fix: correct 'bias' in the config (PEFT accepts only these three)")
     for key in ("r", "lora_alpha"):
         if not isinstance(body.get(key), (int, float)) or isinstance(body.get(key), bool) or not body[key] > 0:
-            raise ValueError(f"jlora.peft.load: {path}: {key} must be a positive number, got {body.get(key)!r}")
+            raise ValueError(f"jlora.peft.load: {path}: {key} must be a positive number, got {body.get(key)!r}; fix: "
+                             "correct it in the config (the values the adapter was trained with)")
     unknown = sorted(set(body) - _KNOWN_KEYS - set(_REFUSED_UNLESS_DEFAULT))
     if unknown:
         warnings.warn(

@@ -62,7 +62,8 @@ def _conv_a_from_torch(tA: np.ndarray, layout: Layout, path: str, key: str) -> n
         raise ValueError(
             f"jlora.peft.load: {key!r} (grouped conv {path!r}, {g} groups) connects channels across groups "
             "(its off-group blocks are non-zero): PEFT's grouped-conv LoRA A is a full conv, jlora keeps the update "
-            "inside the groups so that it merges into the kernel; this adapter cannot be converted"
+            "inside the groups so that it merges into the kernel; this adapter cannot be converted; fix: merge it "
+            "in PEFT (merge_and_unload) and load the merged conv weights as params"
         )
     n_in = tA.ndim - 1  # cin + spatial
     canon_in = [None] * n_in  # canonical input position -> axis of blocks (after G, r)
@@ -94,14 +95,17 @@ def factors_to_torch(path: str, A: np.ndarray, B: np.ndarray, m: np.ndarray | No
         g = layout.groups
         nk = layout.n_in - 1
         if layout.n_out != 1 or layout.n_stack != (1 if g > 1 else 0):
-            raise ValueError(f"jlora.peft.save: conv {path!r} with axis roles {layout.describe()} has no PEFT layout")
+            raise ValueError(f"jlora.peft.save: conv {path!r} with axis roles {layout.describe()} has no PEFT layout "
+                             "(PEFT's conv LoRA has one output axis and no stack axes); fix: save it with "
+                             "jlora.save_adapter (orbax) instead")
         out["lora_A.weight"] = _conv_a_to_torch(A, layout)
         b = B if g > 1 else B[None]  # (G, r, cout_g)
         out["lora_B.weight"] = np.transpose(b, (0, 2, 1)).reshape(-1, r, *(1,) * nk)
         magnitude_shape: tuple[int, ...] = (1, math.prod(layout.out_shape) * g) + (1,) * nk
     elif layout.kind == "embed":
         if A.ndim != 2 or B.ndim != 2:
-            raise ValueError(f"jlora.peft.save: embedding {path!r}: expected 2-D A and B, got {A.shape}, {B.shape}")
+            raise ValueError(f"jlora.peft.save: embedding {path!r}: expected 2-D A and B, got {A.shape}, {B.shape}; "
+                             "fix: save the lora tree jlora.init made for the (vocab, d) table")
         out["lora_embedding_A"] = A.T
         out["lora_embedding_B"] = B.T
         magnitude_shape = (B.shape[1],)
@@ -119,7 +123,8 @@ def factors_to_torch(path: str, A: np.ndarray, B: np.ndarray, m: np.ndarray | No
         want = layout.stack_shape + layout.out_shape
         if m.shape != want:
             raise ValueError(f"jlora.peft.save: DoRA magnitude of {path!r}: expected shape {want} (the "
-                             f"kernel's stack + output axes), got {m.shape}")
+                             f"kernel's stack + output axes), got {m.shape}; fix: save the lora tree jlora.init "
+                             "made with use_dora=True")
         out["lora_magnitude_vector"] = m.reshape(magnitude_shape)
     return out
 
@@ -185,10 +190,45 @@ def factors_from_torch(path: str, layout: Layout, parts: Mapping[str, tuple[str,
         if tm.size != math.prod(want_m):
             raise ValueError(
                 f"jlora.peft.load: DoRA magnitude {key_m!r} of shape {tm.shape} does not fit {path!r}: expected "
-                f"{math.prod(want_m)} values (the kernel's output axes {want_m})"
+                f"{math.prod(want_m)} values (the kernel's output axes {want_m}); fix: check the key_map and the "
+                "base model"
             )
         m = tm.reshape(want_m)
     return A, B, m
+
+
+def untraced_layout(path: str, key: str, shape: tuple[int, ...], n_in_flat: int, n_out_flat: int, kind: str,
+                    kernels: str | None) -> Layout:
+    """The layout of a kernel known neither from a trace nor from ``layouts=``: from the key map's
+    stated kernel order (``kernels``: ``'in_out'``/``'out_in'``), else from the sizes when only one
+    reading fits; a kernel the sizes do not tell (square: ``(in, out)`` and ``(out, in)`` both fit)
+    is refused with the fix.
+
+    >>> untraced_layout("d/kernel", "k", (4, 3), 4, 3, "dense", None).roles
+    'io'
+    >>> untraced_layout("d/kernel", "k", (4, 4), 4, 4, "dense", "out_in").roles
+    'oi'
+    >>> untraced_layout("d/kernel", "k", (4, 4), 4, 4, "dense", None)  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+      ...
+    ValueError: jlora.peft.load: cannot tell the axis roles of 'd/kernel' (shape (4, 4)) from 'k'...
+    """
+    if kind == "conv":
+        return Layout(shape, "i" * (len(shape) - 1) + "o", kind="conv")
+    if kernels == "out_in" and kind != "embed":
+        n_out = _find_split(path, shape, n_out_flat, n_in_flat)
+        return Layout(shape, "o" * (n_out or 1) + "i" * (len(shape) - (n_out or 1)), kind=kind)
+    n_in = _find_split(path, shape, n_in_flat, n_out_flat)
+    if kernels is None and kind != "embed" and n_in is not None and _find_split(path, shape, n_out_flat, n_in_flat):
+        raise ValueError(
+            f"jlora.peft.load: cannot tell the axis roles of {path!r} (shape {shape}) from {key!r}: its input and "
+            f"output sizes ({n_in_flat}, {n_out_flat}) fit both (in..., out...) (Flax's nn.Dense) and (out..., in...) "
+            "(PyTorch's nn.Linear weight kept as it is), and reading it the wrong way gives a wrong model silently. "
+            "Fix: pass apply_fn=model.apply, args=(example inputs,) so load reads the roles from the model, or "
+            f"layouts={{{path!r}: jlora.Layout({shape}, 'io')}} ('oi' for (out, in)), or a key map that states the "
+            "order: jlora.peft.PortKeyMap(pairs, kernels='in_out' or 'out_in')"
+        )
+    return Layout.plain(shape, 0, n_in if n_in is not None else len(shape) - 1, kind)
 
 
 def plain_layout(path: str, shape: tuple[int, ...], n_in_flat: int, n_out_flat: int, kind: str) -> Layout | None:
@@ -226,7 +266,8 @@ def whole_to_torch(path: str, value: np.ndarray, param: str, is_conv: bool, fan_
             return value.T
         raise ValueError(
             f"jlora.peft.save: trained-whole kernel {path!r} has shape {value.shape}; only 2-D (in, out) "
-            "kernels and convs (conv=...) have a known PyTorch layout"
+            "kernels and convs (conv=...) have a known PyTorch layout; fix: adapt it with LoRA instead of training "
+            "it whole, or save with jlora.save_adapter (orbax)"
         )
     return value.reshape(-1) if param == "bias" else value
 

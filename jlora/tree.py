@@ -117,9 +117,10 @@ def init(key: jax.Array, params: Any, config: LoraConfig, apply_fn: Callable[...
         merges round once into the kernel's dtype. Pass ``dtype=jnp.bfloat16`` for half-size factors.
 
     Returns:
-      ``(frozen, lora)``: ``frozen`` is ``params`` itself (for ``init='pissa'``/``'olora'``: ``params``
-      with each adapted kernel replaced by its residual, see :mod:`jlora.inits`); ``lora`` holds
-      ``{"A", "B"}`` per adapted kernel (A: ``stack + in + (r,)``, B: ``stack + (r,) + out``), plus
+      ``(frozen, lora)``: ``frozen`` holds ``params``' arrays in new containers (new dicts, a new
+      ``nnx.State`` with new Variables: updating the model later never changes ``frozen``); for
+      ``init='pissa'``/``'olora'`` each adapted kernel is replaced by its residual (:mod:`jlora.inits`).
+      ``lora`` holds ``{"A", "B"}`` per adapted kernel (A: ``stack + in + (r,)``, B: ``stack + (r,) + out``), plus
       ``"m"`` (``stack + out``) with ``use_dora`` (:mod:`jlora.dora`), ``"rows"`` per
       ``embedding_rows`` table, and a copy of each leaf matched by ``config.trainable``. The model
       output is unchanged at init, except with ``init='loftq'``: ``frozen`` then holds each adapted
@@ -205,7 +206,9 @@ def init(key: jax.Array, params: Any, config: LoraConfig, apply_fn: Callable[...
                     "drop one of the two rules"
                 )
             out[p + "/rows"] = extras.init_rows(_base(residual.get(p, leaf)), rows, p)
-    frozen = params if not residual else paths.map_with_path(lambda q, w: residual.get(q, w), params)
+    # New containers (new NNX Variables) around the same immutable arrays: frozen never aliases mutable
+    # model state, so nnx.update(model, merge(frozen, ...)) cannot rewrite frozen behind the user's back.
+    frozen = paths.map_with_path(lambda q, w: residual.get(q, w), params)
     return frozen, nest(out, layouts)
 
 
@@ -236,6 +239,7 @@ def _combine(frozen: Any, lora: Any, config: LoraConfig, sign: float, whole: boo
         raise TypeError(f"jlora.{name}: dtype= sets the dtype of dequantized kernels; it needs into='float'; fix: "
                         f"jlora.{name}(..., into='float', dtype=...) for a quantized base, or cast the frozen tree "
                         "yourself (jax.tree.map(lambda w: w.astype(dtype), frozen)) for a float base")
+    checks.lora_tree(f"jlora.{name}", lora)  # a non-array leaf is named by its path, under this function's name
     quantized = [p for p, x in paths.flatten(frozen).items() if quant.is_quantized(x)]
     if quantized and into is None:
         raise ValueError(

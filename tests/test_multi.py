@@ -164,7 +164,7 @@ def test_linear_reports_its_cross_term_error(setup):
 
 
 def test_bad_input():
-    with pytest.raises(ValueError, match="give the target rank"):
+    with pytest.raises(ValueError, match="needs a positive target rank"):
         multi.combine({"w": jnp.zeros((2, 2))}, [({"w": {"A": jnp.ones((2, 1)), "B": jnp.ones((1, 2))}},
                       jlora.LoraConfig(rank=1, targets="w"))], [1.0], "svd")
     s = multi.Stack({}, jlora.LoraConfig(targets=".*"), ("a",))
