@@ -174,8 +174,9 @@ def dequantize_after(x: Any, after: Any) -> Any:
     alive at the start of the step) and merges the backward pass's with the forward pass's (alive
     from the forward to the backward pass); XLA:CPU drops optimization barriers before its last
     common-subexpression pass, so a barrier does not prevent either. Instead each of the kernel's
-    arrays is read through a ``dynamic_slice`` whose start is ``min(bits of an element of after, 0)``
-    (a copy of the codes and scales: an eighth of the float kernel for nf4):
+    arrays is read through a ``dynamic_slice`` of all but its last element whose start is
+    ``min(bits of an element of after, 0)`` (a copy of the codes and scales: an eighth of the float
+    kernel for nf4):
     always 0 (a negative start is clamped), unknown to the compiler, and available only once
     ``after`` is.
     """
@@ -189,8 +190,10 @@ def dequantize_after(x: Any, after: Any) -> Any:
 
     def tie(arr: jax.Array) -> jax.Array:  # every array: no part of the dequantization can move or merge
         flat = arr.reshape(-1)
-        padded = jnp.concatenate([flat, flat[:1]])
-        return lax.dynamic_slice_in_dim(padded, zero, flat.shape[0]).reshape(arr.shape)
+        if flat.shape[0] < 2:  # a scalar (the double-quant offset): nothing worth keeping apart
+            return arr
+        head = lax.dynamic_slice_in_dim(flat, zero, flat.shape[0] - 1)  # flat[:-1]: the start is 0 after clamping
+        return jnp.concatenate([head, flat[-1:]]).reshape(arr.shape)
 
     tied = {k: tie(v) for k, v in x.q._children().items()}
     return materialise(Dequant(dataclasses.replace(x.q, **tied), x.views, x.operands))
@@ -203,7 +206,7 @@ def layers(d: Dequant, length: int) -> tuple[dict[str, Any], Callable[[dict[str,
     scales span layers: :func:`jlora.quant.splits_by_layer`).
 
     >>> import jax.numpy as jnp
-    >>> q = quant.quantize({"w": jnp.ones((3, 4, 64))}, "w", scheme="int8")["w"]
+    >>> q = quant.quantize({"w": jnp.ones((3, 4, 64))}, "w")["w"]
     >>> xs, step = layers(Dequant(q), 3)
     >>> step({k: v[0] for k, v in xs.items()}).shape
     (4, 64)
