@@ -1,8 +1,15 @@
 """Jitted KV-cache generation for the Llama port: base model, lazy or merged LoRA, one adapter per row.
 
     python examples/generate.py "What is the capital of France?"      # SmolLM2-135M-Instruct, greedy
+    python examples/generate.py --adapter runs/smollm_extraction/run-000/adapter "Ana is 31 and lives in Oslo."
+    python examples/generate.py --adapter runs/smollm_extraction/run-000 --chat       # talk to it (stdin)
 
-One compiled program per (batch, prompt length, ``max_new_tokens``, sampling settings): a prefill
+``--adapter DIR`` takes what the main job wrote: an orbax adapter (``jlora.save_adapter``), a PEFT
+adapter (``adapter_config.json`` + ``adapter_model.safetensors``), or the run folder holding
+``adapter/``. ``--chat`` is a multi-turn conversation through the chat template, one line per
+turn from stdin (an empty line, ``exit`` or end of input ends it).
+
+One compiled program per (batch, prompt length, ``max_new_tokens``, sampling settings, group): a prefill
 over the left-padded prompts, then a ``lax.while_loop`` of single-token steps on a fixed-size cache
 (no per-token retrace), stopping once every row has emitted a stop token. Sampling is greedy
 (``temperature=0``) or temperature + top-p (nucleus) with an explicit PRNG key.
@@ -114,7 +121,8 @@ def sample(logits: jax.Array, key: jax.Array, temperature: float = 0.0, top_p: f
 
 
 def token_logp(logits: jax.Array, tokens: jax.Array, temperature: float = 0.0) -> jax.Array:
-    """``log softmax(logits / temperature)[tokens]`` per row, float32 (``temperature == 0``: the raw logits).
+    """``log softmax(logits / temperature)[tokens]``: (..., vocab) logits, (...) tokens -> (...) float32
+    (``temperature == 0``: the raw logits).
 
     The log-probability of each chosen token under the distribution it was sampled from (before a
     top-p cut); what a policy-gradient learner recomputes from the same logits.
@@ -124,20 +132,24 @@ def token_logp(logits: jax.Array, tokens: jax.Array, temperature: float = 0.0) -
     """
     logits = logits.astype(jnp.float32) / (temperature if temperature > 0 else 1.0)
     logp = jax.nn.log_softmax(logits, axis=-1)
-    return jnp.take_along_axis(logp, tokens[:, None].astype(jnp.int32), axis=-1)[:, 0]
+    return jnp.take_along_axis(logp, tokens[..., None].astype(jnp.int32), axis=-1)[..., 0]
 
 
 @functools.partial(jax.jit, static_argnames=("forward", "config", "max_new_tokens", "stop_ids", "pad_id",
-                                             "temperature", "top_p"))
+                                             "temperature", "top_p", "group"))
 def _generate(forward: Forward, config: LlamaConfig, weights: Any, ids: jax.Array, mask: jax.Array, key: jax.Array,
               *, max_new_tokens: int, stop_ids: tuple[int, ...], pad_id: int, temperature: float,
-              top_p: float) -> tuple[jax.Array, jax.Array, jax.Array]:
+              top_p: float, group: int = 1) -> tuple[jax.Array, jax.Array, jax.Array]:
     b, width = ids.shape
     dtype = jax.tree.leaves(weights)[0].dtype
     cache = init_cache(config, b, width + max_new_tokens, dtype if jnp.issubdtype(dtype, jnp.floating) else jnp.float32)
     slots = jnp.concatenate([mask, jnp.zeros((b, max_new_tokens), mask.dtype)], axis=1)
     positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)  # left padding: real tokens start at 0
     logits, cache = forward(weights, ids, slots, positions, cache, cache_index=0)
+    if group > 1:  # one prefill per prompt, then `group` rows share its cache
+        rep = functools.partial(jnp.repeat, repeats=group, axis=0)
+        logits, cache, slots, positions = rep(logits[:, -1:]), jax.tree.map(rep, cache), rep(slots), rep(positions)
+        b = b * group
     key, sub = jax.random.split(key)
     stops = jnp.asarray(stop_ids, jnp.int32)
     tok = sample(logits[:, -1], sub, temperature, top_p)
@@ -170,7 +182,7 @@ def _generate(forward: Forward, config: LlamaConfig, weights: Any, ids: jax.Arra
 
 def generate(forward: Forward, config: LlamaConfig, weights: Any, ids: Any, mask: Any, *, max_new_tokens: int,
              stop_ids: Sequence[int], pad_id: int, key: jax.Array | None = None, temperature: float = 0.0,
-             top_p: float = 1.0, return_logprobs: bool = False) -> tuple[np.ndarray, ...]:
+             top_p: float = 1.0, return_logprobs: bool = False, group: int = 1) -> tuple[np.ndarray, ...]:
     """Generates up to ``max_new_tokens`` after each left-padded prompt row.
 
     Args:
@@ -185,9 +197,12 @@ def generate(forward: Forward, config: LlamaConfig, weights: Any, ids: Any, mask
       temperature, top_p: ``0`` is greedy; otherwise temperature and nucleus sampling.
       return_logprobs: also return each emitted token's log-probability (:func:`token_logp`),
         recorded while sampling (0 after a row stopped); the same compiled program either way.
+      group: completions per prompt row: output rows ``i * group ... i * group + group - 1`` continue
+        prompt ``i``, whose prefill runs once (its KV cache is repeated). For weights without per-row
+        parts (not :func:`mixed_forward`).
 
     Returns:
-      ``(tokens, lengths)``: (batch, max_new_tokens) int32 and the count before the first stop id;
+      ``(tokens, lengths)``: (batch * group, max_new_tokens) int32 and the count before the first stop id;
       ``(tokens, lengths, logprobs)`` with ``return_logprobs`` (logprobs float32, like tokens).
 
     >>> tokens, lengths = generate(base_forward(model.apply), model.config, params, ids, mask,
@@ -197,13 +212,15 @@ def generate(forward: Forward, config: LlamaConfig, weights: Any, ids: Any, mask
         raise ValueError(f"generate: max_new_tokens must be >= 1, got {max_new_tokens}")
     if temperature < 0 or not 0 < top_p <= 1:
         raise ValueError(f"generate: need temperature >= 0 and 0 < top_p <= 1, got {temperature}, {top_p}")
+    if group < 1:
+        raise ValueError(f"generate: group must be >= 1, got {group}")
     if temperature > 0 and key is None:
         raise ValueError("generate: temperature > 0 samples; fix: pass key=jax.random.key(seed)")
     key = jax.random.key(0) if key is None else key
     out, lengths, logps = _generate(forward, config, weights, jnp.asarray(ids, jnp.int32),
                                     jnp.asarray(mask, jnp.int32), key, max_new_tokens=int(max_new_tokens),
                                     stop_ids=tuple(int(s) for s in stop_ids), pad_id=int(pad_id),
-                                    temperature=float(temperature), top_p=float(top_p))
+                                    temperature=float(temperature), top_p=float(top_p), group=int(group))
     if return_logprobs:
         return np.asarray(out), np.asarray(lengths), np.asarray(logps)
     return np.asarray(out), np.asarray(lengths)
@@ -230,29 +247,152 @@ def decode(tokenizer: Any, tokens: np.ndarray, lengths: np.ndarray) -> list[str]
     return [tokenizer.decode([int(t) for t in row[:n]]) for row, n in zip(tokens, lengths)]
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Greedy chat replies from SmolLM2-135M-Instruct for the prompts on the command line, with tokens/s."""
+def find_adapter(directory: str | Path) -> tuple[Path, str]:
+    """``(folder, kind)`` of the adapter at ``directory``: ``'peft'`` (``adapter_config.json``), ``'orbax'``
+    (a ``jlora.save_adapter`` checkpoint), or a run folder's ``adapter/``; a ValueError with the fix otherwise.
+
+    Reads no arrays: it runs before the model is loaded, so a wrong path fails at once.
+
+    >>> find_adapter("no/such/dir")                                   # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+      ...
+    ValueError: --adapter no/such/dir: no such folder; fix: ...
+    """
+    from jlora.ckpt_io import MANIFEST
+    from jlora.peft_keys import CONFIG_NAME
+
+    d = Path(directory)
+    if not d.is_dir():
+        raise ValueError(f"--adapter {d}: {'not a folder' if d.exists() else 'no such folder'}; fix: the adapter/ or "
+                         "peft_adapter/ folder that examples/finetune_smollm.py printed at the end (or its run folder)")
+    for folder in (d, d / "adapter"):
+        if (folder / CONFIG_NAME).is_file():
+            return folder, "peft"
+        if (folder / MANIFEST).is_file():
+            return folder, "orbax"
+    raise ValueError(f"--adapter {d}: holds neither a jlora adapter ({MANIFEST}) nor a PEFT adapter ({CONFIG_NAME}) "
+                     f"(it has: {sorted(p.name for p in d.iterdir())[:8]}); fix: pass the adapter/ or peft_adapter/ "
+                     "folder of a run")
+
+
+def load_adapter(directory: str | Path, params: Any) -> tuple[Any, jlora.LoraConfig, dict[str, Any], str]:
+    """``(lora, config, metadata, kind)`` of an orbax or PEFT adapter (:func:`find_adapter`) for the Llama port's
+    ``params``; PEFT adapters are read with ``jlora.peft.LLAMA_KEY_MAP`` (their metadata is ``{}``).
+
+    >>> lora, cfg, meta, kind = load_adapter("runs/smollm_extraction/run-000/adapter", params)  # doctest: +SKIP
+    """
+    folder, kind = find_adapter(directory)
+    if kind == "peft":
+        lora, config = jlora.peft.load(folder, params, jlora.peft.LLAMA_KEY_MAP)
+        return lora, config, {}, kind
+    lora, config, metadata = jlora.restore_adapter(folder, frozen=params)
+    return lora, config, dict(metadata or {}), kind
+
+
+def chat_loop(forward: Forward, config: LlamaConfig, weights: Any, tokenizer: Any, chat: Any, eos_id: int,
+              lines: Any, out: Any, *, system: str | None = None, max_new_tokens: int = 128,
+              key: jax.Array | None = None, temperature: float = 0.0, top_p: float = 1.0,
+              echo: bool = True) -> list[dict[str, str]]:
+    """A multi-turn conversation: each line of ``lines`` is a user turn, each reply is written to ``out``.
+
+    The whole conversation so far (``system`` first) goes through the chat template every turn. An
+    empty line, ``exit``/``quit`` or the end of ``lines`` ends it. ``echo`` writes each user line too
+    (for piped input, so the transcript reads as a conversation). Returns the messages.
+
+    >>> msgs = chat_loop(fwd, cfg, params, tok, chat, 2, io.StringIO("Hi\\n"), sys.stdout)  # doctest: +SKIP
+    """
+    messages = [{"role": "system", "content": system}] if system else []
+    for line in lines:
+        text = line.strip()
+        if not text or text.lower() in ("exit", "quit"):
+            break
+        if echo:
+            print(f"you> {text}", file=out, flush=True)
+        messages.append({"role": "user", "content": text})
+        ids, mask = left_pad([tokenizer.encode(chat.render(messages, add_generation_prompt=True)).ids],
+                             pad_id=eos_id, multiple=64)
+        key, sub = jax.random.split(jax.random.key(0) if key is None else key)
+        tokens, lengths = generate(forward, config, weights, ids, mask, max_new_tokens=max_new_tokens,
+                                   stop_ids=(eos_id,), pad_id=eos_id, key=sub, temperature=temperature, top_p=top_p)
+        reply = decode(tokenizer, tokens, lengths)[0]
+        print(f"assistant> {reply}", file=out, flush=True)
+        messages.append({"role": "assistant", "content": reply})
+    return messages
+
+
+def _stdin_lines(prompt: str) -> Any:
+    """Lines typed at a terminal (with a prompt) until EOF."""
+    while True:
+        try:
+            yield input(prompt)
+        except EOFError:
+            return
+
+
+def parse_args(argv: Sequence[str] | None = None) -> Any:
+    """The command line (every option checked here, before the model is loaded)."""
     import argparse
 
+    p = argparse.ArgumentParser(description="Generate with SmolLM2-135M-Instruct (jitted KV-cache decoding), "
+                                "optionally with a LoRA adapter, or chat with it.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("prompts", nargs="*", help="user messages, one reply each (default: two examples; none with --chat)")
+    p.add_argument("--adapter", default=None, help="an adapter folder: orbax (adapter/), PEFT (peft_adapter/) or the "
+                   "run folder of examples/finetune_smollm.py; merged into the weights")
+    p.add_argument("--chat", action="store_true", help="multi-turn chat, one user turn per line of stdin (an empty "
+                   "line, 'exit' or Ctrl-D ends it)")
+    p.add_argument("--system", default=None, help="system message (default: the one the adapter was trained with, "
+                   "if its metadata records it)")
+    p.add_argument("--max-new-tokens", type=int, default=48, help="generation budget per reply")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (with --temperature > 0)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed")
+    args = p.parse_args(argv)
+    if args.max_new_tokens < 1:
+        p.error(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    if args.temperature < 0 or not 0 < args.top_p <= 1:
+        p.error(f"need --temperature >= 0 and 0 < --top-p <= 1, got {args.temperature}, {args.top_p}")
+    if args.chat and args.prompts:
+        p.error("--chat reads the user turns from stdin; fix: drop the prompts, or drop --chat")
+    if args.adapter is not None:
+        try:
+            find_adapter(args.adapter)
+        except ValueError as e:
+            p.error(str(e))
+    if not args.prompts and not args.chat:
+        args.prompts = ["What is the capital of France?", "Name three primary colors."]
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Replies from SmolLM2-135M-Instruct (with ``--adapter``: merged LoRA) for the prompts, or a chat."""
     from examples.models import smollm
 
-    p = argparse.ArgumentParser(description="Generate with SmolLM2-135M-Instruct (jitted KV-cache decoding).")
-    p.add_argument("prompts", nargs="*", default=["What is the capital of France?", "Name three primary colors."])
-    p.add_argument("--max-new-tokens", type=int, default=48)
-    p.add_argument("--temperature", type=float, default=0.0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=0)
-    args = p.parse_args(argv)
+    args = parse_args(argv)
     model, params, tok, chat = smollm.load_smollm()
     eos = smollm.eos_id()
-    ids, mask = left_pad(chat_prompts(tok, chat, args.prompts), pad_id=eos)
-    kw = dict(max_new_tokens=args.max_new_tokens, stop_ids=(eos,), pad_id=eos, key=jax.random.key(args.seed),
-              temperature=args.temperature, top_p=args.top_p)
+    weights, system, who = params, args.system, "SmolLM2-135M-Instruct"
+    if args.adapter is not None:
+        lora, config, metadata, kind = load_adapter(args.adapter, params)
+        weights = jlora.merge(params, lora, config)
+        system = system if system is not None else metadata.get("system_prompt")
+        who += f" + {kind} adapter {args.adapter} ({jlora.summary(params, lora).trainable:,} trained parameters)"
+    print(f"model: {who}" + (f"\nsystem: {system}" if system else ""), flush=True)
+    kw = dict(max_new_tokens=args.max_new_tokens, key=jax.random.key(args.seed), temperature=args.temperature,
+              top_p=args.top_p)
     fwd = base_forward(model.apply)
+    if args.chat:
+        tty = sys.stdin.isatty()
+        print("chat: one message per line; an empty line, 'exit' or Ctrl-D ends it", flush=True)
+        chat_loop(fwd, model.config, weights, tok, chat, eos, _stdin_lines("you> ") if tty else sys.stdin,
+                  sys.stdout, system=system, echo=not tty, **kw)
+        return 0
+    ids, mask = left_pad(chat_prompts(tok, chat, args.prompts, system), pad_id=eos)
+    kw.update(stop_ids=(eos,), pad_id=eos)
     t0 = time.perf_counter()
-    generate(fwd, model.config, params, ids, mask, **kw)
+    generate(fwd, model.config, weights, ids, mask, **kw)
     t1 = time.perf_counter()
-    tokens, lengths = generate(fwd, model.config, params, ids, mask, **kw)
+    tokens, lengths = generate(fwd, model.config, weights, ids, mask, **kw)
     t2 = time.perf_counter()
     for prompt, text in zip(args.prompts, decode(tok, tokens, lengths)):
         print(f"> {prompt}\n{text}\n")
