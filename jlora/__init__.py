@@ -1,7 +1,7 @@
 """jlora: LoRA for JAX as pure functions over parameter pytrees."""
 
 from jlora import checkpoint, dora, layout, moe, multi, peft, quant, sharding
-from jlora.apply import lora_apply
+from jlora.apply import lora_apply, quantized_apply
 from jlora.checkpoint import TrainCheckpointer, restore_adapter, save_adapter
 from jlora.config import LoraConfig
 from jlora.extras import bias_rules
@@ -43,6 +43,7 @@ __all__ = [
     "peft",
     "quant",
     "quantize",
+    "quantized_apply",
     "restore_adapter",
     "save_adapter",
     "sharding",

@@ -120,6 +120,33 @@ def _scale_updates(frozen: Any, lora: Any, config: LoraConfig, scale: Any) -> An
                                lora)
 
 
+def quantized_apply(apply_fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Wraps ``apply_fn(params, *args, **kwargs)`` so that each use of a quantized leaf of ``params``
+    dequantizes inside the operation, in the forward pass and again in the backward pass.
+
+    What :func:`lora_apply` does for the base kernels, for a function with no adapter (a model trained
+    in some other way on a quantized base, an evaluation, a reference model): the compiled step keeps
+    the codes and scales, never a float copy of the kernels, from the forward to the backward pass
+    (calling :func:`jlora.dequantize` inside ``apply_fn`` instead keeps every float kernel alive for
+    the backward pass). ``fn(params, *args, **kwargs)`` equals
+    ``apply_fn(jlora.dequantize(params, dtype=None), *args, **kwargs)``.
+
+    >>> import jax, jax.numpy as jnp, jlora
+    >>> q = jlora.quantize({"w": jnp.eye(64)}, "w", scheme="int8")
+    >>> quantized_apply(lambda p, x: x @ p["w"])(q, jnp.ones(64))[:3].tolist()
+    [1.0, 1.0, 1.0]
+    """
+    if not callable(apply_fn):
+        raise TypeError(f"quantized_apply: apply_fn must be callable, got {type(apply_fn).__name__}; fix: pass the "
+                        "model's apply function (model.apply), not its output")
+
+    def fn(params: Any, *args: Any, **kwargs: Any) -> Any:
+        return lazy.lazy_call(apply_fn, params, {}, None, args, kwargs, factored={})
+
+    functools.update_wrapper(fn, apply_fn, assigned=("__module__", "__name__", "__qualname__"), updated=())
+    return fn
+
+
 def lazy_fallback(frozen: Any, lora: Any, config: Any) -> tuple[Any, dict[str, Any]]:
     """Folds the tables with trained rows into ``frozen``: the kernels the lazy rewrite cannot run
     factored (the merged fallback, correct and differentiable, not lazy).

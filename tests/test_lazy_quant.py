@@ -165,3 +165,28 @@ def test_apply_dequantized_gradient_reaches_other_inputs_only():
     np.testing.assert_allclose(np.asarray(y), np.asarray(y_ref), rtol=1e-6)
     ct = jnp.ones_like(y)
     np.testing.assert_allclose(np.asarray(vjp(ct)[0]), np.asarray(vjp_ref(ct)[0]), rtol=1e-5, atol=1e-6)
+
+
+def test_quantized_apply_without_adapter_equals_dequantized_and_keeps_codes():
+    """jlora.quantized_apply: a function of a quantized tree with no adapter (here trained in its biases)."""
+    n, d = 8, 256
+    p = {f"l{k}_{j}": jax.ShapeDtypeStruct((d, d), jnp.float32) for k in range(n) for j in range(4)}
+    fq = jax.eval_shape(lambda pp: quant.quantize(pp, r"l\d+_\d"), p)
+
+    def f(params, bias, x):
+        return _layers(params, x + bias)
+
+    def temp(fn, params):
+        g = jax.jit(jax.grad(lambda b, pp, x: jnp.mean(fn(pp, b, x) ** 2)))
+        return g.lower(jax.ShapeDtypeStruct((d,), jnp.float32), params,
+                       jax.ShapeDtypeStruct((8, d), jnp.float32)).compile().memory_analysis().temp_size_in_bytes
+
+    extra = (temp(jlora.quantized_apply(f), fq) - temp(f, p)) / (4 * d * d * 4)
+    assert extra <= 1.5, extra
+    small = {"l0_0": _w(12, (64, 64)), "l0_1": _w(13, (64, 64)), "l0_2": _w(14, (64, 64)), "l0_3": _w(15, (64, 64))}
+    sq = quant.quantize(small, r"l\d+_\d", scheme="int8")
+    x, b = _w(16, (4, 64), 1.0), _w(17, (64,), 1.0)
+    np.testing.assert_allclose(np.asarray(jax.jit(jlora.quantized_apply(f))(sq, b, x)),
+                               np.asarray(f(quant.dequantize(sq), b, x)), rtol=1e-5, atol=1e-6)
+    with pytest.raises(TypeError, match="apply_fn must be callable"):
+        jlora.quantized_apply(None)
