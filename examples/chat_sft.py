@@ -7,6 +7,7 @@ Used by ``examples/finetune_smollm.py`` and its tests.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import re
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -31,6 +32,10 @@ def target_regexes(spec: str) -> tuple[str, ...]:
 
     >>> target_regexes("q_proj,mlp")
     ('params/layers_\\\\d+/attn/q_proj/kernel', 'params/layers_\\\\d+/mlp/(gate_proj|up_proj|down_proj)/kernel')
+    >>> target_regexes("qproj")
+    Traceback (most recent call last):
+    ...
+    ValueError: --targets item 'qproj' is not a short name (closest: q_proj, v_proj, o_proj); fix: use short names (q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj, attn, mlp, all) or a full-path regex such as 'params/layers_\\d+/attn/q_proj/kernel'
     >>> target_regexes("q_proj(")
     Traceback (most recent call last):
     ...
@@ -50,6 +55,11 @@ def target_regexes(spec: str) -> tuple[str, ...]:
             for k in groups[item]:
                 by_block.setdefault(SHORT_TARGETS[k], []).append(k)
             out.extend(f"{LAYER}/{block}/({'|'.join(ks)})/kernel" for block, ks in by_block.items())
+        elif re.fullmatch(r"\w+", item):  # a plain word never matches a whole path ('params/.../kernel')
+            near = difflib.get_close_matches(item, [*SHORT_TARGETS, *groups], n=3, cutoff=0.5)
+            closest = f" (closest: {', '.join(near)})" if near else ""
+            raise ValueError(f"--targets item {item!r} is not a short name{closest}; fix: use short names ({names}) "
+                             f"or a full-path regex such as '{LAYER}/attn/q_proj/kernel'")
         else:
             try:
                 re.compile(item)

