@@ -79,11 +79,27 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     for name in ("eval_size", "peft_check"):
         if getattr(args, name) < 0:
             p.error(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
+    if not args.lr > 0:
+        p.error(f"--lr must be > 0, got {args.lr}")
     try:
         args.target_regexes = chat_sft.target_regexes(args.targets)
     except ValueError as e:
         p.error(str(e))
+    try:
+        lora_config(args)  # --rank/--alpha as LoraConfig checks them
+    except ValueError as e:
+        p.error(f"--rank {args.rank} / --alpha {args.alpha}: {e}")
     return args
+
+
+def lora_config(args: argparse.Namespace) -> jlora.LoraConfig:
+    """The LoRA config the options describe (``--alpha`` defaults to 2 * ``--rank``).
+
+    >>> lora_config(parse_args(["--rank", "4", "--targets", "q_proj"])).scale_for("x")
+    2.0
+    """
+    return jlora.LoraConfig(rank=args.rank, alpha=args.alpha if args.alpha is not None else 2.0 * args.rank,
+                            targets=args.target_regexes)
 
 
 def check_targets(spec: str, config: jlora.LoraConfig) -> None:
@@ -105,6 +121,8 @@ def check_targets(spec: str, config: jlora.LoraConfig) -> None:
     try:
         jax.eval_shape(lambda: jlora.init(jax.random.key(0), shapes, config))
     except ValueError as e:
+        if str(e).startswith("LoraConfig.rank"):
+            raise UsageError(f"--rank: {e}") from None
         names = ", ".join([*chat_sft.SHORT_TARGETS, "attn", "mlp", "all"])
         raise UsageError(f"--targets {spec!r}: {e} (the short names --targets accepts: {names})") from None
 
@@ -133,8 +151,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     adapter_dir = check_out_dir(out, args.overwrite)  # before any slow work: a bad --out fails here
     if (out / PEFT_DIR).exists() and not args.overwrite:
         raise UsageError(f"--out {out} already holds a PEFT adapter ({out / PEFT_DIR}); fix: another --out or --overwrite")
-    config = jlora.LoraConfig(rank=args.rank, alpha=args.alpha if args.alpha is not None else 2.0 * args.rank,
-                              targets=args.target_regexes)
+    config = lora_config(args)
     check_targets(args.targets, config)  # on the model's shapes: before the weights load
 
     with phase("loading SmolLM2-135M-Instruct from its GGUF") as done:

@@ -34,6 +34,23 @@ def test_targets_suggest_the_short_names(capsys):
     assert "use short names (q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj, attn, mlp, all)" in err
 
 
+@pytest.mark.parametrize("argv, says", [(["--alpha", "-1"], "LoraConfig.alpha: expected a finite number > 0"),
+                                        (["--lr", "0"], "--lr must be > 0"),
+                                        (["--targets", "mlp,gateproj"], "'gateproj' is not a short name (closest: "
+                                                                        "gate_proj")])
+def test_bad_options_are_usage_errors(capsys, argv, says):
+    with pytest.raises(SystemExit) as e:
+        ft.parse_args(argv)
+    assert e.value.code == 2 and says in capsys.readouterr().err
+
+
+def test_rank_too_large_fails_on_shapes_alone(tmp_path, capsys):
+    assert ft.main(["--rank", "1000", "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert "error: --rank: LoraConfig.rank: rank 1000 for 'params/layers_0/attn/" in err and "fix: use rank <=" in err
+    assert not (tmp_path / "run").exists()
+
+
 def test_targets_matching_no_kernel_fail_on_shapes_alone(tmp_path, capsys):
     code = ft.main(["--targets", r"params/layers_\d+/attn/qq/kernel", "--out", str(tmp_path / "run")])
     err = capsys.readouterr().err

@@ -154,6 +154,32 @@ def test_peft_square_kernel_needs_its_layout(tmp_path):
     assert {jpeft.LLAMA_KEY_MAP.kernels, jpeft.BERT_KEY_MAP.kernels, jpeft.GPT2_KEY_MAP.kernels} == {"in_out"}
 
 
+def test_peft_square_module_saved_whole_needs_its_layout(tmp_path):
+    torch.manual_seed(0)
+    net = TorchMLP().eval()
+    params = {n: {"kernel": jnp.asarray(getattr(net, n).weight.detach().numpy()),
+                  "bias": jnp.asarray(getattr(net, n).bias.detach().numpy())} for n in ("fc1", "fc2")}
+    pm = peft.get_peft_model(net, peft.LoraConfig(r=2, lora_alpha=4, target_modules=["fc2"], modules_to_save=["fc1"]))
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for name, p in pm.named_parameters():
+            if "lora_" in name or "modules_to_save" in name:
+                p.add_(torch.randn(p.shape, generator=g) * 0.5)
+    pm.eval().save_pretrained(tmp_path / "peft")
+    x = np.random.default_rng(0).normal(size=(5, 8)).astype(np.float32)
+    with torch.no_grad():
+        ref = pm(torch.tensor(x)).numpy()
+    layouts = {"fc2/kernel": jlora.Layout((3, 8), "oi")}  # the factors' kernel is known: only fc1 is in question
+    with pytest.raises(ValueError, match=r"'base_model.model.fc1.weight' is the square weight "
+                                         r"\(8, 8\) of a module saved whole.*Fix: layouts=.*PortKeyMap"):
+        jpeft.load(tmp_path / "peft", params, TORCH_MAP, layouts=layouts)
+    for key_map, kw in ((TORCH_MAP, dict(layouts={**layouts, "fc1/kernel": jlora.Layout((8, 8), "oi")})),
+                        (jpeft.PortKeyMap(TORCH_MAP, kernels="out_in"), {})):
+        lora, cfg = jpeft.load(tmp_path / "peft", params, key_map, **kw)
+        np.testing.assert_allclose(np.asarray(_torch_layout_apply(jlora.merge(params, lora, cfg), x)), ref,
+                                   atol=1e-5, rtol=1e-5)
+
+
 # --- 7. serving stacks round-trip bit for bit ----------------------------------------------------
 
 def test_saved_stack_restores_bit_identical(tmp_path):
