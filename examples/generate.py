@@ -373,11 +373,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     eos = smollm.eos_id()
     weights, system, who = params, args.system, "SmolLM2-135M-Instruct"
     if args.adapter is not None:
-        lora, config, metadata, kind = load_adapter(args.adapter, params)
+        try:
+            lora, config, metadata, kind = load_adapter(args.adapter, params)
+        except (ValueError, FileNotFoundError) as e:  # an adapter for another model, a damaged file, ...
+            print(f"error: --adapter {args.adapter}: {e}", file=sys.stderr)
+            return 2
         weights = jlora.merge(params, lora, config)
         system = system if system is not None else metadata.get("system_prompt")
         who += f" + {kind} adapter {args.adapter} ({jlora.summary(params, lora).trainable:,} trained parameters)"
-    print(f"model: {who}" + (f"\nsystem: {system}" if system else ""), flush=True)
+    print(f"model: {who}\nsystem: {system if system else '(none; --system sets one)'}", flush=True)
     kw = dict(max_new_tokens=args.max_new_tokens, key=jax.random.key(args.seed), temperature=args.temperature,
               top_p=args.top_p)
     fwd = base_forward(model.apply)
