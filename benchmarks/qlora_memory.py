@@ -185,6 +185,10 @@ def report(res: dict[str, Any], meta: dict[str, Any]) -> str:
         for n, r in t["rows"].items():
             out.append(f"| {n} | {r['wall_s'] * 1e3:.0f} | {r['cpu_s'] * 1e3:.0f} | {r.get('wall_x_float', 1):.2f} | "
                        f"{r.get('cpu_x_float', 1):.2f} | {r['compile_and_first_s']:.1f} |")
+    out += ["", "Notes. A bf16 float base's own step keeps float32 copies of its kernels on XLA:CPU (CPU dots do not "
+            "take bf16: XLA converts both operands to f32 and shares the converted kernel between the forward and the "
+            "backward pass), so its temp is inflated there and the bf16 QLoRA rows' `extra temp` can be negative. Read "
+            "the CPU-time ratios when the machine is shared (load in the header)."]
     return "\n".join(out) + "\n"
 
 
