@@ -62,7 +62,7 @@ def params():
 X = jax.random.normal(jax.random.PRNGKey(1), (1, 16, 64))
 IDS = jnp.arange(16)[None] * 5 % 128
 CFG = jlora.LoraConfig(rank=4, alpha=8.0, targets=r"dense|torch|einsum|stack|embed|conv|experts")
-QUANTIZED = r"dense|torch|einsum|stack|embed|plain|experts"  # the conv kernel (small) stays float
+QUANTIZED = r"dense|torch|einsum|stack|embed|plain|conv|experts"
 
 
 def _setup(scheme):
@@ -106,7 +106,8 @@ def test_no_float_kernel_crosses_from_forward_to_backward(mode):
     saved = [(m.group(1), tuple(int(n) for n in m.group(2).split(",") if n), line)
              for line in out.getvalue().splitlines() if (m := re.match(r"(\w+)\[([\d,]*)\]", line))]
     shapes = _kernel_shapes(fq)
-    floats = [line for dtype, shape, line in saved if dtype.startswith(("f", "bf")) and shape in shapes]
+    floats = [line for dtype, shape, line in saved  # (a factor passed in may share a small kernel's shape)
+              if dtype.startswith(("f", "bf")) and shape in shapes and "from the argument" not in line]
     assert floats == [], floats
     assert any(dtype == "u8" for dtype, _, _ in saved)  # the codes are what is kept
 
