@@ -113,10 +113,19 @@ def write_gguf(source: str | os.PathLike, out: str | os.PathLike, tensors: Mappi
       against ``tensors`` (``max_rel_err``: the largest of max |error| / max |value| per tensor;
       ``rel_rms_err``: over all given tensors); all 0 for ``'f32'``.
 
-    >>> from examples.models import smollm                                       # doctest: +SKIP
-    >>> config, params = smollm.load_params()                                    # doctest: +SKIP
-    >>> report = write_gguf(smollm.gguf_path(), "/tmp/smollm-q8_0.gguf",
-    ...                     smollm.gguf_tensors(params, config), "q8_0")           # doctest: +SKIP
+    >>> import tempfile, gguf
+    >>> d = Path(tempfile.mkdtemp())
+    >>> w = gguf.GGUFWriter(str(d / "src.gguf"), "llama")
+    >>> w.add_tensor("w.weight", np.ones((2, 64), np.float32))
+    >>> w.write_header_to_file(); w.write_kv_data_to_file(); w.write_tensors_to_file(); w.close()
+    >>> r = write_gguf(d / "src.gguf", d / "out.gguf", {"w.weight": np.full((2, 64), 0.5)}, "q8_0")
+    >>> r["types"], r["max_abs_err"], gguf.GGUFReader(str(d / "out.gguf")).tensors[0].tensor_type.name
+    ({'w.weight': 'q8_0'}, 3.0517578125e-05, 'Q8_0')
+
+    With SmolLM2 (``examples/export_gguf.py`` does this after merging an adapter)::
+
+      config, params = smollm.load_params()
+      write_gguf(smollm.gguf_path(), "merged.q8_0.gguf", smollm.gguf_tensors(params, config), "q8_0")
     """
     import gguf
 
