@@ -195,6 +195,9 @@ def splits_by_layer(q: QuantizedArray) -> bool:
     >>> splits_by_layer(quantize({"w": jnp.ones((2, 4, 64))}, "w")["w"])
     True
     """
+    if not is_quantized(q):
+        raise TypeError(f"jlora.quant.splits_by_layer: expected a QuantizedArray, got {type(q).__name__}; fix: pass a "
+                        "leaf of jlora.quantize's result")
     if len(q.shape) < 2:
         return False
     if q.scheme == "nf4":
@@ -494,6 +497,9 @@ def dequantize_leaf(q: QuantizedArray, dtype: Any = None) -> jax.Array:
     >>> dequantize_leaf(q, jnp.float32)[0, :2].tolist()
     [0.25, 0.25]
     """
+    if not is_quantized(q):
+        raise TypeError(f"jlora.quant.dequantize_leaf: expected a QuantizedArray, got {type(q).__name__}; fix: "
+                        "jlora.dequantize(tree) dequantizes every quantized leaf of a tree")
     if q.scheme in quant_gguf.SCHEMES:
         x = quant_gguf.dequantize_kernel(q.codes, q.scales, q.mins, q.scheme, q.perm)
     else:

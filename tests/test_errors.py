@@ -263,6 +263,9 @@ CASES = [
     ("quantize", "regex typo", lambda t: jlora.quantize(_params(), r".*/qery/kernel"), ValueError, r"'\.\*/qery/kernel' matched no parameter; closest paths: params/attn/query/kernel.*Fix the regex"),
     ("dequantize", "dtype='foo'", lambda t: jlora.dequantize(jlora.quantize(_params(), CFG, scheme="int8"), dtype="foo"), TypeError, r"jlora.quant.dequantize: dtype= must be a float dtype or None, got 'foo'; fix"),
     ("quant.quantized_sharding", "a str for the sharding", lambda t: quant.quantized_sharding(jlora.quantize(_params(), CFG)["params"]["attn"]["query"]["kernel"], "x"), TypeError, r"expected \(QuantizedArray, NamedSharding\), got \(QuantizedArray, str\); fix"),
+    ("quant.dequantize_leaf", "an array", lambda t: quant.dequantize_leaf(jnp.ones((2, 2))), TypeError, r"dequantize_leaf: expected a QuantizedArray, got ArrayImpl; fix"),
+    ("quant.splits_by_layer", "an array", lambda t: quant.splits_by_layer(jnp.ones((2, 2))), TypeError, r"splits_by_layer: expected a QuantizedArray, got ArrayImpl; fix"),
+    ("quantized_apply", "apply_fn not callable", lambda t: jlora.quantized_apply(3), TypeError, r"quantized_apply: apply_fn must be callable, got int; fix"),
     ("quant.quant_report", "1-d shape", lambda t: quant.quant_report(shape=(64,)), ValueError, r"'w' \(shape \(64,\), dtype float32\) is not a float kernel.*fix"),
     # sharding
     ("lora_specs", "an int leaf", lambda t: jlora.lora_specs(jax.tree.map(lambda x: 3, _params()), _fl()[1], CFG), TypeError, r"base_specs leaf at 'params/attn/query/bias' is a int; expected a PartitionSpec.*fix"),
