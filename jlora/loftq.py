@@ -37,6 +37,8 @@ Against PEFT 0.21 (``peft.utils.loftq_utils.loftq_init``), which runs on CUDA/XP
 from __future__ import annotations
 
 import dataclasses
+import functools
+from collections.abc import Iterator
 from typing import Any
 
 import jax
@@ -46,7 +48,7 @@ import numpy as np
 from jlora import inits, quant
 from jlora.layout import Layout
 
-__all__ = ["SCHEMES", "loftq_kernel", "reconstruction_error"]
+__all__ = ["SCHEMES", "loftq_kernel", "loftq_steps", "reconstruction_error"]
 
 #: The quantization scheme of each ``loftq_bits``.
 SCHEMES = {4: "nf4", 8: "int8"}
@@ -58,8 +60,10 @@ def _quantize(w: jax.Array, layout: Layout, scheme: str, dtype: Any) -> quant.Qu
     return dataclasses.replace(q, dtype=np.dtype(dtype))
 
 
-def _top(residual: jax.Array, rank: int, scale: float) -> tuple[jax.Array, jax.Array]:
-    """PiSSA's split of the top-r singular triplets of ``residual`` (stack + (in, out)) over ``s``."""
+@functools.partial(jax.jit, static_argnums=1)
+def _top(residual: jax.Array, rank: int, scale: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """PiSSA's split of the top-r singular triplets of ``residual`` (stack + (in, out)) over ``s`` (jitted:
+    an eager SVD dispatches several times slower on the CPU)."""
     u, s, vh = jnp.linalg.svd(residual, full_matrices=False)
     root = jnp.sqrt(s[..., :rank] / scale)
     return u[..., :, :rank] * root[..., None, :], root[..., :, None] * vh[..., :rank, :]
@@ -85,6 +89,37 @@ def _check(w0: Any, path: str, groups: tuple[bool, ...] | None) -> None:
         raise TypeError(f"LoraConfig.init='loftq': kernel {path!r} has dtype {w0.dtype}, expected a float dtype")
 
 
+def loftq_steps(w0: jax.Array, layout: Layout, rank: int, scale: float, bits: int, iters: int, *,
+                path: str = "kernel", groups: tuple[bool, ...] | None = None
+                ) -> Iterator[tuple[jax.Array, jax.Array, quant.QuantizedArray]]:
+    """LoftQ's alternation, one ``(A, B, Q)`` per step (float32 factors): step t is what ``loftq_iter=t`` gives.
+
+    Args: as :func:`loftq_kernel` (no dtype).
+
+    >>> w = jax.random.normal(jax.random.key(0), (64, 64))
+    >>> lay = Layout((64, 64), "io")
+    >>> errs = [float(reconstruction_error(w, Q, A, B, 2.0, lay)) for A, B, Q in loftq_steps(w, lay, 8, 2.0, 4, 3)]
+    >>> len(errs), errs[-1] < errs[0] < float(reconstruction_error(w, quant.quantize({"w": w}, "w")["w"]))
+    (3, True)
+    """
+    _check(w0, path, groups)
+    if bits not in SCHEMES or isinstance(iters, bool) or not isinstance(iters, int) or iters < 1:
+        raise ValueError(f"loftq_kernel: bits must be 4 or 8 and iters an int >= 1, got bits={bits!r}, "
+                         f"iters={iters!r}; fix: LoraConfig(init='loftq', loftq_bits=4, loftq_iter=1)")
+    w = jnp.asarray(w0, jnp.float32)
+    stack, ins, outs = layout.stack_shape, layout.in_shape, layout.out_shape
+    matrix = inits._matrix(w, layout)[0]
+    target = w
+    for step in range(iters):
+        q = _quantize(target, layout, SCHEMES[bits], w0.dtype)
+        residual = matrix - inits._matrix(quant.dequantize(q), layout)[0]
+        a, b = _top(residual, rank, jnp.float32(scale))
+        yield a.reshape(stack + ins + (rank,)), b.reshape(stack + (rank,) + outs), q
+        if step + 1 < iters:
+            low = jnp.matmul(a, b, precision=_HI).reshape(layout.canonical_shape)
+            target = w - scale * layout.from_canonical(low)
+
+
 def loftq_kernel(w0: jax.Array, layout: Layout, rank: int, scale: float, bits: int, iters: int, dtype: Any, *,
                  path: str = "kernel", groups: tuple[bool, ...] | None = None
                  ) -> tuple[jax.Array, jax.Array, quant.QuantizedArray]:
@@ -107,22 +142,9 @@ def loftq_kernel(w0: jax.Array, layout: Layout, rank: int, scale: float, bits: i
     >>> bool(reconstruction_error(w, Q, A, B, 2.0, Layout((64, 64), "io")) < reconstruction_error(w, Q))
     True
     """
-    _check(w0, path, groups)
-    if bits not in SCHEMES or isinstance(iters, bool) or not isinstance(iters, int) or iters < 1:
-        raise ValueError(f"loftq_kernel: bits must be 4 or 8 and iters an int >= 1, got bits={bits!r}, "
-                         f"iters={iters!r}; fix: LoraConfig(init='loftq', loftq_bits=4, loftq_iter=1)")
-    w = jnp.asarray(w0, jnp.float32)
-    stack, ins, outs = layout.stack_shape, layout.in_shape, layout.out_shape
-    matrix = inits._matrix(w, layout)[0]
-    target = w
-    for step in range(iters):
-        q = _quantize(target, layout, SCHEMES[bits], w0.dtype)
-        residual = matrix - inits._matrix(quant.dequantize(q), layout)[0]
-        a, b = _top(residual, rank, scale)
-        if step + 1 < iters:
-            low = jnp.matmul(a, b, precision=_HI).reshape(layout.canonical_shape)
-            target = w - scale * layout.from_canonical(low)
-    return a.reshape(stack + ins + (rank,)).astype(dtype), b.reshape(stack + (rank,) + outs).astype(dtype), q
+    for a, b, q in loftq_steps(w0, layout, rank, scale, bits, iters, path=path, groups=groups):
+        pass
+    return a.astype(dtype), b.astype(dtype), q
 
 
 def reconstruction_error(w: jax.Array, q: quant.QuantizedArray, a: jax.Array | None = None,
