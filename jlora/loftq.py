@@ -36,6 +36,7 @@ Against PEFT 0.21 (``peft.utils.loftq_utils.loftq_init``), which runs on CUDA/XP
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
 from collections.abc import Iterator
@@ -142,8 +143,7 @@ def loftq_kernel(w0: jax.Array, layout: Layout, rank: int, scale: float, bits: i
     >>> bool(reconstruction_error(w, Q, A, B, 2.0, Layout((64, 64), "io")) < reconstruction_error(w, Q))
     True
     """
-    for a, b, q in loftq_steps(w0, layout, rank, scale, bits, iters, path=path, groups=groups):
-        pass
+    a, b, q = collections.deque(loftq_steps(w0, layout, rank, scale, bits, iters, path=path, groups=groups), 1)[0]
     return a.astype(dtype), b.astype(dtype), q
 
 

@@ -34,7 +34,7 @@ def weights(shape, seed=0, heavy=False):
 
 
 def peft_loftq(weight: np.ndarray, bits: int, rank: int, iters: int):
-    """PEFT's ``loftq_init`` loop on the CPU (its decomposition, bitsandbytes' quantizers); the error after each step."""
+    """PEFT's ``loftq_init`` loop on the CPU (its decomposition, bitsandbytes' quantizers); the error per step."""
     w = torch.from_numpy(weight)
     res, errors = w.clone(), []
     for i in range(iters):
@@ -111,8 +111,8 @@ def test_loftq_beats_plain_qlora_init(bits, rank, iters):
     plain_err = float(loftq.reconstruction_error(jnp.asarray(w), plain))
     err = float(loftq.reconstruction_error(jnp.asarray(w), q, kernel["A"], kernel["B"], 2.0, kernel.layout))
     # float64 NumPy: ||W - (Q + s A B)|| / ||W||
-    ref = np.linalg.norm(w.astype(np.float64) - np.asarray(quant.dequantize(q), np.float64)
-                         - 2.0 * np.asarray(kernel["A"], np.float64) @ np.asarray(kernel["B"], np.float64)) / np.linalg.norm(w)
+    low = 2.0 * np.asarray(kernel["A"], np.float64) @ np.asarray(kernel["B"], np.float64)
+    ref = np.linalg.norm(w.astype(np.float64) - np.asarray(quant.dequantize(q), np.float64) - low) / np.linalg.norm(w)
     assert err == pytest.approx(ref, rel=1e-5)
     assert err < plain_err
 
