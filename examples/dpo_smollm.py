@@ -350,9 +350,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     print_summary(results)
     if not args.no_plot:
         results["plot"] = str(rollout.plot_run(
-            {"DPO loss": [h["loss"] for h in history], "reward accuracy": [h["reward_accuracy"] for h in history],
-             "margin": [h["margin"] for h in history]},
-            before, after, f"DPO ({args.loss}) on SmolLM2-135M-Instruct (LoRA)", out / "dpo.png"))
+            {"DPO loss": [h["loss"] for h in history], "reward accuracy": [h["reward_accuracy"] for h in history]},
+            before, after, f"DPO ({args.loss}) on SmolLM2-135M-Instruct (LoRA)", out / "dpo.png",
+            right={"reward margin": [h["margin"] for h in history]}))
         print(f"plot: {results['plot']}")
     print(f"output folder: {out}  (adapter: {adapter_dir}, PEFT adapter: {peft_dir})")
     return results

@@ -144,38 +144,41 @@ def make_reference(apply_fn: Any, model_config: Any, *, temperature: float):
     return reference
 
 
-def grpo_iteration(args: argparse.Namespace, state: dict[str, Any], prompts: list[list[int]],
-                   examples: list[extraction.Example], key: jax.Array) -> dict[str, float]:
-    """Samples a group per prompt with the current adapter, rewards, and ``--updates`` updates of
-    ``state['lora']`` (in place in the dict); returns this step's statistics."""
+def grpo_iteration(args: argparse.Namespace, ctx: dict[str, Any], lora: Any, opt_state: Any,
+                   prompts: list[list[int]], examples: list[extraction.Example], key: jax.Array
+                   ) -> tuple[Any, Any, dict[str, float]]:
+    """One GRPO step: a group of samples per prompt from the current adapter, rewards, advantages and
+    ``--updates`` updates. ``ctx`` holds what does not change (frozen tree, jitted functions, widths).
+
+    Returns ``(lora, opt_state, statistics of this step)``.
+    """
     t0, c0 = time.perf_counter(), time.process_time()
-    frozen, lora = state["frozen"], state["lora"]
-    ro = rollout.sample_groups(state["forward"], state["model_config"], (frozen, lora, np.float32(1.0)), prompts,
-                               group=args.group, width=state["width"], max_new_tokens=args.max_new_tokens, key=key,
-                               temperature=args.temperature, eos_id=state["eos"])
+    frozen = ctx["frozen"]
+    ro = rollout.sample_groups(ctx["forward"], ctx["model_config"], (frozen, lora, np.float32(1.0)), prompts,
+                               group=args.group, width=ctx["width"], max_new_tokens=args.max_new_tokens, key=key,
+                               temperature=args.temperature, eos_id=ctx["eos"])
     t_sample = time.perf_counter() - t0
-    texts = gen.decode(state["tokenizer"], ro.tokens, ro.lengths)
+    texts = gen.decode(ctx["tokenizer"], ro.tokens, ro.lengths)
     parts = [rollout.reward(t, examples[k // args.group], bool(s)) for k, (t, s) in enumerate(zip(texts, ro.stopped))]
     rewards = np.array([p["reward"] for p in parts])
     adv = rollout.group_advantages(rewards, args.group)
-    ref = state["reference"](frozen, ro.prompt_ids, ro.prompt_mask, ro.tokens, ro.completion)
-    opt_state = state["opt_state"]
+    ref = ctx["reference"](frozen, ro.prompt_ids, ro.prompt_mask, ro.tokens, ro.completion)
     for u in range(args.updates):
-        lora, opt_state, lp, st = state["step"](frozen, lora, opt_state, ro.prompt_ids, ro.prompt_mask, ro.tokens,
+        lora, opt_state, lp, st = ctx["step"](frozen, lora, opt_state, ro.prompt_ids, ro.prompt_mask, ro.tokens,
                                                 ro.completion, ro.logps, ref, adv)
         if u == 0:  # the same adapter that sampled: the learner's log-probs of the sampled tokens
             gap = np.abs(np.asarray(lp) - ro.logps) * ro.completion
             to_ref = np.abs(np.asarray(lp) - np.asarray(ref)) * ro.completion  # 0 while the adapter is off (B = 0)
-    state["lora"], state["opt_state"] = lora, opt_state
     mean = lambda k: float(np.mean([p[k] for p in parts]))
-    return {"reward": float(rewards.mean()), "exact_match": mean("exact_match"), "field_f1": mean("field_f1"),
-            "valid_json": mean("valid_json"), "stopped": mean("stopped"),
-            "completion_tokens": float(ro.completion.sum(axis=1).mean()),
-            "sampler_learner_max_abs_logp_diff": float(gap.max()),
-            "sampler_learner_mean_abs_logp_diff": float(gap.sum() / ro.completion.sum()),
-            "policy_reference_max_abs_logp_diff": float(to_ref.max()),
-            **{k: float(v) for k, v in st.items()}, "sample_seconds": t_sample,
-            "step_seconds": time.perf_counter() - t0, "step_cpu_seconds": time.process_time() - c0}
+    return lora, opt_state, {
+        "reward": float(rewards.mean()), "exact_match": mean("exact_match"), "field_f1": mean("field_f1"),
+        "valid_json": mean("valid_json"), "stopped": mean("stopped"),
+        "completion_tokens": float(ro.completion.sum(axis=1).mean()),
+        "sampler_learner_max_abs_logp_diff": float(gap.max()),
+        "sampler_learner_mean_abs_logp_diff": float(gap.sum() / ro.completion.sum()),
+        "policy_reference_max_abs_logp_diff": float(to_ref.max()),
+        **{k: float(v) for k, v in st.items()}, "sample_seconds": t_sample,
+        "step_seconds": time.perf_counter() - t0, "step_cpu_seconds": time.process_time() - c0}
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -202,22 +205,23 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     summary = jlora.summary(frozen, lora)
     fwd = rollout.scaled_forward(model.apply, config)
     tx = jlora.optimizer(optax.adamw(optax.linear_schedule(0.0, args.lr, 2), weight_decay=0.0), lora)
-    state = {"frozen": frozen, "lora": lora, "opt_state": tx.init(lora), "forward": fwd, "model_config": model.config,
-             "width": rollout.fixed_width(rows), "eos": eos, "tokenizer": tok,
-             "step": make_step(model.apply, model.config, config, tx, temperature=args.temperature, clip=args.clip,
-                               beta=args.beta),
-             "reference": make_reference(model.apply, model.config, temperature=args.temperature)}
+    opt_state = tx.init(lora)
+    ctx = {"frozen": frozen, "forward": fwd, "model_config": model.config, "width": rollout.fixed_width(rows),
+           "eos": eos, "tokenizer": tok,
+           "step": make_step(model.apply, model.config, config, tx, temperature=args.temperature, clip=args.clip,
+                             beta=args.beta),
+           "reference": make_reference(model.apply, model.config, temperature=args.temperature)}
 
-    def evaluate(scale: float) -> tuple[dict[str, float] | None, list[str], float]:
+    def evaluate(lora: Any, scale: float) -> tuple[dict[str, float] | None, list[str], float]:
         t0 = time.perf_counter()
         if not test:
             return None, [], 0.0
-        m, replies, _ = rollout.evaluate(fwd, model.config, (frozen, state["lora"], np.float32(scale)), tok, chat, test,
-                                      eos_id=eos, max_new_tokens=args.eval_max_new_tokens)
+        m, replies, _ = rollout.evaluate(fwd, model.config, (frozen, lora, np.float32(scale)), tok, chat, test,
+                                         eos_id=eos, max_new_tokens=args.eval_max_new_tokens)
         return m, replies, time.perf_counter() - t0
 
     with rollout.CompileCounter() as counter:
-        before, replies_before, t_eval0 = evaluate(0.0)  # lora_scale=0: the base model, the same compiled decoder
+        before, replies_before, t_eval0 = evaluate(lora, 0.0)  # lora_scale=0: the base model, the same compiled decoder
         if before is not None:
             print(f"zero-shot (lora_scale=0): exact match {before['exact_match']:.3f}  field F1 "
                   f"{before['field_f1']:.3f}  valid JSON {before['valid_json']:.3f}  ({t_eval0:.0f} s)")
@@ -228,18 +232,19 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         bar = tqdm(batches(len(train), args.prompts, args.steps, args.seed), total=args.steps, desc="GRPO",
                    unit="step", dynamic_ncols=True)
         for i, idx in enumerate(bar):
-            history.append(grpo_iteration(args, state, [rows[j] for j in idx], [train[j] for j in idx],
-                                          jax.random.fold_in(key, i)))
+            lora, opt_state, row = grpo_iteration(args, ctx, lora, opt_state, [rows[j] for j in idx],
+                                                  [train[j] for j in idx], jax.random.fold_in(key, i))
+            history.append(row)
             compiles.append(counter.count)
             h = history[-1]
             bar.set_postfix(reward=f"{h['reward']:.2f}", exact=f"{h['exact_match']:.2f}", kl=f"{h['kl']:.4f}",
                             compiles=counter.count)
         bar.close()
         t_train = time.perf_counter() - t_train
-        after, replies_after, t_eval1 = evaluate(1.0)
+        after, replies_after, t_eval1 = evaluate(lora, 1.0)
         compiles_total = counter.count
-    results = save_and_report(args, out, adapter_dir, config, state["lora"], summary, before, after, history, {
-        "prompt_width": state["width"], "train_seconds": t_train, "eval_seconds": [t_eval0, t_eval1],
+    results = save_and_report(args, out, adapter_dir, config, lora, summary, before, after, history, {
+        "prompt_width": ctx["width"], "train_seconds": t_train, "eval_seconds": [t_eval0, t_eval1],
         "compilations_after_step": compiles, "compilations_total": compiles_total,
         "compilations_constant_after_first_step": len(set(compiles)) == 1,
         "samples": [{"text": ex.text, "reference": ex.answer, "zero_shot": a, "grpo": b}
@@ -272,9 +277,9 @@ def save_and_report(args: argparse.Namespace, out: Path, adapter_dir: Path, conf
     print_summary(results)
     if not args.no_plot:
         results["plot"] = str(rollout.plot_run(
-            {"mean reward": [h["reward"] for h in history], "sampled exact match": [h["exact_match"] for h in history],
-             "KL to base (x10)": [10 * h["kl"] for h in history]},
-            before, after, "GRPO on SmolLM2-135M-Instruct (LoRA, verifiable reward)", out / "grpo.png"))
+            {"mean reward": [h["reward"] for h in history], "sampled exact match": [h["exact_match"] for h in history]},
+            before, after, "GRPO on SmolLM2-135M-Instruct (LoRA, verifiable reward)", out / "grpo.png",
+            right={"KL to the base": [h["kl"] for h in history]}))
         print(f"plot: {results['plot']}")
     print(f"output folder: {out}  (adapter: {adapter_dir}, PEFT adapter: {peft_dir})")
     return results

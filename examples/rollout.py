@@ -7,9 +7,12 @@
 - :func:`completion_logps`: the learner's log-probs of the same tokens, laid out as in sampling
   (a left-padded prompt of a fixed width, prefilled once per prompt, then the completion), under
   any forward (the LoRA policy, or ``model.apply`` on the frozen tree: the reference).
-- :func:`reward`: the verifiable reward (valid JSON, per-field match, stop token).
+- :func:`reward`, :func:`group_advantages`: the verifiable reward (valid JSON, per-field match, stop
+  token) and GRPO's group-normalised advantages.
 - :func:`evaluate`: held-out exact match / field F1 / valid JSON with greedy decoding, as the SFT job scores.
 - :class:`CompileCounter`: XLA compilations seen (``jax.monitoring``), to show they do not grow with steps.
+- :func:`load_model` (optionally the first N layers, for smoke tests), :func:`save_adapters` (orbax + PEFT),
+  :func:`plot_run`, :func:`print_held_out`: what both jobs print and write.
 """
 
 from __future__ import annotations
@@ -227,10 +230,11 @@ class CompileCounter:
 
 
 def plot_run(curves: dict[str, Sequence[float]], before: dict[str, float] | None, after: dict[str, float] | None,
-             title: str, path: Any) -> Any:
-    """Per-step curves (left) and held-out exact match / field F1 / valid JSON before and after (right), as a PNG.
+             title: str, path: Any, right: dict[str, Sequence[float]] | None = None) -> Any:
+    """Per-step curves (left; ``right``: on a second y axis) and held-out exact match / field F1 / valid JSON
+    before and after (right panel), as a PNG.
 
-    >>> plot_run({"reward": [0.1, 0.5]}, None, None, "demo", "/tmp/demo.png")      # doctest: +SKIP
+    >>> plot_run({"reward": [0.1, 0.5]}, None, None, "demo", "/tmp/demo.png", right={"KL": [0.0, 0.1]})  # doctest: +SKIP
     """
     import matplotlib
 
@@ -238,10 +242,14 @@ def plot_run(curves: dict[str, Sequence[float]], before: dict[str, float] | None
     import matplotlib.pyplot as plt
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
-    for name, ys in curves.items():
-        ax1.plot(np.arange(1, len(ys) + 1), ys, marker=".", label=name)
+    lines = [ax1.plot(np.arange(1, len(ys) + 1), ys, marker=".", label=name)[0] for name, ys in curves.items()]
+    if right:
+        twin = ax1.twinx()
+        for i, (name, ys) in enumerate(right.items()):
+            lines += twin.plot(np.arange(1, len(ys) + 1), ys, ls="--", color=f"C{len(curves) + i}", label=name)
+        twin.set(ylabel=", ".join(right))
     ax1.set(xlabel="step", title=title)
-    ax1.legend(fontsize=8)
+    ax1.legend(handles=lines, fontsize=8, loc="lower right")
     names = ["exact_match", "field_f1", "valid_json"]
     x = np.arange(len(names))
     if before is not None and after is not None:

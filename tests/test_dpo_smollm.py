@@ -45,6 +45,7 @@ def sequence_logps(model, batch):
     return (tok * batch["completion_mask"][:, 1:]).sum(dim=1).numpy()
 
 
+@pytest.mark.filterwarnings("ignore:`gradient_checkpointing` is deprecated:FutureWarning")  # transformers, via DPOConfig
 @pytest.mark.parametrize("loss_type", ["sigmoid", "ipo", "hinge"])
 def test_dpo_loss_matches_trl(loss_type, tmp_path):
     """TRL's DPOTrainer (trl==1.16.0) computes its loss from its models; ours gets the same models' log-probs."""

@@ -62,25 +62,32 @@ def test_sampler_learner_and_reference_agree(small):
                                rows, group=3, width=rollout.fixed_width(rows), max_new_tokens=12,
                                key=jax.random.key(2), temperature=0.8, eos_id=eos)
     policy = jlora.lora_apply(model.apply, cfg)
-    learner = lambda scale: jax.jit(lambda *a: rollout.completion_logps(
-        lambda *x, **k: policy(frozen, lora, *x, lora_scale=scale, **k), model.config, *a, temperature=0.8))(
-        ro.prompt_ids, ro.prompt_mask, ro.tokens, ro.completion)
+    batch = (ro.prompt_ids, ro.prompt_mask, ro.tokens, ro.completion)
+
+    @jax.jit  # weights are arguments, not constants baked into the program
+    def learner(frozen, lora, scale, *batch):
+        apply = lambda *x, **k: policy(frozen, lora, *x, lora_scale=scale, **k)
+        return rollout.completion_logps(apply, model.config, *batch, temperature=0.8)
+
+    @jax.jit
+    def reference(frozen, *batch):
+        return rollout.completion_logps(functools.partial(model.apply, frozen), model.config, *batch, temperature=0.8)
+
     # the learner (one prefill per prompt, the completion in one forward) vs the sampler's recorded log-probs
-    gap = np.abs(np.asarray(learner(1.0)) - ro.logps) * ro.completion
+    gap = np.abs(np.asarray(learner(frozen, lora, np.float32(1.0), *batch)) - ro.logps) * ro.completion
     assert gap.max() < 1e-4, gap.max()
     # the reference (the base on the frozen tree) equals the adapter at lora_scale=0 ...
-    ref = jax.jit(lambda *a: rollout.completion_logps(functools.partial(model.apply, frozen), model.config, *a,
-                                                      temperature=0.8))(ro.prompt_ids, ro.prompt_mask, ro.tokens,
-                                                                        ro.completion)
-    np.testing.assert_allclose(np.asarray(learner(0.0)) * ro.completion, np.asarray(ref) * ro.completion, atol=1e-5)
+    ref = np.asarray(reference(frozen, *batch))
+    off = np.asarray(learner(frozen, lora, np.float32(0.0), *batch))
+    np.testing.assert_allclose(off * ro.completion, ref * ro.completion, atol=1e-5)
     # ... and the base model's log-probs from one plain forward over [prompt | completion] (no cache)
     ids = np.concatenate([np.repeat(ro.prompt_ids, 3, 0), ro.tokens], axis=1)
     mask = np.concatenate([np.repeat(ro.prompt_mask, 3, 0), ro.completion.astype(np.int32)], axis=1)
     positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0)
-    logits = model.apply(frozen, ids, mask, positions)[:, ro.prompt_ids.shape[1] - 1:-1]
+    logits = jax.jit(model.apply)(frozen, ids, mask, positions)[:, ro.prompt_ids.shape[1] - 1:-1]
     plain = jax.nn.log_softmax(np.asarray(logits, np.float64) / 0.8, axis=-1)
     plain = np.take_along_axis(plain, ro.tokens[..., None], axis=-1)[..., 0]
-    np.testing.assert_allclose(np.asarray(ref) * ro.completion, plain * ro.completion, atol=1e-4)
+    np.testing.assert_allclose(ref * ro.completion, plain * ro.completion, atol=1e-4)
 
 
 def test_grpo_smoke_run(tmp_path):
