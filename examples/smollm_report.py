@@ -156,6 +156,11 @@ def print_table(r: dict[str, Any]) -> None:
         ("trainable params", f"{r['trainable_params']:,} of {r['total_params']:,} ({100 * r['trainable_share']:.2f}%)"),
         ("LoRA", f"rank {r['rank']}, {len(r['targets'])} target rule(s), training mode {r['mode']}"),
         ("adapter on disk", f"{r['adapter_bytes_on_disk'] / 2**20:.2f} MiB"),
+        ("frozen base", f"{r['base']}{' (LoftQ init)' if r.get('init') == 'loftq' else ''}, "
+                        f"{r['base_bytes'] / 2**20:.1f} MiB" if "base" in r else "float32"),
+        ("train step memory", f"peak {r['step_memory']['peak'] / 2**20:.0f} MiB (temp "
+                              f"{r['step_memory']['temp'] / 2**20:.0f} MiB; compiled memory_analysis)"
+         if "step_memory" in r else "not measured"),
         ("training", f"{r['steps']} steps x {r['batch_size']} conversations in {r['train_seconds']:.0f} s "
                      f"({r['seconds_per_step']:.2f} s/step after compilation, "
                      f"{r['train_tokens_per_step'] / max(r['seconds_per_step'], 1e-9):.0f} tokens/s)"),

@@ -95,3 +95,35 @@ def test_peft_check_is_quiet_and_says_what_it_measured(tmp_path, capfd):
     line = smollm_report.check_line(check)
     assert f"tolerance {logits['tolerance']:.1e}: within" in line and "identical greedy replies 1/1" in line
     assert np.isfinite(logits["max_abs_diff"])
+
+
+def test_loftq_needs_the_nf4_base(capsys):
+    with pytest.raises(SystemExit) as e:
+        ft.parse_args(["--init", "loftq"])
+    assert e.value.code == 2 and "--init loftq chooses a 4-bit base together with the factors: it needs --base nf4" \
+        in capsys.readouterr().err
+    assert ft.lora_config(ft.parse_args(["--init", "loftq", "--base", "nf4"])).init == "loftq"
+
+
+def test_main_job_trains_on_the_gguf_blocks(tmp_path, capsys):
+    """--base gguf: the frozen base is the file's Q4_1/Q8_0 blocks, in the compiled step too (its arguments hold
+    the blocks, not the 513 MiB of float32 kernels), and the step trains (finite, falling loss)."""
+    r = ft.run(ft.parse_args(["--base", "gguf", "--steps", "3", "--train-size", "16", "--batch-size", "2",
+                              "--eval-size", "0", "--peft-check", "0", "--no-plot", "--lr", "2e-3",
+                              "--out", str(tmp_path / "run")]))
+    assert r["base"] == "gguf" and r["base_bytes"] < 100 * 2**20
+    assert r["step_memory"]["args"] < 150 * 2**20, r["step_memory"]
+    assert np.all(np.isfinite(r["losses"]))
+    out = capsys.readouterr().out
+    assert "frozen base" in out and "gguf, 92.1 MiB" in out
+
+
+def test_frozen_base_nf4_quantizes_every_projection_not_just_the_targets():
+    w = {"kernel": jax.numpy.ones((64, 64))}
+    p = {"params": {"layers_0": {"attn": {"q_proj": w, "k_proj": w}, "mlp": {"up_proj": w}}}}
+    cfg = jlora.LoraConfig(rank=2, targets=r".*/q_proj/kernel")
+    frozen, lora = ft.frozen_base(jax.random.key(0), p, cfg, "nf4")
+    layer = frozen["params"]["layers_0"]
+    assert all(jlora.quant.is_quantized(x) for x in (layer["attn"]["q_proj"]["kernel"], layer["attn"]["k_proj"]["kernel"],
+                                                    layer["mlp"]["up_proj"]["kernel"]))
+    assert ft.tree_bytes(frozen) < 0.2 * ft.tree_bytes(p)
