@@ -60,7 +60,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--alpha", type=float, default=None, help="LoRA alpha (default: 2 * rank)")
     p.add_argument("--targets", default="all", help="kernels to adapt (as examples/finetune_smollm.py)")
     p.add_argument("--seed", type=int, default=0, help="seed for LoRA init, pair order and corruptions")
-    p.add_argument("--self-negatives", type=int, default=64,
+    p.add_argument("--self-negatives", type=int, default=128,
                    help="training prompts the zero-shot model answers greedily; its wrong answers become rejected")
     p.add_argument("--eval-size", type=int, default=64, help="held-out examples to score (0: skip scoring)")
     p.add_argument("--max-new-tokens", type=int, default=40, help="greedy budget (zero-shot answers and scoring)")

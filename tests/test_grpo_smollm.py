@@ -100,7 +100,7 @@ def test_grpo_smoke_run(tmp_path):
     assert r["compilations_constant_after_first_step"] and len(r["history"]) == 3
     assert r["compilations_total"] == r["compilations_after_step"][-1]  # the final scoring reused the first's program
     assert r["sampler_learner_max_abs_logp_diff"] < 1e-3
-    assert r["policy_reference_max_abs_logp_diff_first_step"] < 1e-5  # B = 0 at the first step: the policy is the base
+    assert r["policy_reference_max_abs_logp_diff_first_step"] < 1e-4  # B = 0 at the first step: the policy is the base
     lora, cfg, meta = jlora.restore_adapter(out / "adapter")
     assert meta["method"] == "GRPO" and cfg.rank == 2
     assert (out / "peft_adapter" / "adapter_config.json").exists()
