@@ -6,19 +6,15 @@ the float kernel as the residual for ``dX = dY·W0ᵀ``, so every layer's float 
 until the backward pass reaches them. Here a quantized base kernel is a :class:`Dequant` value in the
 interpreter: the :class:`~jlora.quant.QuantizedArray` plus the views the model applies to the kernel
 (casts, reshapes, transposes, slices, a ``dynamic_slice`` of a stacked layer). Views are recorded,
-not computed. The operation that consumes the kernel runs through :func:`apply_dequantized`: one
-``jax.checkpoint`` region that dequantizes, applies the views and binds the operation, so the
-residuals are the region's inputs (codes, scales, the activations) and the backward pass dequantizes
-again right where it needs the kernel (``prevent_cse``: XLA cannot merge the two dequantizations
-into one long-lived float kernel). The plain dense fast path (:func:`jlora.lazy_dense.dense_rows`)
-does the same inside its custom VJP: its residual is the ``Dequant`` value, dequantized again behind
-an optimization barrier in the backward pass.
+not computed. The operation that consumes the kernel runs through :func:`apply_dequantized`, a
+custom VJP whose residuals are the codes, scales and the operation's other inputs and whose backward
+pass dequantizes again; the plain dense fast path (:func:`jlora.lazy_dense.dense_rows`) keeps the
+``Dequant`` as its residual in the same way. Each dequantization is tied to the operation's input
+(forward) or cotangent (backward) by :func:`dequantize_after`, so XLA can neither hoist it to the
+start of the step nor merge the two into one long-lived float kernel.
 
-Outside ``lora_apply``, a user's own model that calls :func:`jlora.quant.dequantize_leaf` gets the
-same memory with a ``jax.checkpoint`` policy: the dequantized kernel is tagged
-:data:`jlora.quant.DEQUANTIZED` (``checkpoint_name``), so ``jax.checkpoint(layer,
-policy=jax.checkpoint_policies.save_anything_except_these_names(DEQUANTIZED))`` recomputes it in the
-backward pass and saves everything else.
+:func:`jlora.quantized_apply` runs any function of a quantized tree this way (no adapter needed);
+calling :func:`jlora.dequantize` inside a differentiated function instead keeps the float kernels.
 """
 
 from __future__ import annotations
