@@ -50,8 +50,9 @@ Schemes (``w`` is a kernel of shape ``stack + in + out``):
 
 Quantization runs in float32 whatever the kernel's dtype; :func:`dequantize` returns float32 by
 default (``dtype=None``: the kernel's original dtype). With a quantized base, ``jlora.merge``
-needs ``into='float'`` and :func:`jlora.lora_apply` dequantizes inside the traced function (see
-:func:`dequantize_tree_for_apply`): there is no persistent float copy of the base.
+needs ``into='float'``; :func:`jlora.lora_apply` (and :func:`jlora.quantized_apply` for a function
+with no adapter) dequantizes each kernel inside every operation that uses it, in the forward and again
+in the backward pass (:mod:`jlora.lazy_quant`): no float copy of the base is kept across the step.
 """
 
 from __future__ import annotations
