@@ -384,9 +384,12 @@ def qwen():
 def _torch_block(torch, peft_model, x):
     with torch.no_grad():
         mlp = peft_model.base_model.model.model.layers[0].mlp
-        return mlp(torch.from_numpy(np.asarray(x))[None]).numpy()[0]
+        return mlp(torch.from_numpy(np.array(x))[None]).numpy()[0]  # a writable copy for torch
 
 
+# PEFT 0.21 checks rank_pattern keys against target_modules only and warns that the expert key is ignored, yet
+# applies it to target_parameters (the rank-3 down_proj below loads and matches): its warning, not a jlora fault
+@pytest.mark.filterwarnings("ignore:The following rank_pattern keys did not match any targeted module")
 def test_peft_target_parameters_export(qwen, tmp_path):
     torch, model, params, x, block = qwen
     from peft import PeftModel
