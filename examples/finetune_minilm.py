@@ -21,7 +21,7 @@ import os
 import re
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -352,15 +352,25 @@ def plot(r: dict[str, Any], path: Path) -> Path:
     return path
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point: runs the pipeline; bad input prints ``error: ...`` and returns 2."""
-    args = parse_args(argv)
+def run_cli(parse: Callable[[Sequence[str] | None], Any], run: Callable[[Any], Any],
+            argv: Sequence[str] | None) -> int:
+    """An example's entry point: ``run(parse(argv))``; a :class:`UsageError` prints ``error: ...`` and gives 2.
+
+    >>> def bad(args): raise UsageError("--out x: a file")
+    >>> run_cli(lambda argv: None, bad, [])
+    2
+    """
     try:
-        run(args)
+        run(parse(argv))
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point: runs the pipeline; bad input prints ``error: ...`` and returns 2."""
+    return run_cli(parse_args, run, argv)
 
 
 if __name__ == "__main__":

@@ -41,7 +41,7 @@ import optax  # noqa: E402
 import jlora  # noqa: E402
 from examples import chat_sft, extraction  # noqa: E402
 from examples import generate as gen  # noqa: E402
-from examples.finetune_minilm import UsageError, check_out_dir, next_run_dir  # noqa: E402
+from examples.finetune_minilm import UsageError, check_out_dir, next_run_dir, run_cli  # noqa: E402
 from examples.models import smollm  # noqa: E402
 from examples.smollm_report import check_line, peft_check, phase, plot, print_table  # noqa: E402
 
@@ -326,13 +326,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point: runs the pipeline; bad input prints ``error: ...`` and returns 2."""
-    args = parse_args(argv)
-    try:
-        run(args)
-    except UsageError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return run_cli(parse_args, run, argv)
 
 
 if __name__ == "__main__":

@@ -43,7 +43,7 @@ import optax  # noqa: E402
 import jlora  # noqa: E402
 from examples import chat_sft, extraction, rollout  # noqa: E402
 from examples import generate as gen  # noqa: E402
-from examples.finetune_minilm import UsageError, check_out_dir, next_run_dir  # noqa: E402
+from examples.finetune_minilm import UsageError, check_out_dir, next_run_dir, run_cli  # noqa: E402
 from examples.finetune_smollm import batches  # noqa: E402
 from examples.models import smollm  # noqa: E402
 
@@ -305,13 +305,7 @@ def print_summary(r: dict[str, Any]) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point: runs the pipeline; bad input prints ``error: ...`` and returns 2."""
-    args = parse_args(argv)
-    try:
-        run(args)
-    except UsageError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return run_cli(parse_args, run, argv)
 
 
 if __name__ == "__main__":
