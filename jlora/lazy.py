@@ -286,7 +286,7 @@ def _scan(eqn: Any, invals: list[Any], ctx: _Ctx) -> list[Any] | None:
     p = eqn.params
     nc, ncar = jaxpr_compat.scan_split(p)
     consts, carry, xs = invals[:nc], invals[nc : nc + ncar], invals[nc + ncar :]
-    if any(is_lora(c) for c in carry):
+    if any(is_lora(c) or is_dequant(c) for c in carry):  # a kernel carried through a loop: merged
         return None
     metas, packed, w0_steps = [], [], []
     for x in xs:  # a stacked kernel scanned over its leading view axis: slice W0, A, B per step
@@ -355,7 +355,7 @@ def _while(eqn: Any, invals: list[Any], ctx: _Ctx) -> list[Any] | None:
     p = eqn.params
     cn, bn = jaxpr_compat.while_split(p)
     cconsts, bconsts, carry = invals[:cn], invals[cn : cn + bn], invals[cn + bn :]
-    if any(is_lora(c) for c in carry):
+    if any(is_lora(c) or is_dequant(c) for c in carry):  # a kernel carried through a loop: merged
         return None
     cj, bj = jaxpr_compat.body(p["cond_jaxpr"]), jaxpr_compat.body(p["body_jaxpr"])
 

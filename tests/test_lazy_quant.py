@@ -191,3 +191,20 @@ def test_quantized_apply_without_adapter_equals_dequantized_and_keeps_codes():
                                np.asarray(f(quant.dequantize(sq), b, x)), rtol=1e-5, atol=1e-6)
     with pytest.raises(TypeError, match="apply_fn must be callable"):
         jlora.quantized_apply(None)
+
+
+def test_a_quantized_kernel_carried_through_a_loop_is_dequantized_for_it():
+    """A kernel in a scan's carry (not sliced per step) cannot stay codes inside the loop: it is dequantized
+    for that use, and the result equals the model on the float kernel."""
+    def f(p, x):
+        def body(c, _):
+            w, h = c
+            return (w, jnp.tanh(h @ w)), None
+
+        (_, h), _ = lax.scan(body, (p["w"], x), None, length=2)
+        return h
+
+    q = quant.quantize({"w": _w(18, (64, 64), 0.1)}, "w", scheme="int8")
+    x = _w(19, (2, 64), 1.0)
+    np.testing.assert_allclose(np.asarray(jlora.quantized_apply(f)(q, x)), np.asarray(f(quant.dequantize(q), x)),
+                               rtol=1e-6, atol=1e-6)
