@@ -43,7 +43,7 @@ import optax  # noqa: E402
 import jlora  # noqa: E402
 from examples import chat_sft, extraction, rollout  # noqa: E402
 from examples import generate as gen  # noqa: E402
-from examples.finetune_minilm import UsageError, check_out_dir, next_run_dir, run_cli  # noqa: E402
+from examples.finetune_minilm import run_cli  # noqa: E402
 from examples.finetune_smollm import batches  # noqa: E402
 from examples.models import smollm  # noqa: E402
 
@@ -186,22 +186,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from tqdm.auto import tqdm
 
     t_start, c_start = time.perf_counter(), time.process_time()
-    out = Path(args.out) if args.out is not None else next_run_dir(Path("runs/smollm_grpo"))
-    adapter_dir = check_out_dir(out, args.overwrite)
-    config = jlora.LoraConfig(rank=args.rank, alpha=args.alpha if args.alpha is not None else 2.0 * args.rank,
-                              targets=args.target_regexes)
-    try:
-        model, params, tok, chat = rollout.load_model(args.num_layers)
-    except ValueError as e:
-        raise UsageError(f"--num-layers: {e}") from None
+    out, adapter_dir, config, model, params, tok, chat, frozen, lora = rollout.start(args, "grpo")
     eos = smollm.eos_id()
     train = extraction.make_examples(args.train_size, "train", seed=0)
     test = extraction.make_examples(args.eval_size, "test", seed=0)
     rows = rollout.prompts(tok, chat, train)
-    try:
-        frozen, lora = jlora.init(jax.random.key(args.seed), params, config)
-    except ValueError as e:
-        raise UsageError(f"--targets {args.targets!r}: {e}") from None
     summary = jlora.summary(frozen, lora)
     fwd = rollout.scaled_forward(model.apply, config)
     tx = jlora.optimizer(optax.adamw(optax.linear_schedule(0.0, args.lr, 2), weight_decay=0.0), lora)

@@ -19,8 +19,9 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from pathlib import Path
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -29,6 +30,7 @@ import numpy as np
 import jlora
 from examples import chat_sft, extraction
 from examples import generate as gen
+from examples.finetune_minilm import UsageError, check_out_dir, next_run_dir
 from examples.models import smollm
 from examples.models.llama import init_cache
 
@@ -44,6 +46,43 @@ def scaled_forward(apply_fn: Callable[..., Any], config: jlora.LoraConfig) -> ge
     """
     fn = jlora.lora_apply(apply_fn, config, mode="lazy")
     return lambda weights, *args, **kwargs: fn(weights[0], weights[1], *args, lora_scale=weights[2], **kwargs)
+
+
+class Start(NamedTuple):
+    """What both loops set up before any work: the checked output folder, the LoRA config, the model and the
+    ``(frozen, lora)`` trees."""
+
+    out: Path
+    adapter_dir: Path
+    config: jlora.LoraConfig
+    model: Any
+    params: Any
+    tokenizer: Any
+    chat: Any
+    frozen: Any
+    lora: Any
+
+
+def start(args: Any, name: str) -> Start:
+    """The loops' shared set-up from their options (``out``, ``overwrite``, ``rank``, ``alpha``, ``targets``,
+    ``target_regexes``, ``num_layers``, ``seed``): ``--out`` is checked first (default: the next free
+    ``runs/smollm_<name>/run-NNN``); a bad ``--num-layers`` or ``--targets`` is a :class:`UsageError`.
+
+    >>> s = start(parse_args(["--num-layers", "2"]), "grpo")                         # doctest: +SKIP
+    """
+    out = Path(args.out) if args.out is not None else next_run_dir(Path(f"runs/smollm_{name}"))
+    adapter_dir = check_out_dir(out, args.overwrite)
+    config = jlora.LoraConfig(rank=args.rank, alpha=args.alpha if args.alpha is not None else 2.0 * args.rank,
+                              targets=args.target_regexes)
+    try:
+        model, params, tok, chat = load_model(args.num_layers)
+    except ValueError as e:
+        raise UsageError(f"--num-layers: {e}") from None
+    try:
+        frozen, lora = jlora.init(jax.random.key(args.seed), params, config)
+    except ValueError as e:
+        raise UsageError(f"--targets {args.targets!r}: {e}") from None
+    return Start(out, adapter_dir, config, model, params, tok, chat, frozen, lora)
 
 
 def load_model(num_layers: int | None = None) -> tuple[Any, Any, Any, Any]:
