@@ -5,7 +5,7 @@ attention query, FFN intermediate and FFN output, as Flax ``(in, out)`` kernels)
 N(0, 0.02) 256x256 kernel, it reports the relative Frobenius error of the starting weights,
 ``||W - (Q + s·A⊗B)|| / ||W||``, of LoftQ against plain QLoRA init (``Q = quantize(W)``, B = 0), for
 NF4 (``loftq_bits=4``) and int8 (``loftq_bits=8``), ranks 8 and 64 (alpha = 2r) and 1..4
-alternating steps (``jlora.loftq.loftq_steps``: step t is what ``LoraConfig(init="loftq",
+alternating steps (``jlora.quant._loftq.loftq_steps``: step t is what ``LoraConfig(init="loftq",
 loftq_iter=t)`` gives; one ``jlora.init`` run over the whole tree is checked against it).
 
 Run: ``python benchmarks/loftq.py`` -> ``benchmarks/results/loftq.json``: 72 SVD steps of at most 384x1536
@@ -31,7 +31,8 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 import jlora  # noqa: E402
-from jlora import loftq, paths, quant  # noqa: E402
+from jlora import paths, quant  # noqa: E402
+from jlora.quant import _loftq as loftq
 
 RANKS = (8, 64)
 STEPS = 4

@@ -1,4 +1,4 @@
-"""Prototype of the lazy dense op proposed for ``jlora.lazy_rules`` (issue 17), on the abstract Llama.
+"""Prototype of the lazy dense op proposed for ``jlora.trace._rules`` (issue 17), on the abstract Llama.
 
 ``lora_dense(x, w0s, a_cat, bss)``: k kernels ``W0_i`` reading one input ``x`` (T, in), with their
 factors ``A_cat = [A_1|...|A_k]`` (in, sum r) and ``Bs_i = s·B_i`` (r, out_i). One custom VJP covers
@@ -96,7 +96,7 @@ low_only.defvjp(_low_fwd, _low_bwd)
 #             elementwise ops after it on (batch, seq, ffn) arrays, as in a Linen model;
 #   "outside2d": by autodiff on the flattened (T, in) input, added to the low-rank output in 2-D;
 #   "outside3d": by autodiff on the (batch, seq, in) input, the low-rank output reshaped and added in 3-D
-#                (what jlora.lazy_rules._dot_general does today);
+#                (what jlora.trace._rules._dot_general does today);
 #   "catk3d": one dot [x | low]·[W0 ; Bs] (no separate add), 3-D elementwise ops after it (worse: the
 #             concatenated kernels are kept)
 MODE = "inside"

@@ -6,7 +6,7 @@
    a QLoRA run trains on them; ``--base float``: dequantized float32; the merge is the same);
 2. restores the adapter (``jlora.restore_adapter``) and merges it in float32 (``jlora.merge``);
 3. writes the merged tensors under the source's names, with its metadata, tokenizer and chat template
-   (:func:`jlora.gguf_export.write_gguf`, ``--type q8_0 | f16 | f32``) and prints the rounding the
+   (:func:`jlora.quant.gguf_export.write_gguf`, ``--type q8_0 | f16 | f32``) and prints the rounding the
    type adds against the float merge;
 4. ``--check N``: transformers loads the written file (``gguf_file=``) and its greedy replies to N
    prompts (the README's, then held-out extraction examples) are compared with jlora's, both on the
@@ -37,7 +37,7 @@ from examples import chat_sft, extraction  # noqa: E402
 from examples import generate as gen  # noqa: E402
 from examples.models import smollm  # noqa: E402
 from examples.models.llama import LlamaForCausalLM  # noqa: E402
-from jlora import gguf_export  # noqa: E402
+from jlora.quant import gguf_export  # noqa: E402
 
 PROMPTS = ("What is the capital of France?", "Name three primary colors.")  # README / generate.py
 

@@ -258,8 +258,8 @@ def find_adapter(directory: str | Path) -> tuple[Path, str]:
       ...
     ValueError: --adapter no/such/dir: no such folder; fix: ...
     """
-    from jlora.ckpt_io import MANIFEST
-    from jlora.peft_keys import CONFIG_NAME
+    from jlora.io._files import MANIFEST
+    from jlora.io._peft_keys import CONFIG_NAME
 
     d = Path(directory)
     if not d.is_dir():

@@ -50,7 +50,7 @@ def fit(loss_fn, params, tx, steps):
 
 def main(argv: list[str] | None = None) -> list[float]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--mode", choices=jlora.apply.MODES, default="lazy")
+    parser.add_argument("--mode", choices=jlora.adapt._apply.MODES, default="lazy")
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--rank", type=int, default=4)
     args = parser.parse_args(argv)

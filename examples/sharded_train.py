@@ -101,7 +101,7 @@ def loss_fn(apply, frozen, lora, batch):
 
 def lazy_ready() -> bool:
     try:
-        import jlora.lazy  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
+        import jlora.trace._lazy  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
     except ImportError:
         return False
     return True
@@ -207,7 +207,7 @@ def main():
                                    process_id=args.process_id)
     mode = args.mode
     if mode == "lazy" and not lazy_ready():
-        print("jlora.lazy is not available yet: using mode='merged'")
+        print("jlora.trace._lazy is not available yet: using mode='merged'")
         mode = "merged"
     mesh = make_mesh()
     print(f"process {jax.process_index()}/{jax.process_count()}  devices: {jax.device_count()} "

@@ -28,10 +28,10 @@ from flax.core import meta as flax_meta
 from flax.linen.spmd import LogicallyPartitioned
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from jlora import paths
-from jlora.describe import adapted, kernel_layouts
-from jlora.layout import Layout
-from jlora.config import LoraConfig
+from jlora.core import paths
+from jlora.core._describe import adapted, kernel_layouts
+from jlora.core.layout import Layout
+from jlora.core._config import LoraConfig
 
 __all__ = ["lora_specs", "lora_shardings", "state_shardings"]
 

@@ -433,7 +433,7 @@ def test_save_refuses_a_config_that_does_not_describe_the_tree(tmp_path):
 
 def _rewrite_header(directory: Path, edit) -> None:
     """Edits the header file and re-signs the manifest, so only the header itself is bad."""
-    from jlora import ckpt_io
+    from jlora.io import _files as ckpt_io
     f = directory / "jlora" / "metadata"
     f.write_bytes(edit(f.read_bytes()))
     (directory / ckpt.MANIFEST).unlink()

@@ -1,7 +1,7 @@
 """Crash and concurrency tests for jlora checkpoints, with real processes and real SIGKILLs.
 
 Children are killed at named points (``$_JLORA_CHECKPOINT_PAUSE`` makes a child sleep there,
-see ``jlora.ckpt_io.pause_point``) and at random times. ``JLORA_CRASH_KILLS=N`` runs N random
+see ``jlora.io._files.pause_point``) and at random times. ``JLORA_CRASH_KILLS=N`` runs N random
 kills per loop instead of 2 (and prints the outcome counts), for a longer soak.
 """
 

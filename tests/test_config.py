@@ -17,7 +17,7 @@ cfg_strategy = st.builds(
     alpha_pattern=st.dictionaries(st.sampled_from([r".*layer_1.*"]), st.floats(0.5, 64)),
     rslora=st.booleans(),
     dropout=st.floats(0, 0.9),
-    init=st.sampled_from(jlora.config.INITS),
+    init=st.sampled_from(jlora.core._config.INITS),
     fused=st.dictionaries(st.sampled_from([r".*qkv.*"]), st.lists(st.booleans(), min_size=2, max_size=4).filter(any).map(tuple)),
 )
 
@@ -63,8 +63,8 @@ def test_patterns_and_scaling():
 def test_property_delta_factorises_every_shape(n_stack, ins, outs, rank, kind):
     shape = (3,) * n_stack + tuple(ins) + tuple(outs)
     layout = jlora.layout.Layout.plain(shape, n_stack, len(ins), kind)
-    rank = min(rank, jlora.kinds.max_rank(layout))
-    a, b = jlora.kinds.init_factors(jax.random.key(0), layout, rank, "kaiming", jnp.float32)
+    rank = min(rank, jlora.core._kinds.max_rank(layout))
+    a, b = jlora.core._kinds.init_factors(jax.random.key(0), layout, rank, "kaiming", jnp.float32)
     # output unchanged at init for every kind
     assert float(jnp.abs(jnp.tensordot(a[(0,) * n_stack] if n_stack else a, b[(0,) * n_stack] if n_stack else b, 1)).max()) == 0
     a = jax.random.normal(jax.random.key(1), a.shape)

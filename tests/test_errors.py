@@ -323,8 +323,7 @@ NO_BAD_INPUT = {
     "Factored": "a record made by jlora.adapted", "Summary": "a record returned by jlora.summary",
     "QuantizedArray": "a record made by jlora.quantize (also a pytree node rebuilt by jax)",
     "checkpoint.TrainState": "a record returned by TrainCheckpointer.restore", "multi.Stack": "made by multi.stack",
-    "quant.dynamic_map": "takes no argument", "quant.is_quantized": "any object is a valid input",
-    "quant.dequantize_tree_for_apply": "any pytree is a valid input",
+    "quant.is_quantized": "any object is a valid input",
 }
 
 
@@ -335,7 +334,7 @@ def _public_names():
     for mod in (multi, peft, quant, checkpoint, dora, sharding):
         for n in getattr(mod, "__all__", vars(mod)):
             obj = getattr(mod, n)
-            if not n.startswith("_") and (inspect.isfunction(obj) or inspect.isclass(obj)) and obj.__module__ == mod.__name__:
+            if not n.startswith("_") and (inspect.isfunction(obj) or inspect.isclass(obj)) and obj.__module__.startswith(mod.__name__):
                 if getattr(jlora, n, None) is not obj:
                     names.add(f"{mod.__name__.split('.')[-1]}.{n}")
     return names

@@ -1,7 +1,7 @@
-"""Merged export to GGUF (jlora.gguf_export, examples/export_gguf.py), read back by ``gguf`` and transformers.
+"""Merged export to GGUF (jlora.quant.gguf_export, examples/export_gguf.py), read back by ``gguf`` and transformers.
 
 References: ``gguf.GGUFReader`` and ``gguf.quants`` (llama.cpp's Python reader and codec) for the
-file, jlora's own jnp Q8_0 quantizer (``jlora.quant_gguf``, a separate implementation) for the
+file, jlora's own jnp Q8_0 quantizer (``jlora.quant._gguf``, a separate implementation) for the
 values the file must hold, and transformers' GGUF loader for the served model's logits and greedy
 replies (SmolLM2-135M-Instruct, a random rank-4 adapter, a CI-sized 3 prompts x 8 tokens).
 """
@@ -20,7 +20,9 @@ from gguf.quants import quantize as gguf_quantize
 import jlora
 from examples import export_gguf
 from examples.models import smollm
-from jlora import gguf_export, paths, quant, quant_gguf
+from jlora import paths, quant
+from jlora.quant import gguf_export
+from jlora.quant import _gguf as quant_gguf
 
 RNG = np.random.default_rng(0)
 SRC = {  # name: (float values, stored type)

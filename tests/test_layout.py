@@ -1,4 +1,4 @@
-"""Axis roles of every kernel layout (jlora.layout, jlora.analysis) against float64 NumPy references.
+"""Axis roles of every kernel layout (jlora.layout, jlora.trace._analysis) against float64 NumPy references.
 
 Each case is a stock JAX/Flax use of a kernel whose stored axis order is not ``stack + in + out``
 (Gemma's einsums, ``(out, in)`` kernels, OIHW / grouped / depthwise / transposed convs, stacked

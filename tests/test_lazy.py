@@ -1,4 +1,4 @@
-"""Lazy LoRA (jlora.lazy): lazy == merged == a float64 reference, outputs and gradients of A and B.
+"""Lazy LoRA (jlora.trace._lazy): lazy == merged == a float64 reference, outputs and gradients of A and B.
 
 The reference runs the model's own apply function in float64 on ``W0 + s * A ⊗ B`` formed in
 NumPy float64, and takes the gradient of A and B by the chain rule in NumPy from the float64

@@ -1,4 +1,4 @@
-"""jlora.lazy_dense: the dense op for k kernels reading one input, in each of its forms.
+"""jlora.trace._dense: the dense op for k kernels reading one input, in each of its forms.
 
 Forms: training with the fused forward ``[x | low]·[W0; Bs]`` (in + r < T) or the two-product
 forward (in + r ≥ T); kernels stored (in, out) or (out, in); inference merging the kernel
@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from jaxpr_walk import eqns as _eqns
-from jlora.lazy_dense import dense_rows, fuse_is_cheaper, merge_is_cheaper
+from jlora.trace._dense import dense_rows, fuse_is_cheaper, merge_is_cheaper
 
 IN, OUT, R = 8, 6, 2
 SCALES = (2.0, 0.5)

@@ -1,4 +1,4 @@
-"""jlora.lazy_flat: dense LoRA outputs kept as (tokens, out) rows through the ops that follow them.
+"""jlora.trace._flat: dense LoRA outputs kept as (tokens, out) rows through the ops that follow them.
 
 A function model exercising every row rule (bias add before the pending low-rank add, an
 activation, broadcasts along features and along tokens, a residual with a model-shaped array, a
@@ -16,7 +16,7 @@ import pytest
 
 from jaxpr_walk import eqns as _eqns
 import jlora
-from jlora import lazy_flat
+from jlora.trace import _flat as lazy_flat
 
 B, S, D, H = 2, 5, 8, 12
 RNG = np.random.default_rng(0)

@@ -1,4 +1,4 @@
-"""QLoRA per-use dequantization (jlora.lazy_quant): every use of a quantized base kernel dequantizes inside
+"""QLoRA per-use dequantization (jlora.trace._quant): every use of a quantized base kernel dequantizes inside
 the operation, forward and backward, so the compiled step keeps codes, not float kernels.
 
 Values and gradients are checked against the same model run on float kernels W = dequantize(codes) + s·A@B
@@ -21,7 +21,7 @@ from jax.ad_checkpoint import print_saved_residuals
 
 import jlora
 from jlora import quant
-from jlora.lazy_quant import Dequant, apply_dequantized, layers
+from jlora.trace._quant import Dequant, apply_dequantized, layers
 
 SCHEMES = {"nf4": dict(scheme="nf4"), "nf4+dq": dict(scheme="nf4", double_quant=True), "int8": dict(scheme="int8")}
 KEY = jax.random.PRNGKey(0)

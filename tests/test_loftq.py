@@ -1,4 +1,4 @@
-"""LoftQ init (jlora.loftq, LoraConfig(init="loftq")) against PEFT's LoftQ loop and float64 NumPy.
+"""LoftQ init (jlora.quant._loftq, LoraConfig(init="loftq")) against PEFT's LoftQ loop and float64 NumPy.
 
 PEFT 0.21's ``loftq_init`` moves the weight to CUDA/XPU unconditionally, so on this CPU-only machine the
 reference is its loop run on the CPU with its own parts: ``peft.utils.loftq_utils._low_rank_decomposition``
@@ -22,7 +22,8 @@ import torch
 from peft.utils.loftq_utils import _low_rank_decomposition
 
 import jlora
-from jlora import loftq, quant
+from jlora import quant
+from jlora.quant import _loftq as loftq
 
 KEY = jax.random.key(0)
 

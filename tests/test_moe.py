@@ -1,4 +1,4 @@
-"""LoRA on mixture-of-experts expert kernels (jlora.moe, the lazy rewrite of ragged_dot / batched
+"""LoRA on mixture-of-experts expert kernels (examples/models/moe_routing.py: token routing, the lazy rewrite of ragged_dot / batched
 einsum / indexed experts, PEFT ``target_parameters`` interop, the MoE example).
 
 A top-k routed MoE FFN (``examples.models.moe.moe_ffn``) runs in three forms: ``ragged_dot`` on
@@ -26,6 +26,7 @@ from jax.experimental import checkify
 
 import jlora
 from examples.models import moe as M
+from examples.models import moe_routing
 
 ROOT = Path(__file__).resolve().parents[1]
 KEY = jax.random.key(0)
@@ -288,17 +289,17 @@ def test_expert_count_mismatch_names_both_shapes():
 
 def test_group_sizes_checked_eagerly_and_under_jit():
     sizes = jnp.array([3, 0, 2, 1], jnp.int32)
-    assert jlora.moe.check_group_sizes(sizes, 6, n_experts=4) is sizes
+    assert moe_routing.check_group_sizes(sizes, 6, n_experts=4) is sizes
     with pytest.raises(ValueError, match=r"group_sizes: the group sizes \[3, 0, 2, 1\] sum to 6 but the ragged_dot "
                                          r"input has 7 rows.*Fix"):
-        jlora.moe.check_group_sizes(sizes, 7)
+        moe_routing.check_group_sizes(sizes, 7)
     with pytest.raises(ValueError, match=r"4 group sizes for an expert kernel of 8 experts"):
-        jlora.moe.check_group_sizes(sizes, 6, n_experts=8)
+        moe_routing.check_group_sizes(sizes, 6, n_experts=8)
     with pytest.raises(TypeError, match=r"1-D int array"):
-        jlora.moe.check_group_sizes(sizes.astype(jnp.float32), 6)
+        moe_routing.check_group_sizes(sizes.astype(jnp.float32), 6)
 
     def layer(w, x, s):
-        return lax.ragged_dot(x, w, jlora.moe.check_group_sizes(s, x.shape[0]))
+        return lax.ragged_dot(x, w, moe_routing.check_group_sizes(s, x.shape[0]))
 
     w, x = jnp.ones((4, 3, 2)), jnp.ones((6, 3))
     checked = checkify.checkify(jax.jit(layer))
@@ -307,7 +308,7 @@ def test_group_sizes_checked_eagerly_and_under_jit():
     err, _ = checked(w, x, jnp.array([3, 0, 2, 2], jnp.int32))
     with pytest.raises(checkify.JaxRuntimeError, match=r"sum to 7 but the ragged_dot input has 6 rows"):
         err.throw()
-    order, got = jlora.moe.group_tokens(jnp.array([1, 3, 1, 0]), 4)
+    order, got = moe_routing.group_tokens(jnp.array([1, 3, 1, 0]), 4)
     assert got.tolist() == [1, 2, 0, 1] and order.tolist() == [3, 0, 2, 1]
 
 
@@ -353,7 +354,7 @@ def qwen3_moe_block(p, x, top_k):
     top, ids = lax.top_k(probs, top_k)
     top = top / top.sum(-1, keepdims=True)
     e = p["experts"]["gate_up_proj"].shape[0]
-    order, sizes = jlora.moe.group_tokens(ids.reshape(-1), e)
+    order, sizes = moe_routing.group_tokens(ids.reshape(-1), e)
     xs = x[order // top_k]
     gate, up = jnp.split(lax.ragged_dot_general(xs, p["experts"]["gate_up_proj"], sizes, RAGGED_NT), 2, axis=-1)
     ys = lax.ragged_dot_general(jax.nn.silu(gate) * up, p["experts"]["down_proj"], sizes, RAGGED_NT)

@@ -29,7 +29,7 @@ TOL = dict(atol=1e-4, rtol=1e-4)
 TINY = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, tie_word_embeddings=False, attention_bias=True)
 IDS = np.random.default_rng(0).integers(0, 128, (2, 9)).astype(np.int64)
-HAS_LAZY = importlib.util.find_spec("jlora.lazy") is not None
+HAS_LAZY = importlib.util.find_spec("jlora.trace._lazy") is not None
 
 
 @pytest.fixture(scope="module")

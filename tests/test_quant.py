@@ -258,9 +258,9 @@ def test_apply_merged_and_lazy_on_quantized_base_and_gradients():
     lazy_fn = jax.jit(jlora.lora_apply(model.apply, CFG, mode="lazy"))
     np.testing.assert_allclose(np.asarray(lazy_fn(fq, lora, X)), np.asarray(y), rtol=1e-4, atol=1e-5)
     # lazy_call itself, with the quantized base dequantized inside the jitted function
-    from jlora import lazy
+    from jlora.trace import _lazy as lazy
 
-    direct = jax.jit(lambda f, l, x: lazy.lazy_call(model.apply, quant.dequantize_tree_for_apply(f), l, CFG, (x,), {}))
+    direct = jax.jit(lambda f, l, x: lazy.lazy_call(model.apply, quant.dequantize(f, dtype=None), l, CFG, (x,), {}))
     np.testing.assert_allclose(np.asarray(direct(fq, lora, X)), np.asarray(y), rtol=1e-4, atol=1e-5)
 
     def loss(fn):

@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 import torch
 
-from jlora import quant, quant_dq
+from jlora import quant
+from jlora.quant import _dq as quant_dq
 
 NF4 = bnb_f.get_4bit_type("nf4", device="cpu").numpy()  # bitsandbytes' own 16 levels
 
@@ -59,7 +60,7 @@ def jlora_codes(q: quant.QuantizedArray, n: int) -> np.ndarray:
 
 
 def test_dynamic_map_is_bitsandbytes_map():
-    np.testing.assert_array_equal(quant.dynamic_map(), bnb_f.create_dynamic_map().numpy())
+    np.testing.assert_array_equal(quant_dq.dynamic_map(), bnb_f.create_dynamic_map().numpy())
 
 
 @pytest.mark.parametrize("n", [*range(1, 20), 31, 100, 511, 512, 4099, 30001, 32767])

@@ -1,4 +1,4 @@
-"""GGUF block bases (jlora.quant_gguf, QuantizedArray q8_0/q4_0/q4_1) against the ``gguf`` package itself.
+"""GGUF block bases (jlora.quant._gguf, QuantizedArray q8_0/q4_0/q4_1) against the ``gguf`` package itself.
 
 The reference is llama.cpp's own Python codec, ``gguf.quants.quantize``/``dequantize`` (NumPy), on
 synthetic tensors and on every quantized tensor of the real SmolLM2-135M-Instruct GGUF: values are
@@ -25,7 +25,8 @@ from gguf.quants import quantize as gguf_quantize
 
 import jlora
 from examples.models import smollm
-from jlora import paths, quant, quant_gguf
+from jlora import paths, quant
+from jlora.quant import _gguf as quant_gguf
 
 ROOT = Path(__file__).resolve().parents[1]
 TYPES = {"q8_0": gguf.GGMLQuantizationType.Q8_0, "q4_0": gguf.GGMLQuantizationType.Q4_0,

@@ -210,7 +210,7 @@ _EIGHT = textwrap.dedent("""
 def test_eight_devices_match_one():
     modes = ["lazy", "merged"]
     try:
-        import jlora.lazy  # noqa: F401  pylint: disable=unused-import
+        import jlora.trace._lazy  # noqa: F401  pylint: disable=unused-import
     except ImportError:  # the lazy rewrite is optional for this test
         modes = ["merged"]
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT)}

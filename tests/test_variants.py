@@ -19,7 +19,9 @@ from hypothesis import strategies as st
 from torch import nn
 
 import jlora
-from jlora import dora, extras, inits
+from jlora import dora
+from jlora.core import _extras as extras
+from jlora.core import _inits as inits
 
 KEY = jax.random.key(0)
 
@@ -241,7 +243,7 @@ def test_dora_unmerge_needs_norms():
 
 def test_dora_lazy_equals_merged_with_gradients_on_mlp():
     params = _mlp_params()
-    cfg = jlora.LoraConfig(rank=3, targets=r".*/kernel", use_dora=True, trainable=jlora.extras.bias_rules("all"))
+    cfg = jlora.LoraConfig(rank=3, targets=r".*/kernel", use_dora=True, trainable=jlora.core._extras.bias_rules("all"))
     frozen, lora = _init(params, cfg)
     x = _randn(5, (4, 8))
     _close(jlora.lora_apply(mlp, cfg, "lazy")(frozen, lora, x), mlp(params, x), 1e-5)  # unchanged at init

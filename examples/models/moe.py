@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jlora.moe import group_tokens
+from examples.models.moe_routing import group_tokens
 
 FORMS = ("ragged", "dense", "indexed")
 

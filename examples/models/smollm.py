@@ -11,7 +11,7 @@ Q4_1 layer kernels, a Q8_0 embedding (tied LM head), F32 norms. Everything is re
   keeps the file's Q4_1/Q8_0 blocks as :class:`jlora.QuantizedArray` kernels (a QLoRA base:
   92.1 MiB instead of 513.1 MiB of float32); F32 tensors stay float.
 - :func:`gguf_tensors`: the inverse map, a Llama-port tree -> ``{GGUF tensor name: float32 array}``
-  in GGUF's layout (what :func:`jlora.gguf_export.write_gguf` writes; llama.cpp's q/k permutation
+  in GGUF's layout (what :func:`jlora.quant.gguf_export.write_gguf` writes; llama.cpp's q/k permutation
   redone).
 - :func:`load_tokenizer`: the byte-level BPE (GPT-2 style, as SmolLM2 uses) rebuilt with
   ``tokenizers`` from ``tokenizer.ggml.tokens`` / ``merges``; control tokens (``<|im_start|>``,
@@ -153,7 +153,8 @@ def _port_tensor(t: Any, where: str, kind: str, config: LlamaConfig, keep_quanti
     """One GGUF tensor in the port's layout: float, or its own blocks as a ``QuantizedArray``."""
     from gguf.quants import dequantize
 
-    from jlora import quant, quant_gguf
+    from jlora import quant
+    from jlora.quant import _gguf as quant_gguf
 
     heads = _qk_heads(kind, config)
     scheme = t.tensor_type.name.lower()

@@ -1,0 +1,13 @@
+"""Quantized base kernels (QLoRA): nf4/int8 blocks with bitsandbytes' double quantization, GGUF's
+q8_0/q4_0/q4_1, LoftQ initialisation and export of a merged model to GGUF.
+
+Imports only :mod:`jlora.core`; the tracing walker (:mod:`jlora.trace`) reads these arrays lazily.
+"""
+
+from jlora.quant import gguf_export
+from jlora.quant.gguf_export import write_gguf
+from jlora.quant._quant import (NF4_CODE, QuantizedArray, dequantize, dequantize_leaf, from_gguf, is_quantized,
+                                quant_report, quantize, quantized_sharding, splits_by_layer)
+
+__all__ = ["NF4_CODE", "gguf_export", "QuantizedArray", "dequantize", "dequantize_leaf", "from_gguf", "is_quantized",
+           "quant_report", "quantize", "quantized_sharding", "splits_by_layer", "write_gguf"]
