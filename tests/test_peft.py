@@ -18,6 +18,7 @@ import pytest
 
 import jlora
 from jlora import peft as jpeft
+from jlora.io import _peft_keys
 
 from examples.models import llama
 
@@ -287,14 +288,14 @@ def test_target_rules_match_peft(body):
     for name in NAMES:
         want = check_target_module_exists(pc, name)
         want = bool(want) and type(want).__name__ != "_ExcludedModule"
-        assert jpeft._peft_targets(body, name) == want, (body, name)
+        assert _peft_keys._peft_targets(body, name) == want, (body, name)
 
 
 def test_pattern_keys_match_peft():
     from peft.utils.other import get_pattern_key
     patterns = {"layers.1.self_attn.q_proj": 1, "q_proj": 2, r"^model.embed\w+": 3, "down_proj": 4}
     for name in NAMES:
-        key = jpeft._pattern_key(patterns, name)
+        key = _peft_keys._pattern_key(patterns, name)
         assert (key if key is not None else name) == get_pattern_key(list(patterns), name), name
 
 

@@ -26,6 +26,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
+from jlora.core._kinds import layout_without_trace
 from jlora.core.layout import Layout
 
 
@@ -202,7 +203,8 @@ def untraced_layout(path: str, key: str, shape: tuple[int, ...], n_in_flat: int,
     """The layout of a kernel known neither from a trace nor from ``layouts=``: from the key map's
     stated kernel order (``kernels``: ``'in_out'``/``'out_in'``), else from the sizes when only one
     reading fits; a kernel the sizes do not tell (square: ``(in, out)`` and ``(out, in)`` both fit)
-    is refused with the fix.
+    is refused with the fix. A kernel whose sizes split one way only is read ``(in..., out...)`` through
+    :func:`jlora.core._kinds.layout_without_trace`, the one no-trace rule (``kind`` from the file's keys).
 
     >>> untraced_layout("d/kernel", "k", (4, 3), 4, 3, "dense", None).roles
     'io'
@@ -228,19 +230,8 @@ def untraced_layout(path: str, key: str, shape: tuple[int, ...], n_in_flat: int,
             f"layouts={{{path!r}: jlora.Layout({shape}, 'io')}} ('oi' for (out, in)), or a key map that states the "
             "order: jlora.peft.PortKeyMap(pairs, kernels='in_out' or 'out_in')"
         )
-    return Layout.plain(shape, 0, n_in if n_in is not None else len(shape) - 1, kind)
-
-
-def plain_layout(path: str, shape: tuple[int, ...], n_in_flat: int, n_out_flat: int, kind: str) -> Layout | None:
-    """The ``in + out`` layout (stored in that order) whose flattened sizes are PEFT's, or None.
-
-    >>> plain_layout("d/kernel", (4, 2, 3), 4, 6, "dense").roles
-    'ioo'
-    """
-    if kind == "conv":
-        return Layout(shape, "i" * (len(shape) - 1) + "o", kind="conv")
-    n_in = _find_split(path, shape, n_in_flat, n_out_flat)
-    return None if n_in is None else Layout.plain(shape, 0, n_in, kind)
+    layout = layout_without_trace(path, shape, 0, n_in if n_in is not None else len(shape) - 1)
+    return layout if layout.kind == kind else Layout(layout.shape, layout.roles, layout.splits, kind)
 
 
 def whole_to_torch(path: str, value: np.ndarray, param: str, is_conv: bool, fan_in_fan_out: bool = False
