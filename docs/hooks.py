@@ -3,6 +3,7 @@
 - Every `jlora.<name>` a page mentions must exist (imported and looked up), and every repository file
   it names (`examples/quickstart.py`, `benchmarks/results/qlora_memory.md`, ...) must be there: a
   page that names a missing API or file is a warning, which fails `mkdocs build --strict`.
+- `api/jlora.md` lists every name of `jlora.__all__` (its modules have pages of their own).
 - Sphinx roles left in rendered docstrings (:class:`X`) are shown as code.
 - `--run` (scripts/docs.sh): every ```python block right after a `<!-- run -->` line is executed, the
   blocks of one file in order in one namespace, in a temporary working directory, so the README's
@@ -54,8 +55,27 @@ def problems(text: str) -> list[str]:
     return out
 
 
+def surface_problems(markdown: str) -> list[str]:
+    """api/jlora.md lists every non-module name of `jlora.__all__`, and each public module has a page."""
+    import types
+
+    import jlora
+
+    public = {n for n in jlora.__all__ if not isinstance(getattr(jlora, n), types.ModuleType)}
+    listed = set(re.findall(r"^ +- (\w+)$", markdown, re.M))
+    out = [f"does not list jlora.{n} (in jlora.__all__)" for n in sorted(public - listed)]
+    out += [f"lists {n}, which is not in jlora.__all__" for n in sorted(listed - public)]
+    modules = {n for n in jlora.__all__ if isinstance(getattr(jlora, n), types.ModuleType)}
+    out += [f"jlora.{n} (in jlora.__all__) has no page docs/api/{n}.md" for n in sorted(modules)
+            if not (ROOT / "docs" / "api" / f"{n}.md").exists()]
+    return out
+
+
 def on_page_markdown(markdown, page, **kwargs):
-    for problem in problems(markdown):
+    found = problems(markdown)
+    if page.file.src_path == "api/jlora.md":
+        found += surface_problems(markdown)
+    for problem in found:
         log.warning("%s %s", page.file.src_path, problem)
     return markdown
 
