@@ -188,6 +188,48 @@ def _layout_from_sizes(path: str, shape: tuple[int, ...], tA: np.ndarray, key: s
     return Layout(shape, "sio" if shape[1] == n_in else "soi")
 
 
+def _targeted(flat: Mapping[str, Any], place: Callable[[str], str | None], targets: Sequence[str]) -> dict[str, str]:
+    """torch parameter name -> params path of each 3-D leaf that ``target_parameters`` names."""
+    owner: dict[str, str] = {}
+    for path, leaf in flat.items():
+        name = place(path)
+        if name is not None and len(getattr(leaf, "shape", ())) == 3 and any(
+                name == t or name.endswith("." + t) for t in targets):
+            owner[name] = path
+    if not owner:
+        raise ValueError(
+            f"jlora.peft.load: adapter_config.json's target_parameters {list(targets)} match no 3-D params leaf "
+            "through key_map (an expert kernel maps to its torch parameter name, e.g. "
+            "'model.layers.0.mlp.experts.gate_up_proj'); fix: add a (regex, parameter name) pair to key_map"
+        )
+    return owner
+
+
+def _known_layouts(owner: Mapping[str, str], layouts: Mapping[str, Layout] | None, apply_fn: Callable[..., Any] | None,
+                   params: Any, args: Sequence[Any], flat: Mapping[str, Any]) -> dict[str, Layout]:
+    """``layouts=``, completed from the trace of ``apply_fn`` where it tells a kernel's layout."""
+    known = dict(layouts or {})
+    todo = [p for p in owner.values() if p not in known]
+    if apply_fn is not None and todo:
+        for p, lay in analysis.read_layouts(apply_fn, params, args, todo, list(flat)).items():
+            if isinstance(lay, Layout):
+                known[p] = lay
+    return known
+
+
+def _pop_factors(tensors: dict[str, np.ndarray], key: str, name: str, path: str) -> tuple[np.ndarray, np.ndarray]:
+    """Pops the parameter's ``lora_A`` / ``lora_B`` (under its wrapper key) out of ``tensors``."""
+    ka, kb = key + ".lora_A.weight", key + ".lora_B.weight"
+    if ka not in tensors or kb not in tensors:
+        near = sorted(k for k in tensors if k.startswith(PREFIX + name.rpartition(".")[0]))
+        raise ValueError(
+            f"jlora.peft.load: adapter_config.json targets parameter {name!r} ({path!r}) but the file has no "
+            f"{ka!r} / {kb!r} (keys of its module: {near}); fix: check param_order (the torch module's "
+            "parameter order) and the key_map"
+        )
+    return tensors.pop(ka), tensors.pop(kb)
+
+
 def read(tensors: dict[str, np.ndarray], body: Mapping[str, Any], params: Any,
          place: Callable[[str], str | None], *, layouts: Mapping[str, Layout] | None = None,
          apply_fn: Callable[..., Any] | None = None, args: Sequence[Any] = (),
@@ -205,18 +247,7 @@ def read(tensors: dict[str, np.ndarray], body: Mapping[str, Any], params: Any,
     if not targets:
         return {}
     flat = paths.flatten(params)
-    owner: dict[str, str] = {}
-    for path, leaf in flat.items():
-        name = place(path)
-        if name is not None and len(getattr(leaf, "shape", ())) == 3 and any(
-                name == t or name.endswith("." + t) for t in targets):
-            owner[name] = path
-    if not owner:
-        raise ValueError(
-            f"jlora.peft.load: adapter_config.json's target_parameters {list(targets)} match no 3-D params leaf "
-            "through key_map (an expert kernel maps to its torch parameter name, e.g. "
-            "'model.layers.0.mlp.experts.gate_up_proj'); fix: add a (regex, parameter name) pair to key_map"
-        )
+    owner = _targeted(flat, place, targets)
     prefixes = wrapper_prefixes(list(owner), param_order)
     rank, alpha = int(body["r"]), float(body["lora_alpha"])
     rank_pattern, alpha_pattern = body.get("rank_pattern") or {}, body.get("alpha_pattern") or {}
@@ -224,24 +255,11 @@ def read(tensors: dict[str, np.ndarray], body: Mapping[str, Any], params: Any,
     def pattern(keys: Any, name: str) -> str | None:  # PEFT's get_pattern_key
         return next((k for k in keys if re.match(rf"(.*\.)?({k})$", name)), None)
 
-    known = dict(layouts or {})
-    todo = [p for p in owner.values() if p not in known]
-    if apply_fn is not None and todo:
-        for p, lay in analysis.read_layouts(apply_fn, params, args, todo, list(flat)).items():
-            if isinstance(lay, Layout):
-                known[p] = lay
+    known = _known_layouts(owner, layouts, apply_fn, params, args, flat)
     out: dict[str, tuple[np.ndarray, np.ndarray, Layout, int, float]] = {}
     for name, path in sorted(owner.items()):
-        key = PREFIX + prefixes[name]
-        ka, kb = key + ".lora_A.weight", key + ".lora_B.weight"
-        if ka not in tensors or kb not in tensors:
-            near = sorted(k for k in tensors if k.startswith(PREFIX + name.rpartition(".")[0]))
-            raise ValueError(
-                f"jlora.peft.load: adapter_config.json targets parameter {name!r} ({path!r}) but the file has no "
-                f"{ka!r} / {kb!r} (keys of its module: {near}); fix: check param_order (the torch module's "
-                "parameter order) and the key_map"
-            )
-        tA, tB = tensors.pop(ka), tensors.pop(kb)
+        ka = PREFIX + prefixes[name] + ".lora_A.weight"
+        tA, tB = _pop_factors(tensors, PREFIX + prefixes[name], name, path)
         shape = tuple(flat[path].shape)
         lay = known.get(path) or _layout_from_sizes(path, shape, tA, ka)
         if not is_expert(lay):

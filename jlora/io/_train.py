@@ -293,6 +293,18 @@ class TrainCheckpointer:
         """
         self._open("restore")
         self.wait_until_finished()
+        step, steps = self._pick_step(step)
+        where = f"step {step} of '{self.directory}'"
+        damaged = (f"fix: restore another step (saved: {steps}) with step=..., or delete "
+                   f"'{self.directory / str(step)}'")
+        header, rng = self._step_header(step, where, damaged)
+        lora_abs = _abstract(lora_like, shardings)
+        state_abs = {"opt_state": _abstract(opt_state_like, opt_shardings)}
+        out = self._step_arrays(step, where, damaged, lora_abs, state_abs)
+        return TrainState(step, out["lora"], out["state"]["opt_state"], rng, header.get("metadata") or {})
+
+    def _pick_step(self, step: int | None) -> tuple[int, list[int]]:
+        """The step to restore (None: the latest) and every saved step; a step not saved is refused."""
         steps = self.all_steps()
         if step is None and not steps:
             raise ValueError(f"TrainCheckpointer.restore: no step saved in '{self.directory}'; fix: save "
@@ -301,9 +313,10 @@ class TrainCheckpointer:
         if step not in steps:
             raise ValueError(f"TrainCheckpointer.restore: no step {step} in '{self.directory}' (saved: "
                              f"{steps}); fix: pass one of the saved steps, or step=None for the latest.")
-        where = f"step {step} of '{self.directory}'"
-        damaged = (f"fix: restore another step (saved: {steps}) with step=..., or delete "
-                   f"'{self.directory / str(step)}'")
+        return step, steps
+
+    def _step_header(self, step: int, where: str, damaged: str) -> tuple[dict[str, Any], Any]:
+        """A step's header and rng; a damaged header, or one saved with another config, is refused."""
         try:
             header = self._manager.restore(step, args=ocp.args.Composite(jlora=ocp.args.JsonRestore()))["jlora"]
             saved = LoraConfig.from_json(header["config"])
@@ -319,8 +332,10 @@ class TrainCheckpointer:
             raise ValueError(f"TrainCheckpointer.restore: step {step} was saved with config {saved}, "
                              f"this run uses {self.config}; fix: use the saved config "
                              "(read_adapter_header) or a new directory.")
-        lora_abs = _abstract(lora_like, shardings)
-        state_abs = {"opt_state": _abstract(opt_state_like, opt_shardings)}
+        return header, rng
+
+    def _step_arrays(self, step: int, where: str, damaged: str, lora_abs: Any, state_abs: Any) -> Any:
+        """A step's arrays restored into the templates, whose structures must match the saved ones."""
         try:
             meta = self._manager.item_metadata(step)
             trees = [getattr(meta[k], "tree", meta[k]) for k in ("lora", "state")]
@@ -332,7 +347,7 @@ class TrainCheckpointer:
         _match(trees[1], state_abs, where, "optimizer-state", "fix: pass opt_state_like = "
                "jax.eval_shape(tx.init, lora_like) with the optimizer the run was saved with")
         try:
-            out = self._manager.restore(step, args=ocp.args.Composite(
+            return self._manager.restore(step, args=ocp.args.Composite(
                 lora=ocp.args.StandardRestore(lora_abs), state=ocp.args.StandardRestore(state_abs)))
         except Exception as e:
             if "tree structures do not match" in str(e):
@@ -342,7 +357,6 @@ class TrainCheckpointer:
                                  "the run was saved with.") from e
             raise ValueError(f"TrainCheckpointer.restore: {where}: cannot read its arrays ({short(e)}): the "
                              f"step is damaged; {damaged}.") from e
-        return TrainState(step, out["lora"], out["state"]["opt_state"], rng, header.get("metadata") or {})
 
     def latest_step(self) -> int | None:
         """The latest finished step, or None."""

@@ -14,13 +14,13 @@ a reader then loads the new one (it is complete: its manifest was written first)
 next save to that name finishes the swap and removes the leftovers. One writer at a time:
 ``save_adapter`` holds a lock (:class:`jlora.io._files.WriterLock`) and refuses a second.
 
+The header (config, metadata, leaf table, layouts) is built and read by :mod:`jlora.io._adapter_header`;
 ``TrainCheckpointer`` (resumable training on orbax's ``CheckpointManager``) lives in
 :mod:`jlora.io._train` and is re-exported here.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import uuid
@@ -34,107 +34,19 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from jlora.core import paths
-from jlora.core._describe import adapted, kernel_layouts, nest
+from jlora.core._describe import adapted, nest
 from jlora.core.layout import Layout
-from jlora.io._files import (FORMAT, MANIFEST, VERSION, WriterLock, broadcast_text, check_manifest, commit, files,
-                           is_primary, leftovers, pause_point, read_resolved, recover, short, staging_path, sync,
-                           write_manifest)
+from jlora.io._adapter_header import build_header, read_header
+from jlora.io._files import (MANIFEST, WriterLock, broadcast_text, commit, files, is_primary, leftovers, pause_point,
+                             read_resolved, recover, short, staging_path, sync, write_manifest)
 from jlora.core._config import LoraConfig
 from jlora.io._train import TrainCheckpointer, TrainState
 
 __all__ = ["save_adapter", "restore_adapter", "read_adapter_header", "validate_adapter",
            "TrainCheckpointer", "TrainState"]
 
-_FIX_CONFIG = "fix: pass the LoraConfig the tree was made with (jlora.init(key, params, config))"
 
-
-# --------------------------------------------------------------------------- leaves and header
-
-
-def _leaf_table(lora: Any) -> dict[str, dict[str, Any]]:
-    table = {}
-    for p, x in paths.flatten(lora).items():
-        if not hasattr(x, "shape") or not hasattr(x, "dtype"):
-            raise TypeError(f"save_adapter: lora leaf '{p}' is a {type(x).__name__}, expected an "
-                            "array; fix: save the tree jlora.init returned (it holds only arrays).")
-        table[p] = {"shape": [int(d) for d in x.shape], "dtype": np.dtype(x.dtype).name}
-    return table
-
-
-def _check_describes(lora: Any, config: LoraConfig) -> None:
-    """Raises ValueError unless ``config`` describes every leaf of ``lora`` (rank, targets, trainable).
-
-    The one place save_adapter reads a tree's layout from its leaf names: ``<kernel>/A`` (rank
-    = its last axis over the enabled groups of a fused kernel), ``/B``, ``/m`` (DoRA),
-    ``<table>/rows``, and trained-whole leaves (the rest).
-    """
-    layouts = kernel_layouts(lora)
-    for p, x in paths.flatten(lora).items():
-        if paths.matches(config.trainable, p):
-            continue
-        kernel, _, part = p.rpartition("/")
-        if part == "rows":
-            rows = config.rows_for(kernel)
-            if rows is None or x.shape[:1] != (len(rows),):
-                raise ValueError(f"save_adapter: lora leaf {p!r} holds {x.shape[0]} trained rows, the config's "
-                                 f"embedding_rows gives {rows} for {kernel!r}; {_FIX_CONFIG}.")
-            continue
-        if part not in ("A", "B", "m"):
-            raise ValueError(f"save_adapter: lora leaf {p!r} is trained whole, but the config's trainable "
-                             f"{list(config.trainable)} does not match it; {_FIX_CONFIG}.")
-        if not paths.matches(config.targets, kernel) or paths.matches(config.exclude, kernel):
-            raise ValueError(f"save_adapter: lora leaf {p!r} adapts {kernel!r}, which the config's targets "
-                             f"{list(config.targets)} (exclude {list(config.exclude)}) do not select; "
-                             f"{_FIX_CONFIG}.")
-        if part == "m" and not config.use_dora:
-            raise ValueError(f"save_adapter: lora leaf {p!r} is a DoRA magnitude, but the config has "
-                             f"use_dora=False; {_FIX_CONFIG}.")
-        if part == "A":
-            groups = config.groups_for(kernel)
-            n = sum(groups) if groups else 1
-            conv_groups = layouts[kernel].groups if kernel in layouts else 1  # a grouped conv: rank per group
-            want = config.rank_for(kernel) // conv_groups
-            if x.shape[-1] != want * n:
-                per = f" over {n} enabled groups" if groups else ""
-                raise ValueError(f"save_adapter: lora factor {p!r} has rank {x.shape[-1] / n:g} (last axis "
-                                 f"{x.shape[-1]}{per}), the config gives rank {want} for {kernel!r}; "
-                                 f"{_FIX_CONFIG}, e.g. config.replace(rank=...) or rank_pattern.")
-
-
-def _header(directory: Path, verify: bool, who: str) -> dict[str, Any]:
-    check_manifest(directory, who, verify)
-    fix = "fix: restore from another copy, or save the adapter again"
-    item = directory / "jlora"
-    try:
-        with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
-            header = ckptr.restore(directory, ocp.args.Composite(jlora=ocp.args.JsonRestore()))["jlora"]
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{who}: the header in '{item}' is not UTF-8 text (byte {e.object[e.start]:#04x} at "
-                         f"offset {e.start}): the checkpoint is damaged; {fix}.") from e
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{who}: the header in '{item}' is not valid JSON ({e.msg} at line {e.lineno} "
-                         f"column {e.colno}): the checkpoint is damaged; {fix}.") from e
-    except Exception as e:  # orbax / filesystem errors: one clear message
-        raise ValueError(f"{who}: cannot read the header in '{item}' ({short(e)}); {fix}.") from e
-    version = header.get("version") if isinstance(header, dict) else None
-    if not isinstance(header, dict) or header.get("format") != FORMAT or not isinstance(version, int):
-        raise ValueError(f"{who}: '{directory}' has no jlora adapter header (format "
-                         f"{header.get('format') if isinstance(header, dict) else header!r}); fix: pass a "
-                         "directory written by save_adapter.")
-    if version > VERSION:
-        raise ValueError(f"{who}: '{directory}' has format version {version}; this jlora reads "
-                         f"{FORMAT!r} up to version {VERSION}; fix: upgrade jlora.")
-    try:
-        config = LoraConfig.from_json(header["config"])
-        leaves = {str(p): {"shape": [int(d) for d in v["shape"]], "dtype": str(np.dtype(v["dtype"]))}
-                  for p, v in header["leaves"].items()}
-    except (KeyError, TypeError, ValueError, AttributeError) as e:
-        raise ValueError(f"{who}: the header in '{item}' does not hold a valid LoraConfig and leaf table "
-                         f"({short(e)}); {fix}.") from e
-    layouts = header.get("layouts") or {}
-    if not isinstance(layouts, dict):
-        raise ValueError(f"{who}: the header in '{item}' has a malformed layout table; {fix}.")
-    return {"config": config, "metadata": header.get("metadata") or {}, "leaves": leaves, "layouts": layouts}
+# --------------------------------------------------------------------------- shardings and writing
 
 
 def _sharding_for(path: str, shardings: Any, flat_like: Mapping[str, Any] | None):
@@ -151,6 +63,70 @@ def _sharding_for(path: str, shardings: Any, flat_like: Mapping[str, Any] | None
         if isinstance(s, jax.sharding.Sharding):
             return s
     return jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+
+
+def _write_adapter(directory: Path, lora: Any, header: dict[str, Any], overwrite: bool) -> None:
+    """Writes ``lora`` and ``header`` to a staging folder and commits it to ``directory`` (under the
+    writer lock; every process calls it): a failed save leaves nothing, an old adapter is replaced
+    only once the new one is complete."""
+    key = f"jlora_save_adapter_{zlib.crc32(str(directory).encode())}"
+    if is_primary():
+        recover(directory)
+    sync(key + "_recovered")
+    existing = directory.exists() and (not directory.is_dir() or any(directory.iterdir()))
+    if existing and not overwrite:
+        raise FileExistsError(f"save_adapter: '{directory}' already exists; pass overwrite=True to "
+                              "replace it, or choose a new directory.")
+    if existing and not (directory / MANIFEST).is_file():
+        raise FileExistsError(f"save_adapter: '{directory}' exists and is not a jlora adapter "
+                              f"checkpoint (no {MANIFEST}); refusing to replace it even with "
+                              "overwrite=True; fix: choose a new directory or delete it yourself.")
+    token = broadcast_text(uuid.uuid4().hex[:12] if is_primary() else "")
+    staging = staging_path(directory, token)
+    try:
+        with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
+            ckptr.save(staging, ocp.args.Composite(lora=ocp.args.StandardSave(lora),
+                                                   jlora=ocp.args.JsonSave(header)))
+        pause_point("adapter-written")
+        if is_primary():
+            write_manifest(staging)
+            pause_point("adapter-committed")
+            commit(staging, directory, replace=existing)
+    except BaseException:
+        if is_primary() and (directory.exists() or not existing):  # a failed save leaves nothing
+            for kind, path in leftovers(directory).get(token, {}).items():
+                if kind != "old":
+                    shutil.rmtree(path, ignore_errors=True)
+        raise
+    sync(key + "_" + token)
+
+
+def _read_adapter(where: Path, verify: bool, shardings: Any, flat_like: Mapping[str, Any] | None, like: Any,
+                  frozen: Any) -> tuple[Any, LoraConfig, dict]:
+    """``(lora, config, metadata)`` of the checkpoint folder ``where``: header first, the arrays checked
+    against ``like``/``frozen`` as shapes, then restored into their shardings."""
+    header = read_header(where, verify, "restore_adapter")
+    config = header["config"]
+    abstract = paths.unflatten_dict({
+        p: jax.ShapeDtypeStruct(tuple(leaf["shape"]), jax.numpy.dtype(leaf["dtype"]),
+                                sharding=_sharding_for(p, shardings, flat_like))
+        for p, leaf in header["leaves"].items()})
+    name = f"checkpoint '{where}'"
+    validate_adapter(abstract, like=like, frozen=frozen, config=config, where=name)
+    try:
+        with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
+            lora = ckptr.restore(where, ocp.args.Composite(
+                lora=ocp.args.StandardRestore(abstract)))["lora"]
+    except Exception as e:  # tensorstore/orbax errors on damaged data
+        raise ValueError(f"restore_adapter: cannot read the arrays of {name} ({short(e)}): the data "
+                         "is damaged; fix: restore from another copy (verify=True checks every "
+                         "file's sha256 first).") from e
+    try:
+        layouts = {p: Layout.from_json(v) for p, v in header["layouts"].items()}
+    except (KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"restore_adapter: the layout table of {name} is malformed ({short(e)}); fix: "
+                         "restore from another copy, or save the adapter again.") from e
+    return nest(paths.flatten(lora), layouts), config, header["metadata"]
 
 
 # --------------------------------------------------------------------------- adapters
@@ -197,53 +173,12 @@ def save_adapter(directory: str | os.PathLike, lora: Any, config: LoraConfig,
         raise TypeError(f"save_adapter: config must be a jlora.LoraConfig, got {type(config).__name__}; "
                         "fix: pass the LoraConfig given to jlora.init.")
     directory = Path(directory).absolute()
-    try:
-        meta = json.loads(json.dumps(dict(metadata or {})))
-    except (TypeError, ValueError) as e:
-        raise TypeError(f"save_adapter: metadata must be JSON-serialisable: {e}; fix: pass numbers, "
-                        "strings, lists and dicts only.") from e
-    leaves = _leaf_table(lora)
-    if not leaves:
-        raise ValueError("save_adapter: the lora tree is empty; nothing to save; fix: pass the tree "
-                         "jlora.init returned.")
-    _check_describes(lora, config)
-    header = {"format": FORMAT, "version": VERSION, "config": json.loads(config.to_json()),
-              "metadata": meta, "leaves": leaves,
-              "layouts": {p: lay.to_json() for p, lay in kernel_layouts(lora).items()}}
+    header = build_header(lora, config, metadata)
     directory.parent.mkdir(parents=True, exist_ok=True)
-    key = f"jlora_save_adapter_{zlib.crc32(str(directory).encode())}"
     with WriterLock(directory.parent / f".{directory.name}.jlora-lock", "save_adapter", directory,
                     "wait for the other save to finish (or stop that process), or save to another "
                     "directory"):
-        if is_primary():
-            recover(directory)
-        sync(key + "_recovered")
-        existing = directory.exists() and (not directory.is_dir() or any(directory.iterdir()))
-        if existing and not overwrite:
-            raise FileExistsError(f"save_adapter: '{directory}' already exists; pass overwrite=True to "
-                                  "replace it, or choose a new directory.")
-        if existing and not (directory / MANIFEST).is_file():
-            raise FileExistsError(f"save_adapter: '{directory}' exists and is not a jlora adapter "
-                                  f"checkpoint (no {MANIFEST}); refusing to replace it even with "
-                                  "overwrite=True; fix: choose a new directory or delete it yourself.")
-        token = broadcast_text(uuid.uuid4().hex[:12] if is_primary() else "")
-        staging = staging_path(directory, token)
-        try:
-            with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
-                ckptr.save(staging, ocp.args.Composite(lora=ocp.args.StandardSave(lora),
-                                                       jlora=ocp.args.JsonSave(header)))
-            pause_point("adapter-written")
-            if is_primary():
-                write_manifest(staging)
-                pause_point("adapter-committed")
-                commit(staging, directory, replace=existing)
-        except BaseException:
-            if is_primary() and (directory.exists() or not existing):  # a failed save leaves nothing
-                for kind, path in leftovers(directory).get(token, {}).items():
-                    if kind != "old":
-                        shutil.rmtree(path, ignore_errors=True)
-            raise
-        sync(key + "_" + token)
+        _write_adapter(directory, lora, header, overwrite)
     return sum(p.stat().st_size for p in files(directory))
 
 
@@ -269,7 +204,7 @@ def read_adapter_header(directory: str | os.PathLike, *, verify: bool = True) ->
       {'shape': [2, 3], 'dtype': 'float32'}
     """
     directory = Path(directory).absolute()
-    return read_resolved(directory, "read_adapter_header", lambda d: _header(d, verify, "read_adapter_header"))
+    return read_resolved(directory, "read_adapter_header", lambda d: read_header(d, verify, "read_adapter_header"))
 
 
 def validate_adapter(lora: Any, *, like: Any = None, frozen: Any = None,
@@ -365,29 +300,5 @@ def restore_adapter(directory: str | os.PathLike, *, shardings: Any = None, like
     flat_like = paths.flatten(like) if like is not None else None
     if shardings is not None and not isinstance(shardings, jax.sharding.Sharding):
         shardings = paths.flatten(shardings)
-
-    def read(where: Path) -> tuple[Any, LoraConfig, dict]:
-        header = _header(where, verify, "restore_adapter")
-        config = header["config"]
-        abstract = paths.unflatten_dict({
-            p: jax.ShapeDtypeStruct(tuple(leaf["shape"]), jax.numpy.dtype(leaf["dtype"]),
-                                    sharding=_sharding_for(p, shardings, flat_like))
-            for p, leaf in header["leaves"].items()})
-        name = f"checkpoint '{where}'"
-        validate_adapter(abstract, like=like, frozen=frozen, config=config, where=name)
-        try:
-            with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
-                lora = ckptr.restore(where, ocp.args.Composite(
-                    lora=ocp.args.StandardRestore(abstract)))["lora"]
-        except Exception as e:  # tensorstore/orbax errors on damaged data
-            raise ValueError(f"restore_adapter: cannot read the arrays of {name} ({short(e)}): the data "
-                             "is damaged; fix: restore from another copy (verify=True checks every "
-                             "file's sha256 first).") from e
-        try:
-            layouts = {p: Layout.from_json(v) for p, v in header["layouts"].items()}
-        except (KeyError, TypeError, ValueError) as e:
-            raise ValueError(f"restore_adapter: the layout table of {name} is malformed ({short(e)}); fix: "
-                             "restore from another copy, or save the adapter again.") from e
-        return nest(paths.flatten(lora), layouts), config, header["metadata"]
-
-    return read_resolved(directory, "restore_adapter", read)
+    return read_resolved(directory, "restore_adapter",
+                         lambda where: _read_adapter(where, verify, shardings, flat_like, like, frozen))

@@ -95,6 +95,54 @@ def _copy_fields(reader: Any, writer: Any, file_type: int | None) -> None:
         writer.add_key_value(field.name, value, vtype, sub_type=sub)
 
 
+def _encode_all(tensors: Mapping[str, Any], out_type: str) -> tuple[dict[str, tuple[np.ndarray, str]], dict[str, float]]:
+    """Each given tensor encoded as ``out_type`` (``(data, type)``), and the errors of the encoded values
+    read back (max abs, max relative per tensor, summed squares)."""
+    encoded: dict[str, tuple[np.ndarray, str]] = {}
+    err = {"max_abs_err": 0.0, "max_rel_err": 0.0, "sq_err": 0.0, "sq": 0.0}
+    for name, x in tensors.items():
+        x = np.ascontiguousarray(np.asarray(x, np.float32))
+        if not np.all(np.isfinite(x)):
+            raise ValueError(f"jlora.quant.gguf_export.write_gguf: tensor {name!r} has non-finite values; fix: check the "
+                             "merge (an overflow in a low-precision dtype?)")
+        encoded[name] = _encode(x, out_type)
+        e = _decode(*encoded[name]).astype(np.float64) - x
+        peak = float(np.max(np.abs(x))) if x.size else 0.0
+        err["max_abs_err"] = max(err["max_abs_err"], float(np.max(np.abs(e), initial=0.0)))
+        err["max_rel_err"] = max(err["max_rel_err"], float(np.max(np.abs(e), initial=0.0)) / peak if peak else 0.0)
+        err["sq_err"] += float(np.sum(e * e))
+        err["sq"] += float(np.sum(x.astype(np.float64) ** 2))
+    return encoded, err
+
+
+def _write_file(reader: Any, out: Path, arch: str, encoded: Mapping[str, tuple[np.ndarray, str]],
+                file_type: int | None) -> None:
+    """Writes ``reader``'s fields and tensors to ``out`` (atomically), the ``encoded`` ones replaced."""
+    import gguf
+
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+    os.close(fd)
+    try:
+        writer = gguf.GGUFWriter(tmp, arch, endianess=reader.endianess)
+        _copy_fields(reader, writer, file_type)
+        for t in reader.tensors:
+            if t.name in encoded:
+                data, kind = encoded[t.name]
+                raw = gguf.GGMLQuantizationType.Q8_0 if kind == "q8_0" else None
+                writer.add_tensor(t.name, data, raw_dtype=raw)
+            else:
+                writer.add_tensor(t.name, np.asarray(t.data), raw_shape=t.data.shape, raw_dtype=t.tensor_type,
+                                  tensor_endianess=reader.endianess)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        os.replace(tmp, out)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
 def write_gguf(source: str | os.PathLike, out: str | os.PathLike, tensors: Mapping[str, Any], out_type: str = "q8_0",
                *, overwrite: bool = False) -> dict[str, Any]:
     """Writes ``source`` with the given tensors replaced (see the module docstring for the rules).
@@ -136,43 +184,10 @@ def write_gguf(source: str | os.PathLike, out: str | os.PathLike, tensors: Mappi
     reader = gguf.GGUFReader(str(source))
     _check(source, out, tensors, out_type, overwrite, reader)
     arch = str(reader.fields[gguf.Keys.General.ARCHITECTURE].contents())
-    encoded: dict[str, tuple[np.ndarray, str]] = {}
-    err = {"max_abs_err": 0.0, "max_rel_err": 0.0, "sq_err": 0.0, "sq": 0.0}
-    for name, x in tensors.items():
-        x = np.ascontiguousarray(np.asarray(x, np.float32))
-        if not np.all(np.isfinite(x)):
-            raise ValueError(f"jlora.quant.gguf_export.write_gguf: tensor {name!r} has non-finite values; fix: check the "
-                             "merge (an overflow in a low-precision dtype?)")
-        encoded[name] = _encode(x, out_type)
-        e = _decode(*encoded[name]).astype(np.float64) - x
-        peak = float(np.max(np.abs(x))) if x.size else 0.0
-        err["max_abs_err"] = max(err["max_abs_err"], float(np.max(np.abs(e), initial=0.0)))
-        err["max_rel_err"] = max(err["max_rel_err"], float(np.max(np.abs(e), initial=0.0)) / peak if peak else 0.0)
-        err["sq_err"] += float(np.sum(e * e))
-        err["sq"] += float(np.sum(x.astype(np.float64) ** 2))
+    encoded, err = _encode_all(tensors, out_type)
     types = {t.name: encoded[t.name][1] if t.name in encoded else t.tensor_type.name.lower() for t in reader.tensors}
     every = all(types[t.name] == out_type for t in reader.tensors if len(t.shape) >= 2)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    os.close(fd)
-    try:
-        writer = gguf.GGUFWriter(tmp, arch, endianess=reader.endianess)
-        _copy_fields(reader, writer, _FILE_TYPE[out_type] if every else None)
-        for t in reader.tensors:
-            if t.name in encoded:
-                data, kind = encoded[t.name]
-                raw = gguf.GGMLQuantizationType.Q8_0 if kind == "q8_0" else None
-                writer.add_tensor(t.name, data, raw_dtype=raw)
-            else:
-                writer.add_tensor(t.name, np.asarray(t.data), raw_shape=t.data.shape, raw_dtype=t.tensor_type,
-                                  tensor_endianess=reader.endianess)
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-        writer.close()
-        os.replace(tmp, out)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    _write_file(reader, out, arch, encoded, _FILE_TYPE[out_type] if every else None)
     rel_rms = (err["sq_err"] / err["sq"]) ** 0.5 if err["sq"] else 0.0
     return {"path": str(out), "bytes": out.stat().st_size, "types": types, "max_abs_err": err["max_abs_err"],
             "max_rel_err": err["max_rel_err"], "rel_rms_err": rel_rms}
