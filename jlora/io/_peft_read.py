@@ -179,8 +179,8 @@ def traced_layouts(found: Classified, owners: Owners, layouts: Mapping[str, Layo
     """The layouts known before reading any factor: ``layouts=``, then the trace of ``apply_fn``."""
     known = dict(layouts or {})
     if apply_fn is not None:
-        adapted_paths = [owners.where(parts["A"][0], module, "weight") for module, parts in sorted(found.factors.items())
-                         if "A" in parts]
+        adapted_paths = [owners.where(parts["A"][0], module, "weight")
+                         for module, parts in sorted(found.factors.items()) if "A" in parts]
         for p, lay in analysis.read_layouts(apply_fn, params, args, adapted_paths, list(flat)).items():
             if isinstance(lay, str) and p not in known:
                 raise ValueError(f"jlora.peft.load: cannot tell the axis roles of {p!r}: the trace says {lay}; fix: "
@@ -198,7 +198,7 @@ class ReadContext:
     flat: Mapping[str, Any]
     owners: Owners
     known: Mapping[str, Layout]
-    kernels: str | None
+    kernel_order: str | None  # the key map's stated kernel order (PortKeyMap), or None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -240,7 +240,7 @@ def resolve_kernel(module: str, parts: Mapping[str, Tensor], ctx: ReadContext) -
     layout = ctx.known.get(path)
     if layout is None:
         layout = untraced_layout(path, key_a, shape, tA.shape[-1] if tA.ndim == 2 else 0,
-                                 tB.shape[0] if tB.ndim == 2 else 0, peft_kind(parts), ctx.kernels)
+                                 tB.shape[0] if tB.ndim == 2 else 0, peft_kind(parts), ctx.kernel_order)
     elif layout.shape != shape:
         raise ValueError(f"jlora.peft.load: the layout given for {path!r} is for shape {layout.shape}, the "
                          f"params leaf has shape {shape}; fix: layouts=jlora.kernel_layouts(lora) of a lora tree "
@@ -357,7 +357,8 @@ def convert_whole(found: Classified, ctx: ReadContext, fan_in_fan_out: str | Seq
             raise ValueError(f"jlora.peft.load: {key!r} has dtype {value.dtype}, expected a float tensor; fix: "
                              "re-save the adapter from a float PEFT model")
         ffo = _whole_fan_in_fan_out(path, ctx, fan_in_fan_out)
-        order = {"io": "in_out", "oi": "out_in"}.get(ctx.known[path].roles, "") if path in ctx.known else ctx.kernels
+        known = ctx.known.get(path)
+        order = ctx.kernel_order if known is None else {"io": "in_out", "oi": "out_in"}.get(known.roles, "")
         if order is None and _square_kernel(path, value, shape):
             raise ValueError(
                 f"jlora.peft.load: {key!r} is the square weight {tuple(value.shape)} of a module saved whole; whether "

@@ -116,7 +116,7 @@ class Factors:
     rank: int
 
 
-def untraced_layout(path: str, A: np.ndarray, B: np.ndarray, conv: tuple[str, ...]) -> Layout:
+def plain_dict_layout(path: str, A: np.ndarray, B: np.ndarray, conv: tuple[str, ...]) -> Layout:
     """The layout of a plain-dict node (no ``Layout``): stored ``in + out``, a conv if ``conv`` names it."""
     if A.ndim < 2 or B.ndim < 2 or B.shape[0] != A.shape[-1]:
         raise ValueError(
@@ -151,7 +151,7 @@ def resolve(path: str, pair: tuple[Any, Any, Any], layout: Layout | None, config
         )
     A, B = np.asarray(A), np.asarray(B)
     if layout is None:
-        layout = untraced_layout(path, A, B, conv)
+        layout = plain_dict_layout(path, A, B, conv)
     r = A.shape[-1] * layout.groups  # PEFT's rank: the total over a grouped conv's groups
     if r != config.rank_for(path):
         raise ValueError(

@@ -110,7 +110,8 @@ def save(directory: str | os.PathLike[str], lora: Mapping[str, Any], config: Lor
 
     leaves = write.collect(lora)
     layouts = kernel_layouts(lora)
-    kernels = [write.resolve(path, pair, layouts.get(path), config, conv) for path, pair in sorted(leaves.pairs.items())]
+    kernels = [write.resolve(path, pair, layouts.get(path), config, conv)
+               for path, pair in sorted(leaves.pairs.items())]
     place = write.placer(fn)
     got = write.Converted()
     write.convert_kernels(kernels, place, config, param_order, got)

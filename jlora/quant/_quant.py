@@ -102,8 +102,10 @@ def stored_roles(path: str, shape: tuple[int, ...], config: LoraConfig | None,
     documented default holds: no stack axis and every axis but the last an input
     (``Layout.plain(shape, 0, ndim - 1)``, a Flax ``(in..., out)`` kernel).
 
-    >>> stored_roles("w", (4, 8, 16), None), stored_roles("w", (2, 8, 16), LoraConfig(targets="w", stack=(("w", 1),)))
-    (('i', 'i', 'o'), ('s', 'i', 'o'))
+    >>> stored_roles("w", (4, 8, 16), None)
+    ('i', 'i', 'o')
+    >>> stored_roles("w", (2, 8, 16), LoraConfig(targets="w", stack=(("w", 1),)))
+    ('s', 'i', 'o')
     """
     lay = (layouts or {}).get(path)
     roles = lay.stored_roles() if lay is not None else (config.layout_for(path) if config is not None else None)
@@ -251,9 +253,10 @@ def quantize(frozen: Any, rules_or_config: LoraConfig | str | Sequence[str], *, 
       block_size: nf4 block size, a positive even number (bitsandbytes: 64). If it does not divide
         the kernel's size the flattened kernel is zero-padded to whole blocks.
       double_quant: nf4 only: quantize the absmax scales to 8 bits (blocks of 256, mean removed).
-      layouts: int8 and GGUF schemes: ``{path: Layout}`` (e.g. ``jlora.adapt._tree.kernel_layouts(lora)``): the scale is one
-        per stack/output position, reduced over the kernel's input axes in whatever order it stores them
-        (default: the config's ``layout``/``stack``/``axes`` rules, else all axes but the last).
+      layouts: int8 and GGUF schemes: ``{path: Layout}`` (e.g. ``jlora.kernel_layouts(lora)``): the
+        scale is one per stack/output position, reduced over the kernel's input axes in whatever order
+        it stores them (default: the config's ``layout``/``stack``/``axes`` rules, else all axes but the
+        last: :func:`stored_roles`).
 
     Returns:
       ``frozen`` with a :class:`QuantizedArray` at each chosen kernel's path.

@@ -95,7 +95,8 @@ def _copy_fields(reader: Any, writer: Any, file_type: int | None) -> None:
         writer.add_key_value(field.name, value, vtype, sub_type=sub)
 
 
-def _encode_all(tensors: Mapping[str, Any], out_type: str) -> tuple[dict[str, tuple[np.ndarray, str]], dict[str, float]]:
+def _encode_all(tensors: Mapping[str, Any], out_type: str
+                ) -> tuple[dict[str, tuple[np.ndarray, str]], dict[str, float]]:
     """Each given tensor encoded as ``out_type`` (``(data, type)``), and the errors of the encoded values
     read back (max abs, max relative per tensor, summed squares)."""
     encoded: dict[str, tuple[np.ndarray, str]] = {}
