@@ -150,52 +150,69 @@ def factors_from_torch(path: str, layout: Layout, parts: Mapping[str, tuple[str,
     """
     key_a, tA = parts["A"]
     key_b, tB = parts["B"]
-    g = layout.groups
-    r = tA.shape[0] // g
-    shape = layout.shape
-    got = f"lora_A {tA.shape}, lora_B {tB.shape}"
-    A = B = None
-    if "embed" in parts:
-        ok = len(shape) == 2 and tA.shape == (r, shape[0]) and tB.shape == (shape[1], r)
-        want = f"lora_embedding_A (r, {shape[0]}), lora_embedding_B ({shape[-1]}, r)" if len(shape) == 2 else "2-D"
-        if ok:
-            A, B = tA.T, tB.T
+    r = tA.shape[0] // layout.groups
+    if "embed" in parts:  # lora_embedding_A / _B: PEFT's nn.Embedding layer
+        want, factors = _embed_from_torch(tA, tB, r, layout)
     elif layout.kind == "conv":
-        nk = layout.n_in - 1
-        fi = layout.in_feature_index()
-        ins = layout.in_shape
-        cin, spatial = ins[fi], tuple(n for k, n in enumerate(ins) if k != fi)
-        cout = math.prod(layout.out_shape) * g
-        ok = tA.shape == (g * r, g * cin) + spatial and tB.shape == (cout, r) + (1,) * nk
-        want = f"lora_A ({g}·r, {g * cin}, {', '.join(map(str, spatial))}), lora_B ({cout}, r, 1...)"
-        if ok:
-            A = _conv_a_from_torch(tA, layout, path, key_a)
-            b = np.transpose(tB.reshape(g, -1, r), (0, 2, 1))  # (G, r, cout_g)
-            B = b if g > 1 else b[0]
+        want, factors = _conv_from_torch(tA, tB, r, layout, path, key_a)
     else:
-        ok = (not layout.n_stack and tA.ndim == 2 and tB.ndim == 2 and tA.shape[1] == layout.fan_in
-              and tB.shape == (math.prod(layout.out_shape), r))
-        want = f"lora_A (r, {layout.fan_in}), lora_B ({math.prod(layout.out_shape)}, r) for axis roles {layout.describe()}"
-        if ok:
-            A, B = tA.T.reshape(layout.in_shape + (r,)), tB.T.reshape((r,) + layout.out_shape)
-    if not ok:
+        want, factors = _linear_from_torch(tA, tB, r, layout)
+    if factors is None:
         raise ValueError(
             f"jlora.peft.load: adapter keys {key_a!r}/{key_b!r} do not fit the params leaf {path!r} of shape "
-            f"{shape}: expected {want}, got {got}; fix: check the key_map and that params is the adapter's "
+            f"{layout.shape}: expected {want}, got lora_A {tA.shape}, lora_B {tB.shape}; fix: check the key_map "
+            "and that params is the adapter's base model"
+        )
+    return factors[0], factors[1], _magnitude_from_torch(path, parts.get("m"), layout)
+
+
+Factors = tuple[np.ndarray, np.ndarray]
+
+
+def _embed_from_torch(tA: np.ndarray, tB: np.ndarray, r: int, layout: Layout) -> tuple[str, Factors | None]:
+    """What an embedding's tensors should be, and its ``(A, B)`` if they are."""
+    shape = layout.shape
+    ok = len(shape) == 2 and tA.shape == (r, shape[0]) and tB.shape == (shape[1], r)
+    want = f"lora_embedding_A (r, {shape[0]}), lora_embedding_B ({shape[-1]}, r)" if len(shape) == 2 else "2-D"
+    return want, ((tA.T, tB.T) if ok else None)
+
+
+def _conv_from_torch(tA: np.ndarray, tB: np.ndarray, r: int, layout: Layout, path: str, key_a: str
+                     ) -> tuple[str, Factors | None]:
+    """What a conv's tensors should be (``(G·r, G·cin, k...)``, ``(cout, r, 1...)``), and its ``(A, B)``."""
+    g, nk, fi = layout.groups, layout.n_in - 1, layout.in_feature_index()
+    ins = layout.in_shape
+    cin, spatial = ins[fi], tuple(n for k, n in enumerate(ins) if k != fi)
+    cout = math.prod(layout.out_shape) * g
+    want = f"lora_A ({g}·r, {g * cin}, {', '.join(map(str, spatial))}), lora_B ({cout}, r, 1...)"
+    if tA.shape != (g * r, g * cin) + spatial or tB.shape != (cout, r) + (1,) * nk:
+        return want, None
+    b = np.transpose(tB.reshape(g, -1, r), (0, 2, 1))  # (G, r, cout_g)
+    return want, (_conv_a_from_torch(tA, layout, path, key_a), b if g > 1 else b[0])
+
+
+def _linear_from_torch(tA: np.ndarray, tB: np.ndarray, r: int, layout: Layout) -> tuple[str, Factors | None]:
+    """What a linear map's tensors should be (``(r, fan_in)``, ``(fan_out, r)``), and its ``(A, B)``."""
+    fan_out = math.prod(layout.out_shape)
+    ok = (not layout.n_stack and tA.ndim == 2 and tB.ndim == 2 and tA.shape[1] == layout.fan_in
+          and tB.shape == (fan_out, r))
+    want = f"lora_A (r, {layout.fan_in}), lora_B ({fan_out}, r) for axis roles {layout.describe()}"
+    return want, ((tA.T.reshape(layout.in_shape + (r,)), tB.T.reshape((r,) + layout.out_shape)) if ok else None)
+
+
+def _magnitude_from_torch(path: str, part: tuple[str, np.ndarray] | None, layout: Layout) -> np.ndarray | None:
+    """The DoRA magnitude ``stack + out`` of ``lora_magnitude_vector`` (any shape of that size), or None."""
+    if part is None:
+        return None
+    key_m, tm = part
+    want_m = layout.stack_shape + layout.out_shape
+    if tm.size != math.prod(want_m):
+        raise ValueError(
+            f"jlora.peft.load: DoRA magnitude {key_m!r} of shape {tm.shape} does not fit {path!r}: expected "
+            f"{math.prod(want_m)} values (the kernel's output axes {want_m}); fix: check the key_map and the "
             "base model"
         )
-    m = None
-    if "m" in parts:
-        key_m, tm = parts["m"]
-        want_m = layout.stack_shape + layout.out_shape
-        if tm.size != math.prod(want_m):
-            raise ValueError(
-                f"jlora.peft.load: DoRA magnitude {key_m!r} of shape {tm.shape} does not fit {path!r}: expected "
-                f"{math.prod(want_m)} values (the kernel's output axes {want_m}); fix: check the key_map and the "
-                "base model"
-            )
-        m = tm.reshape(want_m)
-    return A, B, m
+    return tm.reshape(want_m)
 
 
 def untraced_layout(path: str, key: str, shape: tuple[int, ...], n_in_flat: int, n_out_flat: int, kind: str,
