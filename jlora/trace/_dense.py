@@ -163,6 +163,31 @@ def _fused_fwd(eqns: Sequence[Any], x2: jax.Array, ws: Sequence[jax.Array], a_ca
     return pairs, (x2, a_cat, tuple(bss), low)
 
 
+def _inference(eqns: Sequence[Any], x2: jax.Array, w0s: Sequence[jax.Array], as_: Sequence[jax.Array],
+               bss: Sequence[jax.Array]) -> list[tuple[jax.Array, jax.Array]]:
+    """:func:`dense_rows` not differentiated: the merged kernel where it costs fewer FLOPs and W0's
+    dtype holds the factors' precision (a bf16 base with f32 factors keeps the f32 low-rank branch,
+    as in training), one low-rank ``x·A_cat`` for the others (``bss``: the scaled B)."""
+    t, n_in = x2.shape
+    lazy = [i for i, (w, b) in enumerate(zip(w0s, bss)) if not merge_is_cheaper(t, n_in, b.shape[1])
+            or jnp.promote_types(w.dtype, b.dtype) != w.dtype]
+    lows = {}
+    if lazy:
+        a_cat = jnp.concatenate([as_[i] for i in lazy], axis=1) if len(lazy) > 1 else as_[lazy[0]]
+        lows = dict(zip(lazy, _low_fwd(x2.astype(a_cat.dtype), a_cat, tuple(bss[i] for i in lazy))[0]))
+    out = []
+    for i, (e, w, a, b) in enumerate(zip(eqns, w0s, as_, bss)):
+        if i in lows:
+            out.append((base_rows(e, x2, w), lows[i]))
+            continue
+        d = jnp.dot(a, b)
+        acc = jnp.promote_types(w.dtype, d.dtype)
+        merged = (w.astype(acc) + (d if _contract(e) == 0 else d.T).astype(acc)).astype(w.dtype)
+        base = base_rows(e, x2, merged)
+        out.append((base, jnp.zeros(base.shape, b.dtype)))
+    return out
+
+
 def dense_rows(eqns: Sequence[Any], scales: Sequence[float]) -> Callable[..., list[tuple[jax.Array, jax.Array]]]:
     """The plain dense LoRA op for k kernels reading one input, ``eqns`` their dots, ``scales`` their s:
     ``(x2, w0s, as_, bs) -> [(x2·W0_i, s_i·(x2·A_i)·B_i)]`` (``x2`` (T, in), ``A_i`` (in, r_i), ``B_i`` (r_i, out_i)).
@@ -183,9 +208,6 @@ def dense_rows(eqns: Sequence[Any], scales: Sequence[float]) -> Callable[..., li
     >>> (b + l).tolist()
     [[3.0, 3.0], [3.0, 3.0], [3.0, 3.0], [3.0, 3.0]]
     """
-
-    def scaled(bs: Sequence[jax.Array]) -> tuple[jax.Array, ...]:
-        return tuple(b * jnp.asarray(s, b.dtype) for b, s in zip(bs, scales))
 
     def scale_vec(bs: Sequence[jax.Array]) -> jax.Array:  # s_i for each column of low = x·A_cat
         return jnp.asarray(np.concatenate([np.full(b.shape[0], s, np.float32) for b, s in zip(bs, scales)]))
@@ -228,28 +250,8 @@ def dense_rows(eqns: Sequence[Any], scales: Sequence[float]) -> Callable[..., li
 
     @jax.custom_vjp
     def op(x2, w0s, as_, bs):
-        t, n_in = x2.shape
-        w0s = tuple(dequantize_after(w, x2) for w in w0s)
-        bss = scaled(bs)
-        # merge only where it costs fewer FLOPs and W0's dtype holds the factors' precision (a bf16
-        # base with f32 factors keeps the f32 low-rank branch, as in training)
-        lazy = [i for i, (w, b) in enumerate(zip(w0s, bss)) if not merge_is_cheaper(t, n_in, b.shape[1])
-                or jnp.promote_types(w.dtype, b.dtype) != w.dtype]
-        lows = {}
-        if lazy:
-            a_cat = jnp.concatenate([as_[i] for i in lazy], axis=1) if len(lazy) > 1 else as_[lazy[0]]
-            lows = dict(zip(lazy, _low_fwd(x2.astype(a_cat.dtype), a_cat, tuple(bss[i] for i in lazy))[0]))
-        out = []
-        for i, (e, w, a, b) in enumerate(zip(eqns, w0s, as_, bss)):
-            if i in lows:
-                out.append((base_rows(e, x2, w), lows[i]))
-                continue
-            d = jnp.dot(a, b)
-            acc = jnp.promote_types(w.dtype, d.dtype)
-            merged = (w.astype(acc) + (d if _contract(e) == 0 else d.T).astype(acc)).astype(w.dtype)
-            base = base_rows(e, x2, merged)
-            out.append((base, jnp.zeros(base.shape, b.dtype)))
-        return out
+        return _inference(eqns, x2, tuple(dequantize_after(w, x2) for w in w0s), as_,
+                          tuple(b * jnp.asarray(sc, b.dtype) for b, sc in zip(bs, scales)))
 
     op.defvjp(fwd, bwd, symbolic_zeros=True)
     return op

@@ -21,14 +21,19 @@ layer axis) are applied to ``W0`` and mirrored on the tiny factors; the consumer
   add, activation) and following dense uses, so XLA never sinks the reshapes below the add and
   keeps both products alive (:mod:`jlora.trace._flat`).
 - ``conv_general_dilated``: ``conv(x, W0) + conv1x1(conv(x, A), s·B)`` with the same strides,
-  padding, dilations and layouts (``feature_group_count == 1``; grouped convs fall back).
-- ``gather`` of table rows (``nn.Embed``, ``jnp.take``): ``W0[ids] + A[ids]·(s·B)``; a gather,
+  padding, dilations and layouts; a grouped conv (``feature_group_count = G``, its group axis a
+  stack axis: one factor pair per group) batches the second product over the groups.
+- ``ragged_dot_general`` (MoE experts): ``ragged_dot(x, W0) + ragged_dot(ragged_dot(x, A), s·B)``.
+- ``gather`` looking up entries of the kernel's input axes, in any layout and dimension numbers
+  (``nn.Embed``, ``jnp.take``, penzai's lookup on the transposed table): ``W0[ids] + A[ids]·(s·B)``; a gather,
   slice or dynamic slice along a stacked kernel's layer axes (``W[i]`` in a loop) slices A and B.
-- ``jit``/``pjit``/``closed_call``, ``custom_jvp_call``/``custom_vjp_call`` (the inner jaxpr is
-  evaluated; the custom rule is lost only where a LoRA value enters), ``remat`` (re-wrapped with
-  ``jax.checkpoint``, same policy and ``prevent_cse``), ``scan`` (a stacked kernel entering as
-  ``xs`` is split into per-layer ``W0``, ``A``, ``B`` slices), ``cond``/``switch`` and
-  ``while_loop`` are rebuilt with ``lax``.
+- ``sharding_constraint`` is a view: ``W0`` is constrained and so are ``A`` and ``B`` on their matching
+  axes (:func:`~jlora.trace._value.factor_specs`: A's input axes like the kernel's, B's output axes
+  like its outputs, the rank axis unsharded); a ``shard_map`` is re-entered (``jax.shard_map``) with
+  ``W0`` and the factors sharded that way.
+- calls, ``remat``, ``scan``, ``cond``/``switch`` and ``while_loop`` are the walker's
+  (:mod:`jlora.trace._walker`); here a stacked kernel entering a ``scan`` as ``xs`` is split into
+  per-layer ``W0``, ``A``, ``B`` slices, and a kernel in a loop carry takes the merged fallback.
 
 Any other use of an adapted kernel gets the merged kernel ``W0 + s * A ⊗ B`` for that use
 (correct, not lazy) with one ``UserWarning`` per (path, primitive); ``strict=True`` raises instead.
@@ -51,9 +56,9 @@ with ``factor = m / stop_gradient(||W0 + s·A⊗B||_in)`` from :func:`jlora.dora
 bias add (dense, einsum, conv, embedding lookup; a contraction over the output axes falls back).
 With dropout, PEFT's form: ``x·W0 + (factor - 1) ⊙ (drop(x)·W0) + factor ⊙ s·(drop(x)·A)·B``.
 
-This module is the interpreter (control flow, the entry point); the per-primitive rules live in
-:mod:`jlora.trace._rules` and :mod:`jlora.trace._dense`, :class:`LoraValue` and its views in
-:mod:`jlora.trace._value`, the row values in :mod:`jlora.trace._flat`.
+This module is the lazy mode of the walker (its rule table, the fallback, the entry point); the
+consumers live in :mod:`jlora.trace._rules` and :mod:`jlora.trace._dense`, :class:`LoraValue` and
+its views in :mod:`jlora.trace._value`, the row values in :mod:`jlora.trace._flat`.
 """
 
 from __future__ import annotations
@@ -65,50 +70,135 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
 from jax.extend import core as jcore
 
 from jlora.core import dora
+from jlora.core import paths as jpaths
+from jlora.core._describe import adapted
+from jlora.quant._quant import is_quantized
 from jlora.trace import _compat as jaxpr_compat
 from jlora.trace import _flat as lazy_flat
-from jlora.core._describe import adapted
-from jlora.core import paths as jpaths
-from jlora.trace._flat import full, is_flat, rows
 from jlora.trace import _quant as lazy_quant
-from jlora.trace._quant import Dequant, apply_dequantized, is_dequant, materialise
-from jlora.quant._quant import is_quantized
+from jlora.trace import _walker as walker
 from jlora.trace._dense import dense_rows, low_rank_2d, plain_dense
+from jlora.trace._flat import full, is_flat, rows
+from jlora.trace._quant import Dequant, apply_dequantized, is_dequant, materialise
 from jlora.trace._rules import conv, dot_general, gather_rows, ragged_dot
 from jlora.trace._value import (LoraValue, dtype_view, dynamic_slice, gather_stack, is_lora, reshape, rev,
-                              slice_, transpose)
+                                factor_specs, sharding_constraint, slice_, transpose)
 from jlora.trace._value import bind as _bind
+from jlora.trace._walker import Traced, trace_apply
 
 __all__ = ["LoraValue", "Traced", "lazy_call", "lazy_eval", "low_rank_2d", "trace_apply"]
 
-_CALLS = frozenset({"jit", "pjit", "closed_call", "core_call"})
-_CUSTOM = frozenset({"custom_jvp_call", "custom_vjp_call", "custom_vjp_call_jaxpr"})
-_REMAT = frozenset({"remat2", "remat", "checkpoint"})
+
+# --- the lazy mode -------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class Lazy(walker.Mode):
+    """The lazy rewrite as a walker mode: tracks :class:`LoraValue` kernels and quantized bases
+    (:class:`~jlora.trace._quant.Dequant`); the state the rules share (dropout, warnings, shared inputs)."""
+
+    strict: bool
+    rate: float
+    rng: Any
+    warned: set = dataclasses.field(default_factory=set)
+    uses: dict = dataclasses.field(default_factory=dict)
+    loops: list = dataclasses.field(default_factory=lambda: [0])
+    groups: dict = dataclasses.field(default_factory=dict)  # id(jaxpr) -> {input var: [dot eqns]}
+    shared: dict = dataclasses.field(default_factory=dict)  # id(dot eqn) -> its precomputed low-rank output
+    merged: bool = False  # every consuming use gets W0 + s*A@B (lora_apply's merged mode on a quantized base)
+
+    @property
+    def rules(self) -> Mapping[str, walker.Rule]:  # type: ignore[override]
+        return _MERGED_RULES if self.merged else _RULES
+
+    @property
+    def dropout_on(self) -> bool:
+        return self.rng is not None and self.rate > 0.0
+
+    def child(self, rng: Any) -> Lazy:
+        return Lazy(self.strict, self.rate, rng, self.warned, {}, self.loops, self.groups, {}, self.merged)
+
+    def tracked(self, x: Any) -> bool:
+        return is_lora(x) or is_dequant(x)
+
+    def prepare(self, jaxpr: Any, env: Mapping[Any, Any]) -> None:
+        """Groups the dots of ``jaxpr`` by their input (for :func:`_share_inputs`; not with dropout)."""
+        if self.dropout_on or id(jaxpr) in self.groups:
+            return
+        groups: dict[Any, list[Any]] = {}
+        for eqn in jaxpr.eqns:
+            if eqn.primitive.name == "dot_general" and not isinstance(eqn.invars[0], jcore.Literal):
+                groups.setdefault(eqn.invars[0], []).append(eqn)
+        self.groups[id(jaxpr)] = {k: g for k, g in groups.items() if len(g) > 1}
+
+    def plain(self, eqn: Any, invals: list[Any]) -> list[Any]:
+        """No kernel: :func:`jlora.trace._flat.on_rows` on Flat inputs where a rule fits, ``jit`` calls
+        inlined; anything else reads the model-shaped values."""
+        if not any(is_flat(x) for x in invals):
+            return _bind(eqn, invals)
+        outs = lazy_flat.on_rows(eqn, invals)
+        if outs is None and walker.CALLS.get(eqn.primitive.name) is walker.call:
+            outs = walker.call(eqn, invals, self)
+        return outs if outs is not None else _bind(eqn, [full(x) for x in invals])
+
+    def enter(self, eqn: Any, invals: list[Any], env: Mapping[Any, Any], jaxpr: Any) -> list[Any]:
+        name = eqn.primitive.name
+        if name == "dot_general" and len(invals) == 2 and is_lora(invals[1]) and not self.merged \
+                and id(eqn) not in self.shared and eqn.invars[0] in self.groups.get(id(jaxpr), {}):
+            _share_inputs(jaxpr, env, self, eqn)
+        if name == "dot_general" or walker.CALLS.get(name) is walker.call:
+            return invals  # these read Flat inputs themselves
+        return [full(x) for x in invals]
+
+    def fallback(self, eqn: Any, invals: list[Any]) -> list[Any]:
+        return _fallback(eqn, invals, self)
+
+    def output(self, x: Any, keep: bool) -> Any:
+        return x if keep else full(x)
+
+    def loop_out(self, eqn: Any, x: Any) -> Any:
+        return x.materialise() if is_lora(x) else x
+
+    def loop_keys(self, length: int) -> Any:
+        if not self.dropout_on:
+            return None
+        self.loops[0] += 1
+        return jax.random.split(jax.random.fold_in(self.rng, 1_000_003 + self.loops[0]), length)
+
+    def shard_specs(self, x: Any, spec: Any) -> Any:
+        """A kernel entering a ``shard_map``: ``W0`` with its spec, the factors with :func:`factor_specs`
+        (exact only: no sharded view axis holding merged axes; a quantized base falls back)."""
+        if not is_lora(x) or is_dequant(x.w0):
+            return None
+        a, b, f, exact = factor_specs(x, spec)
+        return x.replace(w0=spec, a=a, b=b, factor=f) if exact else None
+
+    def scan_xs(self, x: Any, length: int) -> Any:
+        """A stacked kernel scanned over its leading view axis: ``W0``, ``A``, ``B`` (and a quantized
+        ``W0``'s codes and scales) sliced per step; None (merged) when that axis is not a stack axis."""
+        if is_dequant(x):  # a quantized stacked kernel: its per-layer arrays (else its float kernel)
+            split = lazy_quant.layers(x, length)
+            return (materialise(x), None) if split is None else split
+        lead = x.view[0]
+        if len(lead) != 1 or x.role(lead[0]) != "s":
+            return None
+        c = lead[0]
+        moved = x.map_axis(c, lambda arr, ax: jnp.moveaxis(arr, ax, 0))
+        split = lazy_quant.layers(x.w0, length) if is_dequant(x.w0) else None
+        w0, step = (split[0], split[1]) if split is not None else (materialise(x.w0), None)
+        view = tuple(tuple(q - (q > c) for q in axis) for axis in x.view[1:])
+        meta = x.replace(w0=None, a=None, b=None, factor=None, ns=x.ns - 1, view=view)
+
+        def rebuild(t: tuple[Any, ...]) -> LoraValue:
+            return meta.replace(w0=t[0] if step is None else step(t[0]), a=t[1], b=t[2], factor=t[3])
+
+        return (w0, moved.a, moved.b, moved.factor), rebuild
 
 
-# --- helpers of the entry point and the interpreter --------------------------------------------
-
-def _unfuse(b: jax.Array, n_stack: int, groups: tuple[bool, ...]) -> jax.Array:
-    """Turns a fused partial B (stack + (E, r) + out[:-1] + (out_g,)) into a block-sparse rank-E·r B."""
-    n_enabled = b.shape[n_stack]
-    rows = []
-    for e in range(n_enabled):
-        block = jnp.take(b, e, axis=n_stack)  # stack + (r,) + out[:-1] + (out_g,)
-        zeros = jnp.zeros_like(block)
-        cols, seen = [], 0
-        for on in groups:
-            cols.append(block if on and seen == e else zeros)
-            seen += on
-        rows.append(jnp.concatenate(cols, axis=-1))
-    return jnp.concatenate(rows, axis=n_stack)
-
-
-def _share_inputs(jaxpr: Any, env: Mapping[Any, Any], ctx: Any, eqn: Any) -> None:
+def _share_inputs(jaxpr: Any, env: Mapping[Any, Any], ctx: Lazy, eqn: Any) -> None:
     """Runs one :func:`~jlora.trace._dense.dense_rows` for all plain dense LoRA kernels reading ``eqn``'s
     input (one ``x·[A_1|...|A_k]`` forward, one ``dA_catᵀ`` backward).
 
@@ -132,29 +222,9 @@ def _share_inputs(jaxpr: Any, env: Mapping[Any, Any], ctx: Any, eqn: Any) -> Non
         ctx.shared[id(e)] = pair
 
 
-# --- interpreter state --------------------------------------------------------------------------
-
-@dataclasses.dataclass
-class _Ctx:
-    strict: bool
-    rate: float
-    rng: Any
-    warned: set = dataclasses.field(default_factory=set)
-    uses: dict = dataclasses.field(default_factory=dict)
-    loops: list = dataclasses.field(default_factory=lambda: [0])
-    groups: dict = dataclasses.field(default_factory=dict)  # id(jaxpr) -> {input var: [dot eqns]}
-    shared: dict = dataclasses.field(default_factory=dict)  # id(dot eqn) -> its precomputed low-rank output
-    merged: bool = False  # every consuming use gets W0 + s*A@B (lora_apply's merged mode on a quantized base)
-
-    def child(self, rng: Any) -> _Ctx:
-        return _Ctx(self.strict, self.rate, rng, self.warned, {}, self.loops, self.groups, {}, self.merged)
-
-    @property
-    def dropout_on(self) -> bool:
-        return self.rng is not None and self.rate > 0.0
-
-
-def _fallback(eqn: Any, invals: Sequence[Any], ctx: _Ctx, why: str = "") -> list[Any]:
+def _fallback(eqn: Any, invals: Sequence[Any], ctx: Lazy, why: str = "") -> list[Any]:
+    """The merged kernel ``W0 + s * A ⊗ B`` for this use (warned once per path and primitive; strict:
+    raises); a quantized ``W0`` is dequantized inside the use."""
     name = eqn.primitive.name
     for v in invals:
         if is_lora(v):
@@ -166,10 +236,48 @@ def _fallback(eqn: Any, invals: Sequence[Any], ctx: _Ctx, why: str = "") -> list
             if (v.path, name) not in ctx.warned and not ctx.merged:
                 ctx.warned.add((v.path, name))
                 warnings.warn(msg + "; using the merged kernel W0 + s*A@B for this use (correct, not lazy)",
-                              stacklevel=3)
+                              stacklevel=4)
     invals = [v if is_lora(v) or is_dequant(v) else full(v) for v in invals]
     # a quantized W0 is dequantized inside the use (forward and backward), never kept as a float
     return apply_dequantized(lambda vals: _bind(eqn, [v.materialise() if is_lora(v) else v for v in vals]), invals)
+
+
+# --- the rule table ------------------------------------------------------------------------------
+
+def _view(rule: walker.Rule) -> walker.Rule:
+    """A view of the kernel: the LoRA rule on a :class:`LoraValue`, recorded on a quantized base."""
+    def apply(eqn: Any, invals: list[Any], ctx: Any) -> list[Any] | None:
+        if is_lora(invals[0]):
+            return rule(eqn, invals, ctx)
+        v = lazy_quant.view(eqn, invals)
+        return None if v is None else [v]
+    return apply
+
+
+def _consumer(rule: walker.Rule) -> walker.Rule:
+    """A consumer: its rule where a :class:`LoraValue` enters (a quantized base alone: the fallback)."""
+    return lambda eqn, invals, ctx: rule(eqn, invals, ctx) if any(is_lora(x) for x in invals) else None
+
+
+_VIEWS = {name: _view(rule) for names, rule in [
+    (("convert_element_type", "copy", "copy_p", "reduce_precision"), dtype_view),
+    (("reshape", "squeeze", "expand_dims", "broadcast_in_dim"), reshape),
+    (("transpose",), transpose), (("rev",), rev), (("slice",), slice_), (("dynamic_slice",), dynamic_slice),
+    (("sharding_constraint",), sharding_constraint)] for name in names}
+
+_RULES: dict[str, walker.Rule] = {
+    **_VIEWS, **walker.CALLS, **walker.CONTROL,
+    "shard_map": walker.shard_map,
+    "dot_general": _consumer(dot_general),
+    "conv_general_dilated": _consumer(conv),
+    "ragged_dot_general": _consumer(ragged_dot),
+    "gather": _consumer(lambda eqn, invals, ctx: gather_rows(eqn, invals, ctx) or gather_stack(eqn, invals, ctx)),
+}
+
+# merged mode: every consumer takes the fallback; a pick of stacked layers stays a view
+_MERGED_RULES = {k: r for k, r in _RULES.items() if k not in ("dot_general", "conv_general_dilated",
+                                                                 "ragged_dot_general")}
+_MERGED_RULES["gather"] = _consumer(gather_stack)
 
 
 def lazy_eval(jaxpr: Any, consts: Sequence[Any], args: Sequence[Any], *, strict: bool = False,
@@ -183,276 +291,24 @@ def lazy_eval(jaxpr: Any, consts: Sequence[Any], args: Sequence[Any], *, strict:
     >>> lazy_eval(jp.jaxpr, jp.consts, [v, jnp.ones((1, 2))])[0].tolist()
     [[3.0, 3.0]]
     """
-    return _eval(jaxpr, consts, args, _Ctx(strict, float(rate), rng, merged=merged))
-
-
-def _eval(jaxpr: Any, consts: Sequence[Any], args: Sequence[Any], ctx: _Ctx, keep_flat: bool = False) -> list[Any]:
-    """The interpreter loop. Values are arrays, :class:`LoraValue` kernels and (between equations)
-    :class:`~jlora.trace._flat.Flat` rows; outputs are arrays unless ``keep_flat`` (an inlined ``jit``)."""
-    env: dict[Any, Any] = {}
-
-    def read(v: Any) -> Any:
-        return v.val if isinstance(v, jcore.Literal) else env[v]
-
-    for v, x in zip(jaxpr.constvars, consts):
-        env[v] = x
-    for v, x in zip(jaxpr.invars, args):
-        env[v] = x
-    if not ctx.dropout_on and id(jaxpr) not in ctx.groups:
-        groups: dict[Any, list[Any]] = {}
-        for eqn in jaxpr.eqns:
-            if eqn.primitive.name == "dot_general" and not isinstance(eqn.invars[0], jcore.Literal):
-                groups.setdefault(eqn.invars[0], []).append(eqn)
-        ctx.groups[id(jaxpr)] = {k: g for k, g in groups.items() if len(g) > 1}
-    groups = ctx.groups.get(id(jaxpr), {})
-    for eqn in jaxpr.eqns:
-        invals = [read(v) for v in eqn.invars]
-        name = eqn.primitive.name
-        if any(is_lora(x) for x in invals):
-            if name == "dot_general" and eqn.invars[0] in groups and id(eqn) not in ctx.shared \
-                    and is_lora(invals[1]) and not ctx.merged:
-                _share_inputs(jaxpr, env, ctx, eqn)
-            if name != "dot_general" and name not in _CALLS:  # these read Flat inputs themselves
-                invals = [full(x) for x in invals]
-            outs = _rewrite(eqn, invals, ctx)
-        elif any(is_dequant(x) for x in invals):
-            outs = _quantized(eqn, invals, ctx)
-        elif any(is_flat(x) for x in invals):
-            outs = _flat(eqn, invals, ctx)
-        else:
-            outs = _bind(eqn, invals)
-        for v, x in zip(eqn.outvars, outs):
-            if not isinstance(v, jcore.DropVar):
-                env[v] = x
-    return [read(v) if keep_flat else full(read(v)) for v in jaxpr.outvars]
-
-
-def _flat(eqn: Any, invals: list[Any], ctx: _Ctx) -> list[Any]:
-    """An equation with Flat inputs and no kernel: :func:`jlora.trace._flat.on_rows` where a rule fits,
-    ``jit`` calls inlined; anything else reads the model-shaped values."""
-    outs = lazy_flat.on_rows(eqn, invals)
-    if outs is None and eqn.primitive.name in _CALLS:
-        inner = jaxpr_compat.call_body(eqn.params)
-        outs = _eval(inner.jaxpr, inner.consts, invals, ctx, keep_flat=True)
-    return outs if outs is not None else _bind(eqn, [full(x) for x in invals])
-
-
-def _quantized(eqn: Any, invals: list[Any], ctx: _Ctx) -> list[Any]:
-    """An equation reading a quantized base kernel (no LoRA value): a view is recorded, calls and
-    control flow are entered, anything else dequantizes inside the operation (:func:`_fallback`)."""
-    v = lazy_quant.view(eqn, invals)
-    if v is not None:
-        return [v]
-    name = eqn.primitive.name
-    if name in _CALLS or name in _CUSTOM or name in _REMAT or name in ("scan", "cond", "while"):
-        return _rewrite(eqn, invals if name in _CALLS else [x if is_dequant(x) else full(x) for x in invals], ctx)
-    return _fallback(eqn, invals, ctx)
-
-
-def _rewrite(eqn: Any, invals: list[Any], ctx: _Ctx) -> list[Any]:
-    name = eqn.primitive.name
-    rule = _RULES.get(name)
-    if ctx.merged and name in _MERGED_USES:
-        rule = gather_stack if name == "gather" else None  # a pick of stacked layers stays a view
-        if rule is None:
-            return _fallback(eqn, invals, ctx)
-    if rule is None:
-        if name in _CALLS:
-            inner = jaxpr_compat.call_body(eqn.params)
-            return _eval(inner.jaxpr, inner.consts, invals, ctx, keep_flat=True)
-        if name in _CUSTOM:
-            inner = jaxpr_compat.call_body(eqn.params)
-            return _eval(inner.jaxpr, inner.consts, invals, ctx)
-        if name in _REMAT:
-            rule = _remat
-    out = rule(eqn, invals, ctx) if rule is not None else None
-    if out is None:
-        return _fallback(eqn, invals, ctx)
-    return out
-
-
-# --- higher-order primitives ---------------------------------------------------------------------
-
-def _remat(eqn: Any, invals: list[Any], ctx: _Ctx) -> list[Any]:
-    inner, consts = jaxpr_compat.call_body(eqn.params)
-
-    def body(*vals: Any) -> list[Any]:
-        return _eval(inner, consts, vals, ctx)
-
-    return list(jax.checkpoint(body, prevent_cse=eqn.params.get("prevent_cse", True),
-                               policy=eqn.params.get("policy"))(*invals))
-
-
-def _scan(eqn: Any, invals: list[Any], ctx: _Ctx) -> list[Any] | None:
-    p = eqn.params
-    nc, ncar = jaxpr_compat.scan_split(p)
-    consts, carry, xs = invals[:nc], invals[nc : nc + ncar], invals[nc + ncar :]
-    if any(is_lora(c) or is_dequant(c) for c in carry):  # a kernel carried through a loop: merged
-        return None
-    metas, packed, w0_steps = [], [], []
-    for x in xs:  # a stacked kernel scanned over its leading view axis: slice W0, A, B per step
-        if is_dequant(x):  # a quantized stacked kernel: its codes and scales are sliced per layer
-            x = _scan_quantized(x, p["length"], metas, packed, w0_steps)
-            if x is None:
-                continue
-        if not is_lora(x):
-            metas.append(None)
-            packed.append(x)
-            w0_steps.append(None)
-            continue
-        lead = x.view[0]
-        if len(lead) != 1 or x.role(lead[0]) != "s":
-            return None
-        c = lead[0]
-        moved = x.map_axis(c, lambda arr, ax: jnp.moveaxis(arr, ax, 0))
-        split = lazy_quant.layers(x.w0, p["length"]) if is_dequant(x.w0) else None
-        w0 = split[0] if split is not None else materialise(x.w0)
-        w0_steps.append(split[1] if split is not None else None)
-        packed.append((w0, moved.a, moved.b, moved.factor))
-        view = tuple(tuple(q - (q > c) for q in axis) for axis in x.view[1:])
-        metas.append(x.replace(w0=None, a=None, b=None, factor=None, ns=x.ns - 1, view=view))
-    closed = jaxpr_compat.body(p["jaxpr"])
-    keys = None
-    if ctx.rng is not None and ctx.rate > 0.0:
-        ctx.loops[0] += 1
-        keys = jax.random.split(jax.random.fold_in(ctx.rng, 1_000_003 + ctx.loops[0]), p["length"])
-
-    def body(c: list[Any], xk: tuple[list[Any], Any]) -> tuple[list[Any], list[Any]]:
-        xs_in, key = xk
-        xs_in = [x if m is None else m(x) if callable(m) else
-                 m.replace(w0=x[0] if step is None else step(x[0]), a=x[1], b=x[2], factor=x[3])
-                 for m, x, step in zip(metas, xs_in, w0_steps)]
-        sub = ctx.child(key) if key is not None else ctx
-        outs = _eval(closed.jaxpr, closed.consts, list(consts) + list(c) + xs_in, sub)
-        outs = [o.materialise() if is_lora(o) else o for o in outs]
-        return outs[:ncar], outs[ncar:]
-
-    c, ys = lax.scan(body, list(carry), (packed, keys), length=p["length"], reverse=p["reverse"],
-                     unroll=p["unroll"])
-    return list(c) + list(ys)
-
-
-def _scan_quantized(x: Dequant, length: int, metas: list[Any], packed: list[Any], w0_steps: list[Any]) -> Any:
-    """A quantized kernel scanned over its leading axis: its per-layer arrays become ``xs`` (and the
-    step rebuilds one layer's :class:`Dequant`); returns None then, else its float kernel (a layout
-    whose arrays do not split by layer)."""
-    split = lazy_quant.layers(x, length)
-    if split is None:
-        return materialise(x)
-    metas.append(split[1])
-    packed.append(split[0])
-    w0_steps.append(None)
-    return None
-
-
-def _cond(eqn: Any, invals: list[Any], ctx: _Ctx) -> list[Any]:
-    index, ops = invals[0], invals[1:]
-    fns = [lambda *o, br=br: [x.materialise() if is_lora(x) else x for x in _eval(br.jaxpr, br.consts, o, ctx)]
-           for br in jaxpr_compat.cond_branches(eqn.params)]
-    return list(lax.switch(index, fns, *ops))
-
-
-def _while(eqn: Any, invals: list[Any], ctx: _Ctx) -> list[Any] | None:
-    p = eqn.params
-    cn, bn = jaxpr_compat.while_split(p)
-    cconsts, bconsts, carry = invals[:cn], invals[cn : cn + bn], invals[cn + bn :]
-    if any(is_lora(c) or is_dequant(c) for c in carry):  # a kernel carried through a loop: merged
-        return None
-    cj, bj = jaxpr_compat.body(p["cond_jaxpr"]), jaxpr_compat.body(p["body_jaxpr"])
-
-    def cond_fun(c: tuple[Any, ...]) -> Any:
-        return _eval(cj.jaxpr, cj.consts, list(cconsts) + list(c), ctx)[0]
-
-    def body_fun(c: tuple[Any, ...]) -> tuple[Any, ...]:
-        return tuple(_eval(bj.jaxpr, bj.consts, list(bconsts) + list(c), ctx))
-
-    return list(lax.while_loop(cond_fun, body_fun, tuple(carry)))
-
-
-_MERGED_USES = frozenset({"dot_general", "conv_general_dilated", "ragged_dot_general", "gather"})
-
-_RULES: dict[str, Callable[..., list[Any] | None]] = {
-    "convert_element_type": dtype_view,
-    "copy": dtype_view,
-    "copy_p": dtype_view,
-    "reduce_precision": dtype_view,
-    "reshape": reshape,
-    "squeeze": reshape,
-    "expand_dims": reshape,
-    "broadcast_in_dim": reshape,
-    "transpose": transpose,
-    "rev": rev,
-    "slice": slice_,
-    "dynamic_slice": dynamic_slice,
-    "dot_general": dot_general,
-    "conv_general_dilated": conv,
-    "ragged_dot_general": ragged_dot,
-    "gather": lambda eqn, invals, ctx: gather_rows(eqn, invals, ctx) or gather_stack(eqn, invals, ctx),
-    "scan": _scan,
-    "cond": _cond,
-    "while": _while,
-}
+    return walker.run(Lazy(strict, float(rate), rng, merged=merged), jaxpr, consts, args)
 
 
 # --- entry point ---------------------------------------------------------------------------------
 
-def _leaf_paths(params: Any) -> list[str]:
-    """The canonical path of every jax leaf of ``params``, in ``tree_flatten`` order."""
-    out: list[str] = []
-    for keypath, node in jax.tree_util.tree_flatten_with_path(params, is_leaf=jpaths.is_variable)[0]:
-        n = len(jax.tree_util.tree_leaves(node)) if jpaths.is_variable(node) else 1
-        out += [jpaths.path_str(keypath)] * n
-    return out
-
-
-@dataclasses.dataclass(frozen=True)
-class Traced:
-    """``apply_fn(params, *args, **kwargs)`` as a jaxpr over ``leaves + dyn`` (the params' leaves, then the
-    array leaves of the arguments; every other argument is static), with each param leaf's path.
-
-    >>> t = trace_apply(lambda p: {"y": 2 * p["w"]}, {"w": jnp.ones(1)}, (), {}, "doc")
-    >>> t.unflatten([jnp.zeros(1)])
-    {'y': Array([0.], dtype=float32)}
-    """
-
-    closed: Any
-    out_tree: Any
-    leaves: list[Any]
-    leaf_paths: list[str]
-    dyn: list[Any]
-
-    def unflatten(self, outs: Sequence[Any]) -> Any:
-        """The jaxpr's outputs in the structure ``apply_fn`` returns."""
-        return jax.tree_util.tree_unflatten(self.out_tree, list(outs))
-
-
-def trace_apply(apply_fn: Callable[..., Any], params: Any, args: Sequence[Any], kwargs: Mapping[str, Any],
-                caller: str) -> Traced:
-    """Traces ``apply_fn(params, *args, **kwargs)`` once (``jax.make_jaxpr``) for an interpreter to evaluate;
-    ``caller`` names the public function in the error for a params tree whose leaves have no paths.
-
-    >>> t = trace_apply(lambda p, x, scale=2: x @ p["w"] * scale, {"w": jnp.eye(2)}, (jnp.ones(2),), {}, "doc")
-    >>> t.leaf_paths, len(t.dyn), [e.primitive.name for e in t.closed.jaxpr.eqns]
-    (['w'], 1, ['dot_general', 'mul'])
-    """
-    leaves, treedef = jax.tree_util.tree_flatten(params)
-    leaf_paths = _leaf_paths(params)
-    if len(leaf_paths) != len(leaves):
-        raise ValueError(f"{caller}: the params tree has {len(leaves)} leaves but {len(leaf_paths)} paths; "
-                         "fix: pass a plain params pytree (Linen dict, nnx.State or nested dicts)")
-    arg_leaves, arg_def = jax.tree_util.tree_flatten((tuple(args), dict(kwargs)))
-    dyn_pos = [i for i, x in enumerate(arg_leaves) if isinstance(x, (jax.Array, np.ndarray, np.generic))]
-
-    def traced(param_leaves: list[Any], dyn: list[Any]) -> Any:
-        full_args = list(arg_leaves)
-        for i, x in zip(dyn_pos, dyn):
-            full_args[i] = x
-        a, k = jax.tree_util.tree_unflatten(arg_def, full_args)
-        return apply_fn(jax.tree_util.tree_unflatten(treedef, param_leaves), *a, **k)
-
-    dyn = [arg_leaves[i] for i in dyn_pos]
-    closed, out_shape = jax.make_jaxpr(traced, return_shape=True)(leaves, dyn)
-    return Traced(closed, jax.tree_util.tree_structure(out_shape), leaves, leaf_paths, dyn)
+def _unfuse(b: jax.Array, n_stack: int, groups: tuple[bool, ...]) -> jax.Array:
+    """Turns a fused partial B (stack + (E, r) + out[:-1] + (out_g,)) into a block-sparse rank-E·r B."""
+    n_enabled = b.shape[n_stack]
+    rows = []
+    for e in range(n_enabled):
+        block = jnp.take(b, e, axis=n_stack)  # stack + (r,) + out[:-1] + (out_g,)
+        zeros = jnp.zeros_like(block)
+        cols, seen = [], 0
+        for on in groups:
+            cols.append(block if on and seen == e else zeros)
+            seen += on
+        rows.append(jnp.concatenate(cols, axis=-1))
+    return jnp.concatenate(rows, axis=n_stack)
 
 
 def _sq_norm(w0: jax.Array, f: Any) -> jax.Array:

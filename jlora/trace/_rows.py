@@ -7,8 +7,8 @@ matmul that reads one, ``x · W0`` with ``x`` = ``(batch, ..., in)``, becomes
 use of an adapted kernel raises a ValueError naming the path and primitive (use ``mode="lazy"``).
 
 Scope (checked): plain 2-D kernels (``(in, out)`` or ``(out, in)`` stored) consumed by matmuls
-whose input has the examples on axis 0, through ``jit``/``pjit``, ``custom_jvp``/``custom_vjp``
-and ``remat`` calls, and layer-stacked kernels scanned over their layer axis (``nn.scan``,
+whose input has the examples on axis 0, through dtype casts, sharding constraints, ``jit``/``pjit``,
+``custom_jvp``/``custom_vjp`` and ``remat`` calls (the walker's, :mod:`jlora.trace._walker`), and layer-stacked kernels scanned over their layer axis (``nn.scan``,
 ``lax.scan``): each step gathers that layer's factors per example, so the scratch is one layer's
 factors per example. Not here: convs, embeddings, kernels indexed by layer outside a scan,
 trained-whole leaves, DoRA, dropout; ``mode="lazy"`` runs those.
@@ -21,26 +21,31 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-from jax.extend import core as jcore
 
-from jlora.trace import _compat as jaxpr_compat
 from jlora.core import paths
 from jlora.core._describe import kernel_layouts
-from jlora.trace._lazy import trace_apply
-from jlora.trace._value import bind
+from jlora.trace import _compat as jaxpr_compat
+from jlora.trace import _walker as walker
+from jlora.trace._walker import bind, trace_apply
 
 __all__ = ["rows_call"]
 
-_CALLS = frozenset({"jit", "pjit", "closed_call", "core_call"})
-_INNER = frozenset({"custom_jvp_call", "custom_vjp_call", "custom_vjp_call_jaxpr", "remat2", "remat", "checkpoint"})
 
-
+@jax.tree_util.register_pytree_node_class
 class _Rows:
     """An adapted kernel: ``w0`` (as used), stacked ``a`` (N+1, [L,] in, r), ``b`` (N+1, [L,] r, out),
-    ``roles`` of ``w0``'s axes (``'io'``/``'oi'``, or ``'sio'``/``'soi'`` for a layer-stacked kernel)."""
+    ``roles`` of ``w0``'s axes (``'io'``/``'oi'``, or ``'sio'``/``'soi'`` for a layer-stacked kernel).
+    A pytree (its arrays), so it passes through ``jax.checkpoint``."""
 
     def __init__(self, w0: Any, a: Any, b: Any, roles: str, path: str):
         self.w0, self.a, self.b, self.roles, self.path = w0, a, b, roles, path
+
+    def tree_flatten(self):  # noqa: D102
+        return (self.w0, self.a, self.b), (self.roles, self.path)
+
+    @classmethod
+    def tree_unflatten(cls, aux, children):  # noqa: D102
+        return cls(*children, *aux)
 
     @property
     def in_axis(self) -> int:
@@ -52,7 +57,11 @@ def _refuse(path: str, what: str) -> ValueError:
                       "handle; fix: use mode='lazy' (vmap over the examples)")
 
 
-def _dot(eqn: Any, x: Any, v: _Rows, ids: Any) -> Any:
+def _dot(eqn: Any, invals: list[Any], mode: Any) -> list[Any] | None:
+    x, v = invals
+    if not isinstance(v, _Rows) or isinstance(x, _Rows) or "s" in v.roles:
+        return None
+    ids = mode.ids
     (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
     if lb or rb or tuple(lc) != (x.ndim - 1,) or tuple(rc) != (v.in_axis,):
         raise _refuse(v.path, f"is contracted with dimension numbers {eqn.params['dimension_numbers']}")
@@ -62,70 +71,59 @@ def _dot(eqn: Any, x: Any, v: _Rows, ids: Any) -> Any:
     xe = x.reshape(x.shape[0], -1, x.shape[-1]).astype(v.a.dtype)
     low = jnp.einsum("btr,bro->bto", jnp.einsum("bti,bir->btr", xe, v.a[ids]), v.b[ids]).reshape(base.shape)
     acc = jnp.promote_types(base.dtype, low.dtype)
-    return (base.astype(acc) + low.astype(acc)).astype(base.dtype)
+    return [(base.astype(acc) + low.astype(acc)).astype(base.dtype)]
 
 
-def _scan(eqn: Any, invals: list[Any], ids: Any) -> list[Any]:
+def _view(eqn: Any, invals: list[Any], mode: Any) -> list[Any] | None:
+    """A dtype cast or sharding constraint of ``W0`` (the factors are gathered per example at the use)."""
+    v = invals[0]
+    return [_Rows(bind(eqn, [v.w0])[0], v.a, v.b, v.roles, v.path)] if len(invals) == 1 else None
+
+
+def _scan(eqn: Any, invals: list[Any], mode: Any) -> list[Any] | None:
     """A scan over layer-stacked kernels: each step slices W0 and gathers that layer's factors per
     example (scratch: one layer's factors per example, never the whole stack per example)."""
-    p = eqn.params
-    nc, ncar = jaxpr_compat.scan_split(p)
-    consts, carry, xs = invals[:nc], invals[nc : nc + ncar], invals[nc + ncar :]
-    for v in list(carry) + [c for c in consts if isinstance(c, _Rows) and "s" in c.roles]:
+    nc, ncar = jaxpr_compat.scan_split(eqn.params)
+    for v in list(invals[nc : nc + ncar]) + [c for c in invals[:nc] if isinstance(c, _Rows) and "s" in c.roles]:
         if isinstance(v, _Rows):
             raise _refuse(v.path, "is a scan carry or a stacked scan constant")
-    stacked = [x for x in xs if isinstance(x, _Rows)]
-    for v in stacked:
-        if not v.roles.startswith("s") or "s" in v.roles[1:]:
+    for v in invals[nc + ncar :]:
+        if isinstance(v, _Rows) and (not v.roles.startswith("s") or "s" in v.roles[1:]):
             raise _refuse(v.path, f"is scanned over an axis that is not its layer axis (roles {v.roles!r})")
-    packed = [x.w0 if isinstance(x, _Rows) else x for x in xs]
-    closed = jaxpr_compat.body(p["jaxpr"])
-
-    def body(c: list[Any], step: tuple[list[Any], Any]) -> tuple[list[Any], list[Any]]:
-        sliced, i = step
-        inner = [_Rows(w, x.a[:, i], x.b[:, i], x.roles[1:], x.path) if isinstance(x, _Rows) else w
-                 for x, w in zip(xs, sliced)]
-        outs = _eval(closed.jaxpr, closed.consts, list(consts) + list(c) + inner, ids)
-        return outs[:ncar], outs[ncar:]
-
-    c, ys = jax.lax.scan(body, list(carry), (packed, jnp.arange(p["length"])), length=p["length"],
-                         reverse=p["reverse"], unroll=p["unroll"])
-    return list(c) + list(ys)
+    return walker.scan(eqn, invals, mode)
 
 
-def _eval(jaxpr: Any, consts: Sequence[Any], args: Sequence[Any], ids: Any) -> list[Any]:
-    env: dict[Any, Any] = {}
+class _RowsMode(walker.Mode):
+    """Per-row adapters as a walker mode: ``_Rows`` kernels, ``ids`` the adapter of each example."""
 
-    def read(v: Any) -> Any:
-        return v.val if isinstance(v, jcore.Literal) else env[v]
+    rules = {**walker.CALLS, "scan": _scan, "dot_general": _dot,
+             **{name: _view for name in ("convert_element_type", "copy", "copy_p", "sharding_constraint")}}
 
-    env.update(zip(jaxpr.constvars, consts))
-    env.update(zip(jaxpr.invars, args))
-    for eqn in jaxpr.eqns:
-        invals = [read(v) for v in eqn.invars]
-        rows = [x for x in invals if isinstance(x, _Rows)]
-        name = eqn.primitive.name
-        if not rows:
-            outs = bind(eqn, invals)
-        elif name in ("convert_element_type", "copy", "copy_p") and len(invals) == 1:
-            v = invals[0]
-            outs = [_Rows(bind(eqn, [v.w0])[0], v.a, v.b, v.roles, v.path)]
-        elif name == "scan":
-            outs = _scan(eqn, invals, ids)
-        elif name == "dot_general" and isinstance(invals[1], _Rows) and not isinstance(invals[0], _Rows) \
-                and "s" not in invals[1].roles:
-            outs = [_dot(eqn, invals[0], invals[1], ids)]
-        elif name in _CALLS or name in _INNER:
-            inner = jaxpr_compat.call_body(eqn.params)
-            outs = _eval(inner.jaxpr, inner.consts, invals, ids)
-        else:
-            raise _refuse(rows[0].path, f"is used by primitive {name!r}")
-        for v, x in zip(eqn.outvars, outs):
+    def __init__(self, ids: Any):
+        self.ids = ids
+
+    def tracked(self, x: Any) -> bool:
+        return isinstance(x, _Rows)
+
+    def fallback(self, eqn: Any, invals: list[Any]) -> list[Any]:
+        path = next(x for x in invals if isinstance(x, _Rows)).path
+        raise _refuse(path, f"is used by primitive {eqn.primitive.name!r}")
+
+    def after(self, eqn: Any, outs: list[Any]) -> None:
+        if self.rules.get(eqn.primitive.name) is _view:
+            return
+        for x in outs:
             if isinstance(x, _Rows):
-                raise _refuse(x.path, f"leaves primitive {name!r} as a kernel (not a matmul output)")
-            if not isinstance(v, jcore.DropVar):
-                env[v] = x
-    return [read(v) for v in jaxpr.outvars]
+                raise _refuse(x.path, f"leaves primitive {eqn.primitive.name!r} as a kernel (not a matmul output)")
+
+    def loop_out(self, eqn: Any, x: Any) -> Any:
+        if isinstance(x, _Rows):
+            raise _refuse(x.path, f"leaves primitive {eqn.primitive.name!r} as a kernel (not a matmul output)")
+        return x
+
+    def scan_xs(self, x: Any, length: int) -> Any:
+        """One layer per step: ``W0`` sliced by the scan, the factors indexed by the step number."""
+        return (x.w0, jnp.arange(length)), lambda t: _Rows(t[0], x.a[:, t[1]], x.b[:, t[1]], x.roles[1:], x.path)
 
 
 def rows_call(apply_fn: Callable[..., Any], frozen: Any, stacked: Any, ids: Any, args: Sequence[Any],
@@ -159,4 +157,4 @@ def rows_call(apply_fn: Callable[..., Any], frozen: Any, stacked: Any, ids: Any,
     for i, p in enumerate(t.leaf_paths):
         if p in layouts:
             vals[i] = _Rows(vals[i], flat[p + "/A"], flat[p + "/B"], layouts[p].roles, p)  # factors: canonical
-    return t.unflatten(_eval(*jaxpr_compat.body(t.closed), vals + t.dyn, jnp.asarray(ids)))
+    return t.unflatten(walker.run(_RowsMode(jnp.asarray(ids)), *jaxpr_compat.body(t.closed), vals + t.dyn))

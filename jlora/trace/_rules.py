@@ -80,6 +80,20 @@ def _factor_like(v: LoraValue, labels: Sequence[Label], target: Sequence[Sequenc
     return f.reshape([math.prod(f.shape[bounds[i] : bounds[i + 1]]) for i in range(len(target))])
 
 
+def _split_x(x: jax.Array, w: LoraValue, pair: dict[int, tuple[int, ...]]) -> tuple[jax.Array, list[Label]]:
+    """``x`` with each axis paired with kernel axes split into the canonical axes it meets, and the
+    label of every resulting axis (``("c", canonical axis)`` or ``("x", x's axis)``)."""
+    shape, labels = [], []
+    for i, n in enumerate(x.shape):
+        if i in pair:
+            shape += [w.sizes[c] for c in pair[i]]
+            labels += [("c", c) for c in pair[i]]
+        else:
+            shape.append(n)
+            labels.append(("x", i))
+    return x.reshape(shape), labels
+
+
 def _general_dot(eqn: Any, v: LoraValue, x: jax.Array, kernel_lhs: bool, ctx: Any) -> list[Any] | None:
     (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
     kc, kb = (lc, lb) if kernel_lhs else (rc, rb)
@@ -111,17 +125,8 @@ def _general_dot(eqn: Any, v: LoraValue, x: jax.Array, kernel_lhs: bool, ctx: An
     base_of = lambda xx: bind(eqn, [w.w0, xx] if kernel_lhs else [xx, w.w0])[0]  # noqa: E731
     base = base_of(x)
     xd, base_dropped = _dropped(x, w, ctx, base_of)
-    # x with each paired axis split into the canonical axes it meets
-    shape, labels = [], []
     pair = {i: view[kc[k]] for k, i in enumerate(xc)} | {i: view[kb[k]] for k, i in enumerate(xb)}
-    for i, n in enumerate(x.shape):
-        if i in pair:
-            shape += [w.sizes[c] for c in pair[i]]
-            labels += [("c", c) for c in pair[i]]
-        else:
-            shape.append(n)
-            labels.append(("x", i))
-    xe = xd.reshape(shape)
+    xe, labels = _split_x(xd, w, pair)
     bs = w.scaled_b()
     f1, f2 = (bs, w.a) if transposed else (w.a, bs)
     ax1 = w.b_axis if transposed else w.a_axis
@@ -328,21 +333,53 @@ def ragged_dot(eqn: Any, invals: list[Any], ctx: Any) -> list[Any] | None:
     return [_finish(base, y, None, base_dropped)]
 
 
+def _lookup_axes(eqn: Any, w: LoraValue) -> tuple[tuple[int, ...], list[int]] | None:
+    """``(picked, kept)`` view axes of a gather that looks up one entry of the kernel's input axes per
+    index (the picked axes hold exactly the input axes, slice size 1; the kept ones, whole, hold
+    output axes): an embedding lookup in any layout; None otherwise."""
+    dn, sizes = eqn.params["dimension_numbers"], eqn.params["slice_sizes"]
+    picked = tuple(dn.start_index_map)
+    if w.ns or dn.operand_batching_dims or len(set(picked)) != len(picked) or not set(dn.collapsed_slice_dims) <= set(picked):
+        return None
+    if any(sizes[j] != (1 if j in picked else w.shape[j]) for j in range(len(w.shape))):
+        return None
+    kept = [j for j in range(len(w.shape)) if j not in picked]
+    if sorted(c for j in picked for c in w.view[j]) != list(range(w.ni)) or any(
+            w.role(c) != "o" for j in kept for c in w.view[j]):
+        return None
+    return picked, kept
+
+
 def gather_rows(eqn: Any, invals: list[Any], ctx: Any) -> list[Any] | None:
-    """An embedding lookup ``W0[ids] + A[ids]·(s·B)`` of a 2-D ``(vocab, features)`` table."""
+    """An embedding lookup ``W0[ids] + A[ids]·(s·B)`` in any layout and dimension numbers (``nn.Embed``,
+    ``jnp.take``, penzai's lookup on the transposed table): the gather of ``A``'s rows, one product
+    with ``s·B``, laid out like the gather's output."""
     v, idx = invals
     if not is_lora(v) or is_lora(idx):
         return None
+    w = v.squeeze_units()
+    axes = _lookup_axes(eqn, w)
+    out_nd = len(eqn.outvars[0].aval.shape)
     dn = eqn.params["dimension_numbers"]
-    if v.ns or len(v.shape) != 2 or v.view != ((0,), (1,)) or tuple(dn.collapsed_slice_dims) != (0,):
+    n_batch = out_nd - len(dn.offset_dims)
+    if axes is None or n_batch == 0:
         return None
-    if tuple(dn.start_index_map) != (0,) or tuple(dn.operand_batching_dims) != ():
-        return None
-    if tuple(eqn.params["slice_sizes"]) != (1, v.shape[1]) or len(dn.offset_dims) != 1:
-        return None
+    picked, kept = axes
     base = bind(eqn, [v.w0, idx])[0]
-    low = bind(eqn, [v.a, idx], slice_sizes=(1, v.rank))[0]  # A[ids]
-    feat = dn.offset_dims[0]
-    low = jnp.moveaxis(jnp.tensordot(low, v.scaled_b(), axes=[[feat], [0]]), -1, feat)
-    factor = None if v.factor is None else v.factor.reshape([-1 if k == feat else 1 for k in range(base.ndim)])
-    return [_finish(base, low, factor)]  # no dropout on lookups (PEFT)
+    ins = [c for j in picked for c in w.view[j]]
+    a_view = w.a.transpose(ins + [w.a.ndim - 1]).reshape([w.shape[j] for j in picked] + [w.rank])
+    k = tuple(range(len(picked)))
+    d = dn._replace(offset_dims=(n_batch,), collapsed_slice_dims=k, start_index_map=k)
+    low = bind(eqn, [a_view, idx], dimension_numbers=d, slice_sizes=(1,) * len(picked) + (w.rank,))[0]  # A[ids]
+
+    def like_out(t: jax.Array) -> jax.Array:  # (n_batch lead axes) + out canonical -> the gather's output layout
+        order = [c - w.ni for j in kept for c in w.view[j]]
+        t = t.transpose(list(range(n_batch)) + [n_batch + o for o in order])
+        offs = [1 if j in picked else w.shape[j] for j in range(len(w.shape)) if j not in dn.collapsed_slice_dims]
+        t = t.reshape(t.shape[:n_batch] + tuple(offs))
+        lead, rest = iter(range(n_batch)), iter(range(n_batch, n_batch + len(offs)))
+        return t.transpose([next(rest) if q in dn.offset_dims else next(lead) for q in range(out_nd)])
+
+    y = like_out(jnp.tensordot(low, w.scaled_b(), axes=[[n_batch], [0]]))
+    factor = None if w.factor is None else like_out(w.factor.reshape((1,) * n_batch + w.factor.shape))
+    return [_finish(base, y, factor)]  # no dropout on lookups (PEFT)

@@ -20,8 +20,10 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.sharding import NamedSharding, PartitionSpec
 
 from jlora.core.layout import regroup
+from jlora.trace._walker import bind as _walker_bind
 from jlora.trace._quant import Dequant, apply_dequantized, is_dequant, materialise as _dequantized
 
 __all__ = ["LoraValue"]
@@ -153,12 +155,6 @@ class LoraValue:
                      for axis in self.view)
         return v.replace(ns=ns, ni=ni, view=view)
 
-    def drop_axis(self, c: int, fn: Callable[[jax.Array, int], jax.Array]) -> LoraValue:
-        """Removes stack axis ``c`` with ``fn(array, axis)`` (an index); ``view`` must not hold it."""
-        v = self.map_axis(c, fn)
-        view = tuple(tuple(p - (p > c) for p in axis) for axis in self.view)
-        return v.replace(ns=self.ns - 1, view=view)
-
     def squeeze_units(self) -> LoraValue:
         """Removes every canonical axis of size 1 (the consumers then see only real axes)."""
         v = self
@@ -183,10 +179,7 @@ def bind(eqn: Any, invals: Sequence[Any], **overrides: Any) -> list[Any]:
     operation (:func:`~jlora.trace._quant.apply_dequantized`), forward and backward."""
     if any(is_dequant(x) for x in invals):
         return apply_dequantized(lambda vals: bind(eqn, vals, **overrides), list(invals))
-    params = eqn.primitive.get_bind_params(dict(eqn.params, **overrides))
-    with eqn.ctx.manager:
-        out = eqn.primitive.bind(*invals, **params)
-    return list(out) if eqn.primitive.multiple_results else [out]
+    return _walker_bind(eqn, invals, **overrides)
 
 
 def view_of_w0(eqn: Any, invals: Sequence[Any]) -> Any:
@@ -326,3 +319,53 @@ def gather_stack(eqn: Any, invals: list[Any], ctx: Any) -> list[Any] | None:
     view = tuple(next(offset_axes) if j in dn.offset_dims else next(batch_axes) for j in range(out_nd))
     return [v.replace(w0=view_of_w0(eqn, [v.w0, idx]), a=a, b=b, factor=f, ns=v.ns + n_batch - len(collapsed),
                       view=view)]
+
+
+def sharding_constraint(eqn: Any, invals: list[Any], ctx: Any) -> list[Any] | None:
+    """``with_sharding_constraint`` on the kernel: ``W0`` is constrained, and with a ``NamedSharding``
+    each factor axis holding a canonical axis is sharded like the view axis that holds it alone
+    (A's input axes like the kernel's input axes, B's output axes like its output axes); the rank
+    axis and axes merged with others in the view stay unsharded.
+
+    >>> from jax.sharding import AxisType
+    >>> mesh = jax.make_mesh((1,), ("m",), axis_types=(AxisType.Auto,))
+    >>> f = lambda w: lax.with_sharding_constraint(w, NamedSharding(mesh, PartitionSpec(None, "m")))
+    >>> eqn = jax.make_jaxpr(f)(jnp.ones((3, 2))).eqns[0]
+    >>> v = LoraValue(jnp.ones((3, 2)), jnp.ones((3, 1)), jnp.ones((1, 2)), "w", 0, 0, 1, ((0,), (1,)), 1.0)
+    >>> sharding_constraint(eqn, [v], None)[0].b.sharding.spec
+    P(None, 'm')
+    """
+    v = invals[0]
+    w0 = view_of_w0(eqn, [v.w0])
+    s = eqn.params["sharding"]
+    if not isinstance(s, NamedSharding):
+        return [v.replace(w0=w0)]
+
+    def constrain(x: Any, spec: PartitionSpec | None) -> Any:
+        if x is None:
+            return None
+        named = NamedSharding(s.mesh, spec, memory_kind=s.memory_kind)
+        return bind(eqn, [x], sharding=named, unconstrained_dims=frozenset(), layout=None)[0]
+
+    a, b, f, _ = factor_specs(v, s.spec)
+    return [v.replace(w0=w0, a=constrain(v.a, a), b=constrain(v.b, b), factor=constrain(v.factor, f))]
+
+
+def factor_specs(v: LoraValue, spec: Sequence[Any]) -> tuple[PartitionSpec, PartitionSpec, Any, bool]:
+    """The specs of ``A``, ``B`` and the DoRA factor (None without one) for the kernel's view sharded by
+    ``spec``: each factor axis holding a canonical axis that a view axis holds alone is sharded like
+    that view axis, every other axis (the rank axis, axes merged in the view) is unsharded; and
+    whether that is exact (no view axis holding merged axes is sharded).
+
+    >>> v = LoraValue(jnp.ones((3, 2)), jnp.ones((3, 1)), jnp.ones((1, 2)), "w", 0, 0, 1, ((1,), (0,)), 1.0)
+    >>> factor_specs(v, PartitionSpec("m"))
+    (P(None, None), P(None, 'm'), None, True)
+    """
+    spec = tuple(spec) + (None,) * (len(v.shape) - len(spec))
+    canon = {axis[0]: spec[j] for j, axis in enumerate(v.view) if len(axis) == 1}
+    exact = all(spec[j] is None or len(axis) == 1 for j, axis in enumerate(v.view))
+    ns, ni, n = v.ns, v.ni, len(v.sizes)
+    stack, outs = [canon.get(c) for c in range(ns)], [canon.get(c) for c in range(ns + ni, n)]
+    a = PartitionSpec(*stack, *[canon.get(c) for c in range(ns, ns + ni)], None)
+    b = PartitionSpec(*stack, None, *outs)
+    return a, b, None if v.factor is None else PartitionSpec(*stack, *outs), exact
