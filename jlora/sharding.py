@@ -29,47 +29,13 @@ from flax.linen.spmd import LogicallyPartitioned
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jlora.core import paths
-from jlora.core._describe import adapted, kernel_layouts
-from jlora.core.layout import Layout
 from jlora.core._config import LoraConfig
+from jlora.core._describe import A, MAGNITUDE, ROWS, WHOLE, adapted, kernel_layouts, leaf_roles, plain_layout
+from jlora.core.layout import Layout
 
 __all__ = ["lora_specs", "lora_shardings", "state_shardings"]
 
 Rules = Sequence[tuple[str, Any]]
-
-
-def _n_stack_from_config(config, path: str) -> int:
-    return int(config.stack_for(path) or 0) if config is not None else 0
-
-
-def _groups(config, path: str):
-    return config.groups_for(path) if config is not None else None
-
-
-def _factor_layout(path: str, a_shape, b_shape, config, kernel_ndim: int | None = None):
-    """Return ``(n_stack, n_in, n_groups)`` of the factor pair at ``path``.
-
-    ``n_groups`` is ``G`` for a fused kernel (B has an extra group axis) and ``None``
-    otherwise. With ``kernel_ndim`` the contract's shape rule is used
-    (``n_stack = A.ndim + B.ndim - 2 - kernel.ndim``, one less for fused); without it the
-    number of stack axes comes from ``config.stack``.
-    """
-    groups = _groups(config, path)
-    fused = 1 if groups is not None else 0
-    a_nd, b_nd = len(a_shape), len(b_shape)
-    if kernel_ndim is not None:
-        n_stack = a_nd + b_nd - 2 - fused - kernel_ndim
-    else:
-        n_stack = _n_stack_from_config(config, path)
-    n_in = a_nd - 1 - n_stack
-    n_out = b_nd - 1 - fused - n_stack
-    if n_stack < 0 or n_in < 1 or n_out < 1:
-        raise ValueError(
-            f"lora factors at '{path}' do not fit the kernel: A shape {tuple(a_shape)}, "
-            f"B shape {tuple(b_shape)}, kernel ndim {kernel_ndim}, fused={bool(fused)}; expected "
-            "A = stack + in + (r,) and B = stack + (r,) + out. Check that `lora` was made "
-            "by jlora.init with this `config`.")
-    return n_stack, n_in, (len(groups) if groups is not None else None)
 
 
 def _is_spec_leaf(x) -> bool:
@@ -156,15 +122,6 @@ def _base_table(base_specs, rules):
     return table
 
 
-def _plain_layout(path: str, a_shape, b_shape, config, kernel_ndim) -> Layout:
-    """The stored ``stack + in + out`` layout a plain dict node's factor shapes imply."""
-    n_stack, n_in, groups = _factor_layout(path, a_shape, b_shape, config, kernel_ndim)
-    out = tuple(b_shape[n_stack + 1 + (1 if groups is not None else 0):])
-    if groups is not None:
-        out = out[:-1] + (out[-1] * groups,)
-    return Layout.plain(tuple(a_shape[:-1]) + out, n_stack, n_in)
-
-
 def _canonical_spec(spec, layout: Layout, path: str) -> list[Any]:
     """The kernel's per-axis spec in the canonical order ``stack + in + out`` (a split axis' spec
     goes to its major sub-axis)."""
@@ -178,7 +135,7 @@ def _canonical_spec(spec, layout: Layout, path: str) -> list[Any]:
 def _derive(base_specs, lora, config, frozen, rules, mesh):
     """Shared core: returns (tree of PartitionSpec like lora, mesh or None)."""
     table = _base_table(base_specs, rules)
-    layouts = kernel_layouts(lora)
+    layouts = kernel_layouts(lora, config)
     if frozen is not None:  # validates lora against frozen; the contract's shape rule
         layouts.update({p: f.layout for p, f in adapted(frozen, lora, config).items()})
     flat = paths.flatten(lora)
@@ -187,53 +144,41 @@ def _derive(base_specs, lora, config, frozen, rules, mesh):
         if found_mesh is None and m is not None:
             found_mesh = m
     specs: dict[str, PartitionSpec] = {}
-    for path, leaf in flat.items():
-        shape = tuple(getattr(leaf, "shape", ()))
-        if path in table:  # trained whole: keeps its own spec
-            spec, _, _ = table[path]
+    for path, (owner, role) in leaf_roles(lora, table).items():
+        shape = tuple(getattr(flat[path], "shape", ()))
+        if owner not in table:
+            what = {WHOLE: "a leaf trained whole", ROWS: "a table with trained rows"}.get(role, "a factored kernel")
+            close = paths.closest(owner, table, 3)
+            raise ValueError(f"lora leaf '{path}' has no base spec: expected '{owner}' ({what}) in base_specs; "
+                             f"closest paths: {', '.join(close) or 'none'}; fix: base_specs must have the same "
+                             "nesting as the params.")
+        spec, _, spec_ndim = table[owner]
+        if role == WHOLE:  # trained whole: keeps its own spec
             specs[path] = PartitionSpec(*_pad(spec, len(shape), path))
             continue
-        kernel, _, factor = path.rpartition("/")
-        if factor == "rows" and kernel in table:  # trained embedding rows: the table's spec, rows replicated
-            spec, _, _ = table[kernel]
-            specs[path] = PartitionSpec(None, *_pad(spec, len(shape), kernel)[1:])
+        if role == ROWS:  # trained embedding rows: the table's spec, rows replicated
+            specs[path] = PartitionSpec(None, *_pad(spec, len(shape), owner)[1:])
             continue
-        if factor == "m" and kernel in table:  # DoRA magnitude: the kernel's stack + output axes
-            a, b = flat.get(f"{kernel}/A"), flat.get(f"{kernel}/B")
-            if a is None or b is None:
-                raise ValueError(f"lora leaf '{path}' (a DoRA magnitude) needs '{kernel}/A' and '{kernel}/B' beside "
-                                 "it; fix: pass the whole lora tree from jlora.init(use_dora=True)")
-            spec, _, spec_ndim = table[kernel]
-            lay = layouts.get(kernel) or _plain_layout(kernel, a.shape, b.shape, config, spec_ndim)
-            parts = _canonical_spec(spec, lay, kernel)
-            specs[path] = PartitionSpec(*parts[: lay.n_stack], *parts[lay.n_stack + lay.n_in :])
-            continue
-        if factor not in ("A", "B") or kernel not in table:
-            close = paths.closest(kernel, table, 3)
-            raise ValueError(f"lora leaf '{path}' has no base spec: expected '{kernel}' (a factored "
-                             f"kernel) or '{path}' (a leaf trained whole) in base_specs; closest "
-                             f"paths: {', '.join(close) or 'none'}; fix: base_specs must have the same "
-                             "nesting as the params.")
-        other = flat.get(f"{kernel}/{'B' if factor == 'A' else 'A'}")
-        if other is None:
-            raise ValueError(f"lora leaf '{path}' has no partner '{kernel}/{'B' if factor == 'A' else 'A'}'; "
-                             "fix: pass the whole lora tree from jlora.init (both A and B of each kernel)")
-        a_shape, b_shape = (shape, other.shape) if factor == "A" else (other.shape, shape)
-        spec, _, spec_ndim = table[kernel]
-        lay = layouts.get(kernel) or _plain_layout(kernel, a_shape, b_shape, config, spec_ndim)
-        groups = config.groups_for(kernel) if config is not None else None
+        a, b = flat.get(f"{owner}/A"), flat.get(f"{owner}/B")
+        if (a is None or b is None) and role == MAGNITUDE:
+            raise ValueError(f"lora leaf '{path}' (a DoRA magnitude) needs '{owner}/A' and '{owner}/B' beside it; "
+                             "fix: pass the whole lora tree from jlora.init(use_dora=True)")
+        if a is None or b is None:
+            raise ValueError(f"lora leaf '{path}' has no partner '{owner}/{'B' if role == A else 'A'}'; fix: pass the "
+                             "whole lora tree from jlora.init (both A and B of each kernel)")
+        lay = layouts.get(owner) or plain_layout(owner, a.shape, b.shape, config, spec_ndim)
+        parts = _canonical_spec(spec, lay, owner)
         n_stack, n_in = lay.n_stack, lay.n_in
-        parts = _canonical_spec(spec, lay, kernel)
-        if factor == "A":
+        if role == MAGNITUDE:  # DoRA magnitude: the kernel's stack + output axes
+            specs[path] = PartitionSpec(*parts[:n_stack], *parts[n_stack + n_in:])
+        elif role == A:
             specs[path] = PartitionSpec(*parts[:n_stack + n_in], None)
         else:
             out = list(parts[n_stack + n_in:])
-            extra = (None,) if groups is not None else ()
-            if groups is not None and found_mesh is not None and out[-1] is not None:
-                size = _axis_size(found_mesh, out[-1])
-                if b_shape[-1] % size:  # a group's width does not split over the mesh axis
+            if lay.fused is not None and found_mesh is not None and out[-1] is not None:
+                if b.shape[-1] % _axis_size(found_mesh, out[-1]):  # a group's width does not split over the mesh axis
                     out[-1] = None
-            specs[path] = PartitionSpec(*parts[:n_stack], *extra, None, *out)
+            specs[path] = PartitionSpec(*parts[:n_stack], *(None,) * (lay.b_rank_axis - n_stack), None, *out)
     treedef = jax.tree_util.tree_structure(lora)
     return jax.tree_util.tree_unflatten(treedef, [specs[p] for p in flat]), found_mesh
 

@@ -12,7 +12,7 @@ from jlora.core import _checks as checks
 from jlora.trace import _lazy as lazy
 from jlora.core import paths
 from jlora.core._config import LoraConfig
-from jlora.core._describe import adapted, kernel_layouts, nest
+from jlora.core._describe import A, B, ROWS, adapted, kernel_layouts, leaf_roles, nest
 from jlora.quant._quant import dequantize_leaf, is_quantized
 from jlora.adapt._tree import merge
 
@@ -107,9 +107,9 @@ def _scale_updates(frozen: Any, lora: Any, config: LoraConfig, scale: Any) -> An
     """``lora`` with every B times ``scale`` (a scalar, traced or not): the updates ``scale * s * A ⊗ B``."""
     checks.lora_tree("lora_apply", lora)
     info = adapted(frozen, lora, config)
-    for p in paths.flatten(lora):
-        kernel, _, part = p.rpartition("/")
-        if part not in ("A", "B") or kernel not in info or info[kernel].dora:
+    roles = leaf_roles(lora, paths.flatten(frozen))
+    for p, (kernel, part) in roles.items():
+        if part not in (A, B) or kernel not in info or info[kernel].dora:
             what = "a DoRA kernel's leaf" if kernel in info else "a trained-whole leaf or trained rows"
             raise ValueError(f"lora_apply: lora_scale scales factor pairs (s * A ⊗ B) only; lora leaf {p!r} is {what}, "
                              "whose update is not a scaled product; fix: call without lora_scale, or for the base "
@@ -118,8 +118,8 @@ def _scale_updates(frozen: Any, lora: Any, config: LoraConfig, scale: Any) -> An
     if scale.ndim != 0:
         raise ValueError(f"lora_apply: lora_scale must be a scalar, got shape {scale.shape}; fix: one float "
                          "(0.0: the base model, 1.0: the adapter)")
-    return paths.map_with_path(lambda p, x: (x.astype(jnp.float32) * scale).astype(x.dtype) if p.endswith("/B") else x,
-                               lora)
+    return paths.map_with_path(lambda p, x: (x.astype(jnp.float32) * scale).astype(x.dtype) if roles[p].role == B
+                               else x, lora)
 
 
 def quantized_apply(apply_fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -170,11 +170,12 @@ def lazy_fallback(frozen: Any, lora: Any, config: Any) -> tuple[Any, dict[str, A
     ([[0.0, 0.0], [1.0, 1.0], [0.0, 0.0]], ['d'])
     """
     flat = paths.flatten(lora)
-    folded = {p.rpartition("/")[0] for p in flat if p.endswith("/rows")}
+    roles = leaf_roles(lora, paths.flatten(frozen))
+    folded = {owner for owner, role in roles.values() if role == ROWS}
     if not folded:
         return frozen, lora
     layouts = kernel_layouts(lora)
     frozen = paths.map_with_path(lambda p, w: dequantize_leaf(w) if p in folded and is_quantized(w) else w, frozen)
-    part = {p: v for p, v in flat.items() if p.rpartition("/")[0] in folded}
+    part = {p: v for p, v in flat.items() if roles[p].owner in folded}
     rest = {p: v for p, v in flat.items() if p not in part}
     return merge(frozen, nest(part, layouts), config), nest(rest, layouts)

@@ -1,8 +1,10 @@
-"""init, merge, unmerge, delta and adapted: pure functions over (frozen, lora) trees.
+"""init, merge, unmerge and delta: pure functions over (frozen, lora) trees.
 
 ``frozen`` is the user's parameter tree, unchanged. ``lora`` holds only what trains, with the
-same nesting: ``{"A": A, "B": B}`` at an adapted kernel's path, the whole array at a path
-trained in full (a bias, a new head).
+same nesting: a :class:`~jlora.layout.LoraKernel` node (``"A"``, ``"B"``, DoRA's ``"m"``) at an
+adapted kernel's path, ``{"rows": ...}`` at a table with trained rows, the whole array at a path
+trained in full (a bias, a new head). ``init`` decides each kernel's :class:`~jlora.layout.Layout`
+once (trace, stated roles, or :func:`~jlora.layout.layout_without_trace`); the rest reads it.
 """
 
 from __future__ import annotations
@@ -24,11 +26,11 @@ from jlora.quant import _loftq as loftq
 from jlora.core import paths
 from jlora.quant import _quant as quant
 from jlora.core._config import LoraConfig
-from jlora.core._describe import adapted, kernel_layouts, nest
+from jlora.core._describe import adapted, configured_rank, nest
 from jlora.core._kinds import Factored
-from jlora.core.layout import Layout
+from jlora.core.layout import Layout, layout_without_trace
 
-__all__ = ["init", "adapted", "delta", "merge", "unmerge", "kernel_layouts"]
+__all__ = ["init", "delta", "merge", "unmerge"]
 
 
 def _is_float(x: Any) -> bool:
@@ -65,6 +67,17 @@ def _base(w: Any) -> Any:
     return quant.dequantize(w, dtype=None) if quant.is_quantized(w) else w
 
 
+def _stated(path: str, shape: tuple[int, ...], roles: str, found: Layout | str | None) -> Layout:
+    """The layout of roles the config states: the traced kind (a conv's stated roles read as dense), or
+    the no-trace rule's."""
+    try:
+        if isinstance(found, Layout):
+            return Layout(shape, roles, None, "dense" if found.kind == "conv" else found.kind)
+        return layout_without_trace(path, shape, roles=roles)
+    except ValueError as err:
+        raise ValueError(f"LoraConfig.layout for {path!r} (shape {shape}): {err}") from None
+
+
 def _layouts(flat: Mapping[str, Any], chosen: Sequence[str], config: LoraConfig,
              apply_fn: Callable[..., Any] | None, params: Any, args: Sequence[Any]) -> dict[str, Layout]:
     traced: dict[str, Layout | str] = {}
@@ -72,39 +85,90 @@ def _layouts(flat: Mapping[str, Any], chosen: Sequence[str], config: LoraConfig,
         traced = analysis.read_layouts(apply_fn, params, args, list(chosen), list(flat))
     out: dict[str, Layout] = {}
     for p in chosen:
-        shape = tuple(flat[p].shape)
-        found = traced.get(p)
-        roles = config.layout_for(p)
-        n_stack, n_in = config.stack_for(p), config.axes_for(p)
-        kind = found.kind if isinstance(found, Layout) else ("embed" if p.endswith("/embedding") else "dense")
+        shape, found = tuple(flat[p].shape), traced.get(p)
+        plain = (found.n_stack, found.n_in) if isinstance(found, Layout) and found.is_plain else None
+        roles = config.roles_for(p, shape, plain)
         if roles is not None:
-            if len(roles) != len(shape):
-                raise ValueError(
-                    f"LoraConfig.layout: roles {roles!r} for {p!r} give {len(roles)} axes, the kernel has shape "
-                    f"{shape}; fix: one letter per axis ('s' stack, 'i' input, 'o' output)"
-                )
-            lay: Layout | str = analysis.parse_roles(p, shape, roles, kind if kind != "conv" else "dense")
-        elif n_stack is not None or n_in is not None:
-            base = found if isinstance(found, Layout) and found.is_plain else None
-            stack = n_stack if n_stack is not None else (base.n_stack if base else 0)
-            ins = n_in if n_in is not None else (base.n_in if base else len(shape) - stack - 1)
-            try:
-                lay = Layout.plain(shape, stack, ins, kind if kind != "conv" else "dense")
-            except ValueError as err:
-                raise ValueError(f"{err}; fix the LoraConfig.axes/stack rule for {p!r}") from None
+            lay: Layout | str = _stated(p, shape, roles, found)
         elif isinstance(found, Layout):
             lay = found
         else:
-            lay = kinds.layout_without_trace(p, shape, None, None) if found is None else f"the trace says {found}"
+            lay = layout_without_trace(p, shape) if found is None else f"the trace says {found}"
             if isinstance(lay, str):
-                why = lay
                 raise ValueError(
-                    f"jlora.init: cannot tell the axis roles of {p!r}: {why}. Fix: pass "
+                    f"jlora.init: cannot tell the axis roles of {p!r}: {lay}. Fix: pass "
                     "apply_fn=model.apply and args=(example inputs or jax.ShapeDtypeStructs) so init reads "
                     f"the roles from the model, or state them: LoraConfig(layout={{{p!r}: 'io...'}}) with one "
                     "letter per axis: 's' stack, 'i' input, 'o' output"
                 )
-        out[p] = lay
+        fused = config.fused_for(p)
+        if fused is not None and lay.out_shape[-1] % len(fused):
+            raise ValueError(
+                f"LoraConfig.fused: kernel {p!r} has last output axis {lay.out_shape[-1]}, not divisible into "
+                f"{len(fused)} groups; fix the fused rule for it"
+            )
+        out[p] = lay.with_fused(fused)
+    return out
+
+
+def _factors(key: jax.Array, path: str, leaf: Any, lay: Layout, config: LoraConfig, dtype: Any
+             ) -> tuple[jax.Array, jax.Array, Any]:
+    """A and B of one kernel at init, and its new base (None: the base is unchanged)."""
+    rank = configured_rank(config, path, lay)
+    limit = lay.max_rank()
+    if rank > limit:
+        per = f" per group ({config.rank_for(path)} over {lay.groups} groups)" if lay.groups > 1 else ""
+        raise ValueError(
+            f"LoraConfig.rank: rank {rank}{per} for {path!r} (shape {tuple(leaf.shape)}, axis roles "
+            f"{lay.describe()}) exceeds the largest useful rank {limit}; fix: use rank <= "
+            f"{limit * lay.groups} (rank_pattern for this path)"
+        )
+    k = jax.random.fold_in(key, zlib.crc32(path.encode()))
+    scale = config.scale_for(path, config.rank_for(path))
+    if config.init == "loftq":
+        return loftq.loftq_kernel(leaf, lay, rank, scale, config.loftq_bits, config.loftq_iter, dtype, path=path,
+                                  groups=lay.fused)
+    if inits.changes_base(config.init):
+        return inits.init_from_kernel(k, leaf, lay, rank, scale, config.init, dtype, path=path)
+    return (*kinds.init_factors(k, lay, rank, config.init, dtype), None)
+
+
+def _magnitude(path: str, leaf: Any, w0: Any, a: Any, b: Any, lay: Layout, config: LoraConfig, dtype: Any) -> Any:
+    """DoRA's magnitude at init: ``||W0 + s A B||`` per output unit (``||W0||`` with B zero)."""
+    if isinstance(leaf, jax.ShapeDtypeStruct):
+        raise ValueError(
+            f"LoraConfig.use_dora: the magnitude of {path!r} starts at ||W0||, which needs the kernel's "
+            "values, got a jax.ShapeDtypeStruct; fix: pass arrays (jax.eval_shape can abstract them)"
+        )
+    rank = configured_rank(config, path, lay)
+    f = Factored(path, lay, rank, config.scale_for(path, config.rank_for(path)), dora=True)
+    return dora.magnitude(_base(w0), a, b, f).astype(dtype)
+
+
+def _trained_whole(flat: Mapping[str, Any], chosen: Sequence[str], config: LoraConfig,
+                   residual: Mapping[str, Any]) -> dict[str, Any]:
+    """The leaves trained whole (``trainable``) and the trained rows (``embedding_rows``) at init, by path."""
+    out: dict[str, Any] = {}
+    if config.trainable:
+        paths.check_rules_match("trainable", config.trainable, flat)
+    if config.embedding_rows:
+        paths.check_rules_match("embedding_rows", [r for r, _ in config.embedding_rows], flat)
+    for p, leaf in flat.items():
+        if config.trainable and paths.matches(config.trainable, p):
+            if p in chosen:
+                raise ValueError(
+                    f"LoraConfig.trainable: {p!r} is also a LoRA target; a leaf is either adapted or "
+                    "trained whole. Fix: exclude it from one of the two"
+                )
+            out[p] = jnp.array(leaf, copy=True)
+        rows = config.rows_for(p)
+        if rows is not None:
+            if p in out:
+                raise ValueError(
+                    f"LoraConfig.embedding_rows: {p!r} is also trained whole (LoraConfig.trainable); fix: "
+                    "drop one of the two rules"
+                )
+            out[p + "/rows"] = extras.init_rows(_base(residual.get(p, leaf)), rows, p)
     return out
 
 
@@ -153,67 +217,13 @@ def init(key: jax.Array, params: Any, config: LoraConfig, apply_fn: Callable[...
     out: dict[str, Any] = {}
     residual: dict[str, Any] = {}
     for p in chosen:
-        leaf, lay = flat[p], layouts[p]
-        configured, groups = config.rank_for(p), config.groups_for(p)
-        if groups is not None and lay.out_shape[-1] % len(groups):
-            raise ValueError(
-                f"LoraConfig.fused: kernel {p!r} has last output axis {lay.out_shape[-1]}, not divisible into "
-                f"{len(groups)} groups; fix the fused rule for it"
-            )
-        if configured % lay.groups:
-            raise ValueError(
-                f"LoraConfig.rank: {p!r} is a grouped conv with {lay.groups} feature groups; its rank is the total "
-                f"over the groups (PEFT's convention), so it must be a multiple of {lay.groups}, got {configured}; "
-                f"fix: rank_pattern={{{p!r}: {lay.groups * max(1, configured // lay.groups)}}}"
-            )
-        rank = configured // lay.groups
-        limit = kinds.max_rank(lay, groups)
-        if rank > limit:
-            per = f" per group ({configured} over {lay.groups} groups)" if lay.groups > 1 else ""
-            raise ValueError(
-                f"LoraConfig.rank: rank {rank}{per} for {p!r} (shape {tuple(leaf.shape)}, axis roles "
-                f"{lay.describe()}) exceeds the largest useful rank {limit}; fix: use rank <= "
-                f"{limit * lay.groups} (rank_pattern for this path)"
-            )
-        k = jax.random.fold_in(key, zlib.crc32(p.encode()))
-        scale = config.scale_for(p, configured)
-        if config.init == "loftq":
-            a, b, residual[p] = loftq.loftq_kernel(leaf, lay, rank, scale, config.loftq_bits, config.loftq_iter,
-                                                   dtype, path=p, groups=groups)
-        elif inits.changes_base(config.init):
-            a, b, residual[p] = inits.init_from_kernel(k, leaf, lay, rank, scale, config.init,
-                                                       dtype, path=p, groups=groups)
-        else:
-            a, b = kinds.init_factors(k, lay, rank, config.init, dtype, groups)
+        a, b, base = _factors(key, p, flat[p], layouts[p], config, dtype)
+        if base is not None:
+            residual[p] = base
         out[p + "/A"], out[p + "/B"] = a, b
         if config.use_dora:
-            if isinstance(leaf, jax.ShapeDtypeStruct):
-                raise ValueError(
-                    f"LoraConfig.use_dora: the magnitude of {p!r} starts at ||W0||, which needs the kernel's "
-                    "values, got a jax.ShapeDtypeStruct; fix: pass arrays (jax.eval_shape can abstract them)"
-                )
-            f = Factored(p, lay, rank, scale, groups, True)
-            out[p + "/m"] = dora.magnitude(_base(residual.get(p, leaf)), a, b, f).astype(dtype)
-    if config.trainable:
-        paths.check_rules_match("trainable", config.trainable, flat)
-    if config.embedding_rows:
-        paths.check_rules_match("embedding_rows", [r for r, _ in config.embedding_rows], flat)
-    for p, leaf in flat.items():
-        if config.trainable and paths.matches(config.trainable, p):
-            if p in chosen:
-                raise ValueError(
-                    f"LoraConfig.trainable: {p!r} is also a LoRA target; a leaf is either adapted or "
-                    "trained whole. Fix: exclude it from one of the two"
-                )
-            out[p] = jnp.array(leaf, copy=True)
-        rows = config.rows_for(p)
-        if rows is not None:
-            if p in out:
-                raise ValueError(
-                    f"LoraConfig.embedding_rows: {p!r} is also trained whole (LoraConfig.trainable); fix: "
-                    "drop one of the two rules"
-                )
-            out[p + "/rows"] = extras.init_rows(_base(residual.get(p, leaf)), rows, p)
+            out[p + "/m"] = _magnitude(p, flat[p], residual.get(p, flat[p]), a, b, layouts[p], config, dtype)
+    out.update(_trained_whole(flat, chosen, config, residual))
     # New containers (new NNX Variables) around the same immutable arrays: frozen never aliases mutable
     # model state, so nnx.update(model, merge(frozen, ...)) cannot rewrite frozen behind the user's back.
     frozen = paths.map_with_path(lambda q, w: residual.get(q, w), params)

@@ -108,19 +108,24 @@ class LoraConfig:
       rslora: scale by ``alpha / sqrt(r)`` (rank-stabilised LoRA).
       dropout: LoRA dropout rate on the input of A (lazy mode, only when a ``lora_rng`` is given).
       init: ``'kaiming'`` (A kaiming-uniform, B zero; PEFT's default) or ``'gaussian'``
-        (A normal with std 1/r, B zero). Embedding tables always get A zero, B normal.
+        (A normal with std 1/r, B zero); with either, an embedding table (a kernel read by a lookup,
+        layout kind ``'embed'``) gets A zero, B normal instead.
         ``'pissa'``, ``'pissa_niter_K'``, ``'olora'`` start from the kernel and return a residual base
         (:mod:`jlora.core._inits`); ``'loftq'`` returns a quantized base Q and factors with
         ``Q + s·A⊗B ≈ W`` (:mod:`jlora.quant._loftq`).
       trainable: regexes of leaves trained whole (biases, a new head): PEFT's ``bias``/``modules_to_save``.
       axes: ``{regex: n_in}``: the number of input axes of a kernel (after its stack axes), for
-        kernels whose split ``init`` cannot read from a trace.
-      stack: ``{regex: n}``: the number of leading stacked (layer) axes of a kernel (``nn.scan``).
+        kernels whose split ``init`` cannot read from a trace. Another spelling of ``layout``:
+        ``stack + in + out`` in stored order (:meth:`roles_for`).
+      stack: ``{regex: n}``: the number of leading stacked (layer) axes of a kernel (``nn.scan``); with
+        ``axes``, another spelling of ``layout``.
       layout: ``{regex: roles}``: the role of every axis of a kernel, one letter per stored axis:
         ``'s'`` stack, ``'i'`` input, ``'o'`` output (``'oi'`` for a PyTorch-style ``(out, in)``
-        kernel, ``'oio'`` for Gemma's ``q_einsum`` ``(N, D, H)``); overrides the trace.
-      fused: ``{regex: (True, False, True)}``: the kernel's last axis is ``len(groups)`` equal groups
-        and only the ``True`` ones adapt (loralib's ``MergedLinear(enable_lora=...)``).
+        kernel, ``'oio'`` for Gemma's ``q_einsum`` ``(N, D, H)``); overrides the trace. A path that
+        ``layout`` matches ignores ``axes``/``stack``.
+      fused: ``{regex: (True, False, True)}``: the kernel's last output axis is that many equal groups
+        and only the ``True`` ones adapt (loralib's ``MergedLinear(enable_lora=...)``); ``init`` puts
+        them in the kernel's layout (:attr:`jlora.Layout.fused`).
       use_dora: DoRA (Liu et al., 2024; PEFT ``use_dora``): each adapted kernel also trains a
         magnitude ``m`` (one per output unit) and runs with ``m * V / ||V||_in``, ``V = W0 + s A B``.
       embedding_rows: ``{regex: (row, ...)}``: train only these rows of a table (new tokens; PEFT's
@@ -173,34 +178,11 @@ class LoraConfig:
         put("axes", _as_pairs("axes", self.axes, int))
         put("stack", _as_pairs("stack", self.stack, int))
         put("layout", _as_pairs("layout", self.layout, str))
-        for pattern, roles in self.layout:
-            if not roles or set(roles) - set("sio"):
-                raise ValueError(
-                    f"LoraConfig.layout[{pattern!r}]: expected one letter per kernel axis from 's' (stack), "
-                    f"'i' (input), 'o' (output), got {roles!r}; fix: e.g. 'oi' for an (out, in) kernel"
-                )
         put("fused", _as_pairs("fused", self.fused, tuple))
         put("embedding_rows", _as_pairs("embedding_rows", self.embedding_rows, _Rows))
         if not isinstance(self.use_dora, bool):
             raise TypeError(f"LoraConfig.use_dora: expected a bool, got {self.use_dora!r}")
-        for pattern, r in self.rank_pattern:
-            if r <= 0:
-                raise ValueError(f"LoraConfig.rank_pattern[{pattern!r}]: expected a rank > 0, got {r}; "
-                                 "fix: a positive int, or drop the rule (exclude= skips a path)")
-        for pattern, a in self.alpha_pattern:
-            if not (a > 0 and math.isfinite(a)):
-                raise ValueError(f"LoraConfig.alpha_pattern[{pattern!r}]: expected a finite alpha > 0, got {a}; "
-                                 "fix: e.g. 2 * the rank of the paths it matches")
-        for name in ("axes", "stack"):
-            for pattern, n in getattr(self, name):
-                if n < 0:
-                    raise ValueError(f"LoraConfig.{name}[{pattern!r}]: expected an int >= 0, got {n}")
-        for pattern, groups in self.fused:
-            if not any(groups):
-                raise ValueError(
-                    f"LoraConfig.fused[{pattern!r}]: expected at least one enabled group, got {groups}; "
-                    "fix: drop the rule or enable a group"
-                )
+        self._check_rules()
         if not isinstance(self.rslora, bool):
             raise TypeError(f"LoraConfig.rslora: expected a bool, got {self.rslora!r}")
         if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) or not 0 <= self.dropout < 1:
@@ -223,6 +205,33 @@ class LoraConfig:
                 f"LoraConfig.version: schema {self.version} is newer than this jlora reads (up to "
                 f"{SCHEMA_VERSION}); fix: upgrade jlora to read this adapter config"
             )
+
+    def _check_rules(self) -> None:
+        for pattern, roles in self.layout:
+            if not roles or set(roles) - set("sio"):
+                raise ValueError(
+                    f"LoraConfig.layout[{pattern!r}]: expected one letter per kernel axis from 's' (stack), "
+                    f"'i' (input), 'o' (output), got {roles!r}; fix: e.g. 'oi' for an (out, in) kernel"
+                )
+        for pattern, r in self.rank_pattern:
+            if r <= 0:
+                raise ValueError(f"LoraConfig.rank_pattern[{pattern!r}]: expected a rank > 0, got {r}; "
+                                 "fix: a positive int, or drop the rule (exclude= skips a path)")
+        for pattern, a in self.alpha_pattern:
+            if not (a > 0 and math.isfinite(a)):
+                raise ValueError(f"LoraConfig.alpha_pattern[{pattern!r}]: expected a finite alpha > 0, got {a}; "
+                                 "fix: e.g. 2 * the rank of the paths it matches")
+        for name in ("axes", "stack"):
+            for pattern, n in getattr(self, name):
+                if n < 0:
+                    raise ValueError(f"LoraConfig.{name}[{pattern!r}]: expected an int >= 0, got {n}; fix: the number "
+                                     "of such axes, or layout= to state every axis' role")
+        for pattern, groups in self.fused:
+            if not any(groups):
+                raise ValueError(
+                    f"LoraConfig.fused[{pattern!r}]: expected at least one enabled group, got {groups}; "
+                    "fix: drop the rule or enable a group"
+                )
 
     def _check_loftq(self) -> None:
         if isinstance(self.loftq_bits, bool) or not isinstance(self.loftq_bits, int) or self.loftq_bits not in (4, 8):
@@ -253,9 +262,13 @@ class LoraConfig:
         a = self.alpha_for(path)
         return a / math.sqrt(r) if self.rslora else a / r
 
-    def groups_for(self, path: str) -> tuple[bool, ...] | None:
+    def fused_for(self, path: str) -> tuple[bool, ...] | None:
         """The enabled output groups of a fused kernel at ``path``, or None if it is not fused."""
         return _first(self.fused, path)
+
+    def groups_for(self, path: str) -> tuple[bool, ...] | None:
+        """The old name of :meth:`fused_for` (still read by :mod:`jlora.io`)."""
+        return self.fused_for(path)
 
     def axes_for(self, path: str) -> int | None:
         """The stated number of input axes of the kernel at ``path``, or None."""
@@ -268,6 +281,37 @@ class LoraConfig:
     def stack_for(self, path: str) -> int | None:
         """The stated number of leading stacked axes of the kernel at ``path``, or None."""
         return _first(self.stack, path)
+
+    def roles_for(self, path: str, shape: Sequence[int], traced: tuple[int, int] | None = None) -> str | None:
+        """The axis roles this config states for the kernel of ``shape`` at ``path`` (one letter per axis),
+        or None: ``layout`` as it is, or ``axes``/``stack`` spelled as roles, ``stack + in + out`` in
+        stored order. A count not stated comes from ``traced`` (the ``(n_stack, n_in)`` of a traced
+        layout already in that order), else no stack axes and every axis but the last an input.
+
+        >>> cfg = LoraConfig(stack={".*": 1}, axes={".*": 2})
+        >>> cfg.roles_for("w", (4, 8, 2, 16)), cfg.replace(layout={"w": "oi"}).roles_for("w", (4, 8))
+        ('siio', 'oi')
+        """
+        shape = tuple(shape)
+        roles = self.layout_for(path)
+        if roles is not None:
+            if len(roles) != len(shape):
+                raise ValueError(
+                    f"LoraConfig.layout: roles {roles!r} for {path!r} give {len(roles)} axes, the kernel has shape "
+                    f"{shape}; fix: one letter per axis ('s' stack, 'i' input, 'o' output)"
+                )
+            return roles
+        n_stack, n_in = self.stack_for(path), self.axes_for(path)
+        if n_stack is None and n_in is None:
+            return None
+        stack = n_stack if n_stack is not None else (traced[0] if traced else 0)
+        ins = n_in if n_in is not None else (traced[1] if traced else len(shape) - stack - 1)
+        if ins < 1 or stack + ins >= len(shape):
+            raise ValueError(
+                f"LoraConfig.axes/stack: a kernel of shape {shape} cannot have {stack} stacked and {ins} input axes "
+                f"(at least one input and one output axis are needed); fix the LoraConfig.axes/stack rule for {path!r}"
+            )
+        return "s" * stack + "i" * ins + "o" * (len(shape) - stack - ins)
 
     def rows_for(self, path: str) -> tuple[int, ...] | None:
         """The trained rows of the table at ``path`` (``embedding_rows``), or None."""

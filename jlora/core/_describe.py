@@ -1,32 +1,49 @@
-"""Reading a ``(frozen, lora)`` pair into :class:`~jlora.core._kinds.Factored` descriptions.
+"""What a lora tree holds: the role of each leaf, and each adapted kernel's description.
 
-:func:`adapted` checks that a lora tree fits its frozen tree and describes each adapted kernel:
-its layout (from the lora tree's :class:`~jlora.layout.LoraKernel` node, or, for a plain dict
-node, the stored ``stack + in + out`` order its factor shapes imply), rank and scale. Every module
-that works on adapted kernels reads these descriptions; none re-derives a kernel's roles.
+:func:`leaf_roles` says what every lora leaf is (a factor ``A``/``B``, a DoRA magnitude ``m``,
+trained ``rows``, a leaf trained ``whole``), read from the tree's nodes; :func:`factor_rank` checks
+a factor pair against its layout and the config (the one rank check); :func:`adapted` checks that a
+lora tree fits its frozen tree and describes each adapted kernel as a :class:`~jlora.core._kinds.Factored`:
+its layout (from the lora tree's :class:`~jlora.layout.LoraKernel` node, or, for a plain dict node,
+the stored ``stack + in + out`` order its factor shapes imply), rank and scale. Modules that work on
+lora leaves read these; none re-derives a leaf's role from its name or a kernel's roles from ``ndim``.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Collection, Mapping
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
 from jlora.core import _checks as checks
-from jlora.core import _kinds as kinds
 from jlora.core import paths
 from jlora.core._config import LoraConfig
 from jlora.core._kinds import Factored
 from jlora.core.layout import Layout, LoraKernel, is_kernel_node
 
-__all__ = ["adapted", "kernel_layouts", "nest"]
+__all__ = ["Leaf", "adapted", "configured_rank", "factor_rank", "kernel_layouts", "leaf_roles", "nest", "plain_layout"]
+
+A, B, MAGNITUDE, ROWS, WHOLE = "A", "B", "m", "rows", "whole"
+PARTS = (A, B, MAGNITUDE, ROWS)
+"""The names of an adapted kernel's parts in the lora tree (the keys of its node)."""
 
 
-def kernel_layouts(lora: Any) -> dict[str, Layout]:
+class Leaf(NamedTuple):
+    """What one lora leaf is: its ``role`` (``'A'``, ``'B'``, ``'m'``, ``'rows'`` or ``'whole'``) and the
+    path of the frozen leaf it belongs to (``owner``: the kernel, the table, or its own path when whole)."""
+
+    owner: str
+    role: str
+
+
+def kernel_layouts(lora: Any, config: LoraConfig | None = None) -> dict[str, Layout]:
     """The :class:`~jlora.layout.Layout` of every :class:`~jlora.layout.LoraKernel` node, by path.
+
+    With ``config``, a layout without fused groups gets the config's for its path (a node made
+    before layouts carried them, or by a file reader that does not know them).
 
     >>> lora = {"w": LoraKernel({"A": jnp.ones((3, 1)), "B": jnp.ones((1, 2))}, Layout((2, 3), "oi"))}
     >>> kernel_layouts(lora)["w"].roles
@@ -36,7 +53,112 @@ def kernel_layouts(lora: Any) -> dict[str, Layout]:
         raise TypeError(f"kernel_layouts: lora must be a lora tree (nested dicts from jlora.init), got "
                         f"{type(lora).__name__}; fix: pass the tree jlora.init returned")
     nodes = jax.tree_util.tree_flatten_with_path(lora, is_leaf=is_kernel_node)[0]
-    return {paths.path_str(k): n.layout for k, n in nodes if is_kernel_node(n)}
+    out = {paths.path_str(k): n.layout for k, n in nodes if is_kernel_node(n)}
+    if config is not None:
+        out = {p: lay.with_fused(config.fused_for(p)) if lay.fused is None else lay for p, lay in out.items()}
+    return out
+
+
+def plain_layout(path: str, a_shape: Any, b_shape: Any, config: LoraConfig | None,
+                 kernel_ndim: int | None = None) -> Layout:
+    """The layout of a plain dict node (no :class:`LoraKernel`, e.g. a tree built by hand): the kernel
+    stored ``stack + in + out``, the order its factor shapes imply, with the config's fused groups.
+
+    The number of stack axes is ``A.ndim + B.ndim - 2 - kernel_ndim`` (one less for a fused kernel)
+    when the kernel's ``kernel_ndim`` is known, else ``config.stack``'s (0 without a config).
+
+    >>> plain_layout("w", (10, 4, 2), (10, 2, 3), None, kernel_ndim=3).roles
+    'sio'
+    """
+    fused = config.fused_for(path) if config is not None else None
+    extra = int(fused is not None)
+    if kernel_ndim is not None:
+        n_stack = len(a_shape) + len(b_shape) - 2 - extra - kernel_ndim
+    else:
+        n_stack = int(config.stack_for(path) or 0) if config is not None else 0
+    n_in, n_out = len(a_shape) - 1 - n_stack, len(b_shape) - 1 - extra - n_stack
+    if n_stack < 0 or n_in < 1 or n_out < 1:
+        raise ValueError(
+            f"lora factors of {path!r}: A {tuple(a_shape)} and B {tuple(b_shape)} do not factor a kernel of "
+            f"{kernel_ndim if kernel_ndim is not None else 'unknown'} axes stored stack + in + out (expected A = "
+            f"stack + in + (r,), B = stack + (r,) + out{', fused: B = stack + (enabled, r) + out with the last axis split into groups' if fused else ''}); "
+            "fix: the lora tree must come from jlora.init on this frozen tree and config"
+        )
+    out = tuple(b_shape[n_stack + 1 + extra:])
+    if fused is not None:
+        out = out[:-1] + (out[-1] * len(fused),)
+    return Layout.plain(tuple(a_shape[:-1]) + out, n_stack, n_in).with_fused(fused)
+
+
+def leaf_roles(lora: Any, frozen_paths: Collection[str] = ()) -> dict[str, Leaf]:
+    """What each leaf of a lora tree is, by path (the one place a lora leaf's role is read).
+
+    A :class:`LoraKernel` node names its parts by role (``"A"``, ``"B"``, DoRA's ``"m"``, trained
+    ``"rows"``); a plain dict node (a tree built by hand, a table's ``{"rows": ...}``) uses the same
+    names, ``"m"`` counting only beside ``"A"``/``"B"``. Every other leaf is trained ``'whole'``, and so
+    is any leaf at one of ``frozen_paths`` (the frozen tree's paths) whatever its name.
+
+    >>> lora = {"w": LoraKernel({"A": jnp.ones((3, 1)), "B": jnp.ones((1, 2))}, Layout((3, 2), "io")),
+    ...         "emb": {"rows": jnp.ones((1, 2))}, "bias": jnp.ones(2)}
+    >>> {p: leaf.role for p, leaf in leaf_roles(lora).items()}
+    {'bias': 'whole', 'emb/rows': 'rows', 'w/A': 'A', 'w/B': 'B'}
+    """
+    nodes = kernel_layouts(lora)
+    flat = paths.flatten(lora)
+    out: dict[str, Leaf] = {}
+    for p in flat:
+        owner, _, part = p.rpartition("/")
+        if p in frozen_paths:
+            out[p] = Leaf(p, WHOLE)
+        elif owner in nodes and part in PARTS or part in (A, B, ROWS):
+            out[p] = Leaf(owner, part)
+        elif part == MAGNITUDE and (owner + "/" + A in flat or owner + "/" + B in flat):
+            out[p] = Leaf(owner, MAGNITUDE)
+        else:
+            out[p] = Leaf(p, WHOLE)
+    return out
+
+
+def configured_rank(config: LoraConfig, path: str, layout: Layout) -> int:
+    """The rank of A and B at ``path`` that ``config`` gives: ``config.rank_for(path)``, divided over a
+    grouped conv's feature groups (PEFT's convention: the configured rank is the total over them).
+
+    >>> configured_rank(LoraConfig(rank=4), "c", Layout((2, 3, 3, 3), "siio", groups=2, kind="conv"))
+    2
+    """
+    configured = config.rank_for(path)
+    if configured % layout.groups:
+        raise ValueError(
+            f"LoraConfig.rank: {path!r} is a grouped conv with {layout.groups} feature groups; its rank is the total "
+            f"over the groups (PEFT's convention), so it must be a multiple of {layout.groups}, got {configured}; "
+            f"fix: rank_pattern={{{path!r}: {layout.groups * max(1, configured // layout.groups)}}}"
+        )
+    return layout.rank_per_stack(configured)
+
+
+def factor_rank(path: str, layout: Layout, a_shape: Any, b_shape: Any, config: LoraConfig | None) -> int:
+    """The rank of the factor pair at ``path`` (per stack entry) after checking that their shapes factor
+    ``layout`` and that the rank is the one ``config`` gives there (so the scale alpha/r is right; no
+    config: the shapes only).
+
+    >>> factor_rank("w", Layout((4, 3), "io"), (4, 2), (2, 3), LoraConfig(rank=2))
+    2
+    """
+    rank = a_shape[-1] // layout.n_enabled
+    if rank < 1 or (tuple(a_shape), tuple(b_shape)) != layout.factor_shapes(rank):
+        raise ValueError(
+            f"lora factors of {path!r}: A {tuple(a_shape)} and B {tuple(b_shape)} do not factor the frozen "
+            f"kernel of shape {layout.shape} (axis roles {layout.describe()}; expected A = stack + in + (r,), B = "
+            f"stack + (r,) + out{', fused: B = stack + (enabled, r) + out with the last axis split into groups' if layout.fused else ''}); "
+            "fix: the lora tree must come from jlora.init on this frozen tree and config"
+        )
+    if config is not None and rank * layout.groups != config.rank_for(path):
+        raise ValueError(
+            f"lora factors of {path!r} have rank {rank * layout.groups} (A {tuple(a_shape)}) but the config gives rank "
+            f"{config.rank_for(path)} there, so the scale alpha/r would be wrong; fix: pass the LoraConfig the lora "
+            "tree was made with (or rank_pattern for this path)"
+        )
+    return rank
 
 
 def nest(flat: Mapping[str, Any], layouts: Mapping[str, Layout]) -> dict[str, Any]:
@@ -81,21 +203,21 @@ def adapted(frozen: Any, lora: Any, config: LoraConfig) -> dict[str, Factored]:
     layouts = kernel_layouts(lora)
     out: dict[str, Factored] = {}
     extra: dict[str, tuple[str, ...]] = {}
-    for p, leaf in flat.items():
-        if p in base:
-            ref = base[p]
-            if tuple(leaf.shape) != tuple(ref.shape) or leaf.dtype != ref.dtype:
+    for p, leaf in leaf_roles(lora, base).items():
+        if leaf.role == WHOLE and p in base:
+            ref, got = base[p], flat[p]
+            if tuple(got.shape) != tuple(ref.shape) or got.dtype != ref.dtype:
                 raise ValueError(
                     f"lora leaf {p!r}: expected shape {tuple(ref.shape)} dtype {ref.dtype} (the frozen leaf it "
-                    f"replaces), got shape {tuple(leaf.shape)} dtype {leaf.dtype}; fix: make the lora tree with "
+                    f"replaces), got shape {tuple(got.shape)} dtype {got.dtype}; fix: make the lora tree with "
                     "jlora.init on this frozen tree"
                 )
             continue
-        kernel, _, part = p.rpartition("/")
-        if part in ("m", "rows") and kernel in base:
+        kernel, part = leaf
+        if part in (MAGNITUDE, ROWS) and kernel in base:
             extra[kernel] = extra.get(kernel, ()) + (part,)
             continue
-        if part not in ("A", "B") or kernel not in base:
+        if part not in (A, B) or kernel not in base:
             raise ValueError(
                 f"lora leaf {p!r} has no counterpart in the frozen tree (expected '<kernel path>/A', "
                 f"'<kernel path>/B' or a frozen leaf's path); closest frozen paths: {_closest_msg(kernel, base)}. "
@@ -103,7 +225,7 @@ def adapted(frozen: Any, lora: Any, config: LoraConfig) -> dict[str, Factored]:
             )
         if kernel in out:
             continue
-        other = kernel + ("/B" if part == "A" else "/A")
+        other = kernel + ("/B" if part == A else "/A")
         if other not in flat:
             raise ValueError(f"lora tree: {p!r} has no partner {other!r}; an adapted kernel needs both A and B; "
                              "fix: make the lora tree with jlora.init (or restore both factors)")
@@ -138,42 +260,40 @@ def adapted(frozen: Any, lora: Any, config: LoraConfig) -> dict[str, Factored]:
 
 def _describe(path: str, kernel: Any, A: Any, B: Any, config: LoraConfig, layout: Layout | None) -> Factored:
     shape = tuple(kernel.shape)
-    groups = config.groups_for(path)
-    extra = 1 if groups is not None else 0
+    fused = config.fused_for(path)
     if layout is None:  # a plain dict node: the factors' shapes tell a stored stack + in + out kernel
-        n_stack = A.ndim + B.ndim - 2 - extra - len(shape)
-        n_in = A.ndim - 1 - n_stack
-        ok = n_stack >= 0 and n_in >= 1 and n_stack + n_in < len(shape)
-        layout = Layout.plain(shape, n_stack, n_in) if ok else None
+        try:
+            layout = plain_layout(path, A.shape, B.shape, config, len(shape))
+        except ValueError:
+            layout = None
+        if layout is None or layout.shape != shape:
+            raise ValueError(
+                f"lora factors of {path!r}: A {tuple(A.shape)} and B {tuple(B.shape)} do not factor the frozen "
+                f"kernel of shape {shape} (stored stack + in + out; expected A = stack + in + (r,), B = stack + (r,) + "
+                f"out{', fused: B = stack + (enabled, r) + out with the last axis split into groups' if fused else ''}); "
+                "fix: the lora tree must come from jlora.init on this frozen tree and config"
+            )
     elif tuple(layout.shape) != shape:
         raise ValueError(
             f"lora node of {path!r}: its layout is for a kernel of shape {tuple(layout.shape)}, the frozen kernel "
             f"has shape {shape}; fix: make the lora tree with jlora.init on this frozen tree"
         )
-    bad = layout is None
-    rank = 0
-    if not bad:
-        rank = A.shape[-1] // (sum(groups) if groups is not None else 1)
-        bad = rank < 1 or (tuple(A.shape), tuple(B.shape)) != kinds.factor_shapes(layout, rank, groups)
-    if bad:
-        roles = f"axis roles {layout.describe()}" if layout is not None else "stored stack + in + out"
+    if layout.fused is None and fused is not None:  # a plain node, or a layout saved without its groups
+        try:
+            layout = layout.with_fused(fused)
+        except ValueError as err:
+            raise ValueError(f"lora node of {path!r}: {err}") from None
+    elif layout.fused != fused:
         raise ValueError(
-            f"lora factors of {path!r}: A {tuple(A.shape)} and B {tuple(B.shape)} do not factor the frozen "
-            f"kernel of shape {shape} ({roles}; expected A = stack + in + (r,), B = stack + (r,) + out"
-            f"{', fused: B = stack + (enabled, r) + out with the last axis split into groups' if groups else ''}); "
-            "fix: the lora tree must come from jlora.init on this frozen tree and config"
+            f"lora node of {path!r}: its layout has fused groups {layout.fused}, the config {fused}; fix: pass the "
+            "LoraConfig the lora tree was made with"
         )
-    if not paths.matches(config.targets, path) or paths.matches(config.exclude, path):
+    targeted = paths.matches(config.targets, path) and not paths.matches(config.exclude, path)
+    rank = factor_rank(path, layout, A.shape, B.shape, config if targeted else None)
+    if not targeted:
         raise ValueError(
             f"lora factors at {path!r}, but the config does not target it (targets {list(config.targets)}, exclude "
             f"{list(config.exclude)}): its rank and scale would be guesses; fix: pass the LoraConfig the lora tree was "
             "made with"
         )
-    total = int(rank) * layout.groups
-    if total != config.rank_for(path):
-        raise ValueError(
-            f"lora factors of {path!r} have rank {total} (A {tuple(A.shape)}) but the config gives rank "
-            f"{config.rank_for(path)} there, so the scale alpha/r would be wrong; fix: pass the LoraConfig the lora "
-            "tree was made with (or rank_pattern for this path)"
-        )
-    return Factored(path, layout, int(rank), config.scale_for(path, total), groups)
+    return Factored(path, layout, rank, config.scale_for(path, rank * layout.groups))

@@ -67,8 +67,7 @@ def _matrix(w: Any, layout: Layout) -> tuple[jax.Array, tuple[int, ...], tuple[i
 
 
 def init_from_kernel(key: jax.Array, w0: jax.Array, layout: Layout, rank: int, scale: float, init: str,
-                     dtype: Any, *, path: str = "kernel", groups: tuple[bool, ...] | None = None
-                     ) -> tuple[jax.Array, jax.Array, jax.Array]:
+                     dtype: Any, *, path: str = "kernel") -> tuple[jax.Array, jax.Array, jax.Array]:
     """A, B and the residual kernel for a base-changing init, with ``W_res + s·A⊗B = W0``.
 
     PiSSA (``W0 = U S Vᵀ`` as an ``(in, out)`` matrix): ``A = U_r·sqrt(S_r/s)``,
@@ -80,8 +79,7 @@ def init_from_kernel(key: jax.Array, w0: jax.Array, layout: Layout, rank: int, s
       w0: the kernel, ``stack + in + out`` (values needed: not a ShapeDtypeStruct).
       layout: its :class:`jlora.layout.Layout`.
       rank: r. scale: s. init: ``'pissa'``, ``'pissa_niter_K'`` or ``'olora'``.
-      dtype: the factors' dtype. path: for errors.
-      groups: fused groups (not supported: raises).
+      dtype: the factors' dtype. path: for errors. A fused ``layout`` (``layout.fused``) raises.
 
     Returns:
       ``(A, B, W_res)``: A ``stack + in + (r,)``, B ``stack + (r,) + out`` in ``dtype``; ``W_res`` in
@@ -92,7 +90,7 @@ def init_from_kernel(key: jax.Array, w0: jax.Array, layout: Layout, rank: int, s
     >>> res.round(5).tolist()
     [[0.0, 0.0, 0.0], [0.0, 2.0, 0.0], [0.0, 0.0, 1.0]]
     """
-    if groups is not None:
+    if layout.fused is not None:
         raise ValueError(
             f"LoraConfig.init={init!r}: kernel {path!r} is fused (LoraConfig.fused); {init} factors the whole "
             "kernel, not one group. Fix: use init='kaiming' or 'gaussian' for fused kernels, or drop the fused rule"
@@ -177,7 +175,7 @@ def to_plain_adapter(original_frozen: Any, frozen_residual: Any, lora: Any, conf
     flat = paths.flatten(lora)
     out = dict(flat)
     for p, f in info.items():
-        if f.groups is not None:
+        if f.fused is not None:
             raise ValueError(f"to_plain_adapter: kernel {p!r} is fused (LoraConfig.fused), which is not supported; "
                              "fix: merge the adapter (jlora.merge(frozen_residual, lora, config)), or init it with "
                              "init='kaiming' for a portable adapter")

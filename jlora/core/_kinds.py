@@ -1,23 +1,23 @@
-"""Per-kernel factor shapes, inits and delta maths, in the canonical order ``stack + in + out``.
+"""One adapted kernel's description (:class:`Factored`), its factors at init and its delta maths.
 
 A kernel is a linear map from its input axes to its output axes (its :class:`~jlora.layout.Layout`
-says which stored axis is which). LoRA factors it through rank r: ``A`` has shape
-``stack + in + (r,)``, ``B`` has ``stack + (r,) + out`` and ``delta = s * tensordot(A, B)`` is
-permuted back to the kernel's stored order. :class:`Factored` is the static description of one
-adapted kernel that the rest of jlora reads.
+says which stored axis is which, and the factors' shapes: :meth:`~jlora.layout.Layout.factor_shapes`).
+LoRA factors it through rank r: ``A`` has shape ``stack + in + (r,)``, ``B`` has ``stack + (r,) + out``
+and ``delta = s * tensordot(A, B)`` is permuted back to the kernel's stored order.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 
-from jlora.core.layout import Layout
+from jlora.core.layout import Layout, layout_without_trace
+
+__all__ = ["Factored", "canonical_delta", "factors_delta", "init_factors", "layout_without_trace"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -27,10 +27,11 @@ class Factored:
     Attributes:
       path: the kernel's canonical path.
       layout: its :class:`~jlora.layout.Layout` (axis roles, stored shape).
-      rank: r of A and B (per group for a grouped conv).
+      rank: r of A and B (per group for a grouped conv, per enabled group of a fused kernel).
       scale: s (alpha/r or alpha/sqrt(r), r the configured rank).
-      groups: enabled groups of a fused kernel's last canonical output axis, or None.
       dora: the lora tree also holds a DoRA magnitude ``'m'`` (shape ``stack + out``) for it.
+
+    A fused kernel's enabled groups are its layout's (:attr:`fused`).
 
     >>> f = Factored("params/o/kernel", Layout((8, 64, 512), "iio"), 8, 2.0, None)
     >>> f.n_in, f.n_out, f.canonical_shape
@@ -41,8 +42,17 @@ class Factored:
     layout: Layout
     rank: int
     scale: float
-    groups: tuple[bool, ...] | None = None
     dora: bool = False
+
+    @property
+    def fused(self) -> tuple[bool, ...] | None:
+        """A fused kernel's enabled groups (``layout.fused``), or None."""
+        return self.layout.fused
+
+    @property
+    def groups(self) -> tuple[bool, ...] | None:
+        """The old name of :attr:`fused` (still read by :mod:`jlora.trace._lazy`)."""
+        return self.layout.fused
 
     @property
     def n_stack(self) -> int:
@@ -70,31 +80,7 @@ class Factored:
         return self.layout.canonical_shape
 
 
-def factor_shapes(layout: Layout, rank: int, groups: tuple[bool, ...] | None = None):
-    """The shapes of A and B for a kernel of ``layout`` (fused: ``groups`` on the last output axis).
-
-    >>> factor_shapes(Layout.plain((10, 384, 384), 1, 1), 8)
-    ((10, 384, 8), (10, 8, 384))
-    >>> factor_shapes(Layout.plain((64, 96), 0, 1), 4, groups=(True, False, True))
-    ((64, 8), (2, 4, 32))
-    """
-    if groups is None:
-        return layout.factor_shapes(rank)
-    stack, ins, outs = layout.stack_shape, layout.in_shape, layout.out_shape
-    n_groups, enabled = len(groups), sum(groups)
-    return stack + ins + (enabled * rank,), stack + (enabled, rank) + outs[:-1] + (outs[-1] // n_groups,)
-
-
-def max_rank(layout: Layout, groups: tuple[bool, ...] | None = None) -> int:
-    """The largest meaningful rank: min(prod(in), prod(out)) (per group for fused kernels)."""
-    n_out = math.prod(layout.out_shape)
-    if groups is not None:
-        n_out //= len(groups)
-    return min(layout.fan_in, n_out)
-
-
-def init_factors(key: jax.Array, layout: Layout, rank: int, init: str, dtype: Any,
-                 groups: tuple[bool, ...] | None = None) -> tuple[jax.Array, jax.Array]:
+def init_factors(key: jax.Array, layout: Layout, rank: int, init: str, dtype: Any) -> tuple[jax.Array, jax.Array]:
     """A and B at init, so that ``tensordot(A, B) == 0`` and the model output is unchanged.
 
     Dense and conv: A kaiming-uniform (PEFT's ``a=sqrt(5)``: bound ``1/sqrt(fan_in)``, fan-in from
@@ -105,7 +91,7 @@ def init_factors(key: jax.Array, layout: Layout, rank: int, init: str, dtype: An
     >>> A.shape, B.shape, float(abs(B).sum())
     ((6, 2), (2, 4), 0.0)
     """
-    a_shape, b_shape = factor_shapes(layout, rank, groups)
+    a_shape, b_shape = layout.factor_shapes(rank)
     if layout.kind == "embed":
         return jnp.zeros(a_shape, dtype), jax.random.normal(key, b_shape, dtype)
     if init == "gaussian":
@@ -129,19 +115,19 @@ def canonical_delta(A: jax.Array, B: jax.Array, f: Factored) -> jax.Array:
     n_in = math.prod(shape[ns : ns + f.n_in])
     a = A.astype(jnp.float32).reshape(stack + (n_in, A.shape[-1]))
     hi = jax.lax.Precision.HIGHEST
-    if f.groups is None:
+    if f.fused is None:
         b = B.astype(jnp.float32).reshape(stack + (A.shape[-1], -1))
         d = jnp.matmul(a, b, precision=hi)
         return (f.scale * d).reshape(shape)
-    n_groups = len(f.groups)
-    enabled = sum(f.groups)
+    n_groups = len(f.fused)
+    enabled = sum(f.fused)
     a = a.reshape(stack + (n_in, enabled, f.rank))
     b = B.astype(jnp.float32).reshape(stack + (enabled, f.rank, -1, shape[-1] // n_groups))
     sub = "".join(chr(ord("m") + i) for i in range(ns))
     d = jnp.einsum(f"{sub}ier,{sub}erog->{sub}ioeg", a, b, precision=hi)
     zeros = jnp.zeros_like(d[..., 0, :])
     parts, e = [], 0
-    for on in f.groups:
+    for on in f.fused:
         parts.append(d[..., e, :] if on else zeros)
         e += on
     full = jnp.stack(parts, axis=-2)  # stack + (in, out_rest, G, out_g)
@@ -156,21 +142,3 @@ def factors_delta(A: jax.Array, B: jax.Array, f: Factored) -> jax.Array:
     [0.0, 1.0, 2.0]
     """
     return f.layout.from_canonical(canonical_delta(A, B, f))
-
-
-def layout_without_trace(path: str, shape: Sequence[int], n_stack: int | None, n_in: int | None) -> Layout | str:
-    """The layout of a kernel that is unambiguous without a trace, or why it is ambiguous.
-
-    Only stated axis counts (``LoraConfig.axes``/``stack``: stack + in + out in stored order), a
-    2-D kernel (plus stated stack axes) or a table named ``embedding`` qualify; a 2-D kernel is
-    read as ``(in, out)``, Flax's layout.
-    """
-    name = path.rsplit("/", 1)[-1]
-    stack = n_stack or 0
-    kind = "embed" if name == "embedding" else "dense"
-    if n_in is not None:
-        return Layout.plain(shape, stack, n_in, kind)
-    if len(shape) - stack == 2:
-        return Layout.plain(shape, stack, 1, kind)
-    return (f"a {len(shape)}-D kernel (shape {tuple(shape)}) has no unambiguous input/output split "
-            "without a trace")

@@ -1,4 +1,8 @@
-"""optimizer: optax wiring so that optimizer state exists only for the trainable leaves."""
+"""optimizer: optax wiring so that optimizer state exists only for the trainable leaves.
+
+Each leaf gets a label: ``'base_lr'`` (the optimizer's learning rate), ``'boosted_lr'`` (LoRA+: the
+learning rate times ``b_lr_ratio``) or ``'frozen'`` (no update, no state).
+"""
 
 from __future__ import annotations
 
@@ -8,7 +12,9 @@ import jax
 import optax
 
 from jlora.core import paths
-from jlora.core._describe import kernel_layouts
+from jlora.core._describe import B, MAGNITUDE, WHOLE, leaf_roles
+
+BASE_LR, BOOSTED_LR, FROZEN = "base_lr", "boosted_lr", "frozen"
 
 
 def _find(tree: Any, target: Any, prefix: tuple[Any, ...] = ()) -> tuple[Any, ...] | None:
@@ -29,20 +35,22 @@ def _find(tree: Any, target: Any, prefix: tuple[Any, ...] = ()) -> tuple[Any, ..
 
 
 def labels(params: Any, lora: Any) -> Any:
-    """Labels each leaf of ``params`` 'A', 'B' (for LoRA+) or 'frozen'.
+    """Labels each leaf of ``params`` ``'base_lr'``, ``'boosted_lr'`` (LoRA+'s larger rate) or ``'frozen'``.
 
-    As PEFT's LoRA+ does, 'B' marks the B factors and DoRA magnitudes (read from each adapted
-    kernel's node: ``"B"``, ``"m"``), and every 1-D leaf trained whole (biases, norms: PEFT's
-    ``param.ndim == 1`` rule, the one place a role is read from a shape); everything else is 'A'.
+    As PEFT's LoRA+ does, ``'boosted_lr'`` marks the B factors and DoRA magnitudes (their roles from
+    :func:`jlora.core._describe.leaf_roles`), and every 1-D leaf trained whole (biases, norms: PEFT's
+    ``param.ndim == 1`` rule, the one place a role is read from a shape); every other leaf of the lora
+    tree (A factors, trained rows, other trained-whole leaves) is ``'base_lr'``.
 
     ``params`` is the lora tree itself, or a tree holding it as a subtree (``(frozen, lora)``,
-    ``{"frozen": ..., "lora": ...}``); leaves outside that subtree are 'frozen'. Trained-whole
-    leaves of the lora tree are 'A'.
+    ``{"frozen": ..., "lora": ...}``); leaves outside that subtree are ``'frozen'``.
 
     >>> import jax.numpy as jnp
     >>> lora = {"k": {"A": jnp.ones((2, 1)), "B": jnp.ones((1, 2))}, "bias": jnp.ones(2)}
-    >>> labels((lora, lora), lora)
-    ({'bias': 'B', 'k': {'A': 'A', 'B': 'B'}}, {'bias': 'frozen', 'k': {'A': 'frozen', 'B': 'frozen'}})
+    >>> labels((lora, lora), lora)[0]
+    {'bias': 'boosted_lr', 'k': {'A': 'base_lr', 'B': 'boosted_lr'}}
+    >>> labels((lora, lora), lora)[1]["k"]
+    {'A': 'frozen', 'B': 'frozen'}
     """
     target = jax.tree.structure(lora)
     where = _find(params, target)
@@ -53,15 +61,15 @@ def labels(params: Any, lora: Any) -> Any:
             "(frozen, lora)"
         )
     prefix = paths.path_str(where)
-    kernels = {(prefix + "/" + p) if prefix else p for p in kernel_layouts(lora)}
+    roles = {(prefix + "/" + p) if prefix else p: leaf.role for p, leaf in leaf_roles(lora).items()}
 
     def label(path: str, leaf: Any) -> str:
-        if prefix and not (path == prefix or path.startswith(prefix + "/")):
-            return "frozen"
-        kernel, _, part = path.rpartition("/")
-        if kernel in kernels or part in ("A", "B"):  # a factor pair's node (or a plain dict one)
-            return "B" if part in ("B", "m") else "A"
-        return "B" if leaf.ndim == 1 else "A"
+        role = roles.get(path) if not prefix or path.startswith(prefix + "/") else None
+        if role is None:
+            return FROZEN
+        if role in (B, MAGNITUDE) or (role == WHOLE and leaf.ndim == 1):
+            return BOOSTED_LR
+        return BASE_LR
 
     return paths.map_with_path(label, params)
 
@@ -93,12 +101,12 @@ def optimizer(tx: optax.GradientTransformation, lora: Any, *, b_lr_ratio: float 
     if b_lr_ratio is not None and not b_lr_ratio > 0:
         raise ValueError(f"jlora.optimizer: b_lr_ratio must be > 0, got {b_lr_ratio!r}; fix: e.g. 16 "
                          "(PEFT's loraplus_lr_ratio), or None for one learning rate")
-    if b_lr_ratio is None:  # one inner optimizer for A and B
+    if b_lr_ratio is None:  # one learning rate for every trained leaf
         return optax.multi_transform(
-            {"A": tx, "frozen": optax.set_to_zero()},
-            lambda params: jax.tree.map(lambda l: "A" if l == "B" else l, labels(params, lora)),
+            {BASE_LR: tx, FROZEN: optax.set_to_zero()},
+            lambda params: jax.tree.map(lambda l: BASE_LR if l == BOOSTED_LR else l, labels(params, lora)),
         )
-    tx_b = optax.chain(tx, optax.scale(float(b_lr_ratio)))
+    boosted = optax.chain(tx, optax.scale(float(b_lr_ratio)))
     return optax.multi_transform(
-        {"A": tx, "B": tx_b, "frozen": optax.set_to_zero()}, lambda params: labels(params, lora)
+        {BASE_LR: tx, BOOSTED_LR: boosted, FROZEN: optax.set_to_zero()}, lambda params: labels(params, lora)
     )

@@ -37,7 +37,7 @@ _HI = jax.lax.Precision.HIGHEST
 
 def _check_plain(f: Factored, what: str) -> None:
     checks.factored(what, f)
-    if f.groups is not None:
+    if f.fused is not None:
         raise ValueError(
             f"{what}: DoRA on the fused kernel {f.path!r} (LoraConfig.fused) is not supported: its magnitude "
             "would also rescale the groups LoRA leaves untouched. Fix: split the fused kernel into one kernel per "
@@ -191,7 +191,7 @@ def dora_lazy_terms(w0: jax.Array, A: jax.Array, B: jax.Array, m: jax.Array, f: 
 def _dora_kernels(frozen: Any, lora: Any, config: LoraConfig) -> tuple[dict[str, Factored], dict[str, Any]]:
     info = adapted(frozen, lora, config)
     flat = paths.flatten(lora)
-    return {p: f for p, f in info.items() if p + "/m" in flat}, flat
+    return {p: f for p, f in info.items() if f.dora}, flat
 
 
 def norms(frozen: Any, lora: Any, config: LoraConfig) -> dict[str, jax.Array]:
@@ -240,7 +240,7 @@ def unmerge(params: Any, lora: Any, config: LoraConfig, norms: Mapping[str, jax.
     info = adapted(params, lora, config)
     flat = paths.flatten(lora)
     for p in info:
-        if p + "/m" in flat and p not in norms:
+        if info[p].dora and p not in norms:
             raise ValueError(
                 f"jlora.dora.unmerge: no norm for the DoRA kernel {p!r} in `norms` (got paths {sorted(norms)}); "
                 "fix: pass norms=jlora.dora.norms(frozen, lora, config), computed before merging"
@@ -251,7 +251,7 @@ def unmerge(params: Any, lora: Any, config: LoraConfig, norms: Mapping[str, jax.
         if f is None:
             return w
         d = factors_delta(flat[path + "/A"], flat[path + "/B"], f)
-        if path + "/m" not in flat:
+        if not f.dora:
             return (w.astype(jnp.float32) - d).astype(w.dtype)
         norm = jnp.asarray(norms[path], jnp.float32)
         want = magnitude_shape(f)

@@ -6,6 +6,12 @@ switching adapters, changing the mix of a batch, or swapping the stacked arrays 
 the same shapes never recompiles. The last entry of a stack is all zeros: the id ``len(names)``
 (``stack.base_id``) means "base model only".
 
+>>> import jax.numpy as jnp, jlora
+>>> frozen, cfg = {"w": jnp.zeros((2, 2))}, jlora.LoraConfig(rank=1, alpha=1, targets="w")
+>>> s = stack(frozen, {"a": ({"w": {"A": jnp.ones((2, 1)), "B": jnp.ones((1, 2))}}, cfg)})
+>>> s.names, s.base_id, select(s, s.id("a"))["w"]["B"].tolist()
+(('a',), 1, [[1.0, 1.0]])
+
 Imports every folder below it (:mod:`jlora.core`, :mod:`jlora.trace`, :mod:`jlora.adapt`, :mod:`jlora.io`).
 """
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax.numpy as jnp
@@ -12,7 +12,7 @@ import numpy as np
 from jlora.core._config import LoraConfig
 from jlora.core._describe import nest
 from jlora.core._kinds import Factored, canonical_delta
-from jlora.multi._stack import _scaled_factors, _unit_config
+from jlora.multi._stack import _scaled_factors, _unit_config, _whole
 
 __all__ = ["combine"]
 
@@ -60,66 +60,66 @@ def combine(frozen: Any, adapters: Sequence[tuple[Any, LoraConfig]], weights: Se
     kernels = sorted({p for info, _ in described for p in info})
     out: dict[str, Any] = {}
     ranks: dict[str, int] = {}
-    groups: dict[str, Any] = {}
     errors: dict[str, float] = {}
     for p in kernels:
         present = [(w, info[p], flat) for w, (info, flat) in zip(weights, described) if p in info]
-        f0 = present[0][1]
-        groups[p] = f0.groups
-        if method == "cat" or (method == "linear" and f0.groups is not None):
-            if f0.groups is not None and method == "linear":
-                raise ValueError(f"combine(method='linear'): fused kernel {p!r} is not supported; fix: method='cat'")
-            a_axis = -1
-            b_axis = f0.n_stack + (1 if f0.groups else 0)
-            if f0.groups is not None:
-                e = sum(f0.groups)
-                parts_a = [flat[p + "/A"].reshape(flat[p + "/A"].shape[:-1] + (e, f.rank)) for _, f, flat in present]
-                a = jnp.concatenate(parts_a, axis=-1)
-                a = a.reshape(a.shape[:-2] + (-1,))
-            else:
-                a = jnp.concatenate([flat[p + "/A"] for _, _, flat in present], axis=a_axis)
-            b = jnp.concatenate([w * flat[p + "/B"] for w, _, flat in present], axis=b_axis)
-            out[p + "/A"], out[p + "/B"] = a, b
-            ranks[p] = sum(f.rank for _, f, _ in present)
-            errors[p] = 0.0
-        elif method == "linear":
-            if len({f.rank for _, f, _ in present}) != 1:
-                raise ValueError(f"combine(method='linear'): {p!r} has different ranks {[f.rank for _, f, _ in present]}; "
-                                 "fix: method='cat' (exact) or 'svd'")
-            a = sum(w * flat[p + "/A"] for w, _, flat in present)
-            b = sum(flat[p + "/B"] for _, _, flat in present)
-            out[p + "/A"], out[p + "/B"] = a, b
-            ranks[p] = f0.rank
-            exact = sum(w * _np_delta(flat[p + "/A"], flat[p + "/B"], f) for w, f, flat in present)
-            got = _np_delta(a, b, f0)
-            errors[p] = float(np.linalg.norm(exact - got))
-        else:
-            if f0.groups is not None:
-                raise ValueError(f"combine(method='svd'): fused kernel {p!r} is not supported; fix: method='cat'")
-            total = sum(w * _np_delta(flat[p + "/A"], flat[p + "/B"], f) for w, f, flat in present)
-            m = _flat2d(total, f0)
-            u, sv, vt = np.linalg.svd(m, full_matrices=False)
-            k = min(rank, sv.shape[-1])
-            root = np.sqrt(sv[..., :k])
-            a = u[..., :, :k] * root[..., None, :]
-            b = root[..., :, None] * vt[..., :k, :]
-            dtype = present[0][2][p + "/A"].dtype
-            lay = f0.layout
-            out[p + "/A"] = jnp.asarray(a.reshape(lay.stack_shape + lay.in_shape + (k,)), dtype)
-            out[p + "/B"] = jnp.asarray(b.reshape(lay.stack_shape + (k,) + lay.out_shape), dtype)
-            ranks[p] = k
-            errors[p] = float(np.sqrt(np.sum(sv[..., k:] ** 2)))
-    whole = sorted({p for _, flat in described for p in flat if p.rsplit("/", 1)[0] not in kernels})
+        if present[0][1].fused is not None and method != "cat":
+            raise ValueError(f"combine(method={method!r}): fused kernel {p!r} is not supported; fix: method='cat'")
+        a, b, ranks[p], errors[p] = _METHODS[method](p, present, rank)
+        out[p + "/A"], out[p + "/B"] = a, b
+    whole = _whole(described)
     for p in whole:
         vals = [(w, flat[p]) for w, (_, flat) in zip(weights, described) if p in flat]
         if len(vals) != len(adapters):
             raise ValueError(f"combine: trained-whole leaf {p!r} is not in every adapter; fix: train it in all or none")
         out[p] = sum(w * v for w, v in vals) / sum(w for w, _ in vals)
     layouts = {p: next(info[p] for info, _ in described if p in info).layout for p in kernels}
-    return nest(out, layouts), _unit_config(ranks, whole, groups, layouts), errors
+    return nest(out, layouts), _unit_config(ranks, whole, layouts), errors
+
+
+def _cat(p: str, present: Sequence[tuple[float, Factored, Mapping[str, Any]]], rank: int | None):
+    """Ranks side by side (per enabled group of a fused kernel), B scaled by the weights: exact."""
+    lay = present[0][1].layout
+    e = lay.n_enabled
+    parts_a = [flat[p + "/A"].reshape(flat[p + "/A"].shape[:-1] + (e, f.rank)) for _, f, flat in present]
+    a = jnp.concatenate(parts_a, axis=-1)
+    a = a.reshape(a.shape[:-2] + (-1,))
+    b = jnp.concatenate([w * flat[p + "/B"] for w, _, flat in present], axis=lay.b_rank_axis)
+    return a, b, sum(f.rank for _, f, _ in present), 0.0
+
+
+def _linear(p: str, present: Sequence[tuple[float, Factored, Mapping[str, Any]]], rank: int | None):
+    """``A = sum w_i A_i``, ``B = sum B_i`` and the Frobenius error of the cross terms."""
+    if len({f.rank for _, f, _ in present}) != 1:
+        raise ValueError(f"combine(method='linear'): {p!r} has different ranks {[f.rank for _, f, _ in present]}; "
+                         "fix: method='cat' (exact) or 'svd'")
+    a = sum(w * flat[p + "/A"] for w, _, flat in present)
+    b = sum(flat[p + "/B"] for _, _, flat in present)
+    f0 = present[0][1]
+    exact = sum(w * _np_delta(flat[p + "/A"], flat[p + "/B"], f) for w, f, flat in present)
+    return a, b, f0.rank, float(np.linalg.norm(exact - _np_delta(a, b, f0)))
+
+
+def _svd(p: str, present: Sequence[tuple[float, Factored, Mapping[str, Any]]], rank: int | None):
+    """The best rank-``rank`` approximation of the weighted sum and the norm of what it drops."""
+    f0 = present[0][1]
+    total = sum(w * _np_delta(flat[p + "/A"], flat[p + "/B"], f) for w, f, flat in present)
+    u, sv, vt = np.linalg.svd(_flat2d(total, f0), full_matrices=False)
+    k = min(rank, sv.shape[-1])
+    root = np.sqrt(sv[..., :k])
+    a = u[..., :, :k] * root[..., None, :]
+    b = root[..., :, None] * vt[..., :k, :]
+    dtype = present[0][2][p + "/A"].dtype
+    lay = f0.layout
+    a = jnp.asarray(a.reshape(lay.stack_shape + lay.in_shape + (k,)), dtype)
+    b = jnp.asarray(b.reshape(lay.stack_shape + (k,) + lay.out_shape), dtype)
+    return a, b, k, float(np.sqrt(np.sum(sv[..., k:] ** 2)))
+
+
+_METHODS = {"cat": _cat, "linear": _linear, "svd": _svd}
 
 
 def _np_delta(a: Any, b: Any, f: Factored) -> np.ndarray:
     """``s·A⊗B`` in float64, canonical order."""
-    g = dataclasses.replace(f, rank=a.shape[-1] if f.groups is None else f.rank)
+    g = dataclasses.replace(f, rank=a.shape[-1] if f.fused is None else f.rank)
     return np.asarray(canonical_delta(a, b, g), np.float64)

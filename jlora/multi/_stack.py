@@ -25,10 +25,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from jlora.core import _checks as checks
-from jlora.core import _kinds as kinds
 from jlora.core import paths
 from jlora.core._config import LoraConfig
-from jlora.core._describe import adapted, kernel_layouts, nest
+from jlora.core._describe import (A, B, MAGNITUDE, ROWS, WHOLE, adapted, configured_rank, factor_rank, kernel_layouts,
+                                  leaf_roles, nest)
 from jlora.core._kinds import Factored
 from jlora.core.layout import Layout
 
@@ -80,8 +80,8 @@ class Stack:
         return dataclasses.replace(self, **changes)
 
 
-def _unit_config(ranks: Mapping[str, int], trainable: Sequence[str], groups: Mapping[str, Any],
-                 layouts: Mapping[str, Layout]) -> LoraConfig:
+def _unit_config(ranks: Mapping[str, int], trainable: Sequence[str], layouts: Mapping[str, Layout]) -> LoraConfig:
+    """A config with scale 1 at each kernel of ``ranks`` (ranks per stack entry) and its fused groups."""
     exact = {re.escape(p): r * layouts[p].groups for p, r in ranks.items()}  # grouped convs: total rank
     return LoraConfig(
         rank=max(ranks.values()) if ranks else 1,
@@ -90,7 +90,7 @@ def _unit_config(ranks: Mapping[str, int], trainable: Sequence[str], groups: Map
         rank_pattern=exact,
         alpha_pattern={p: float(r) for p, r in exact.items()},
         trainable=tuple(re.escape(p) for p in trainable),
-        fused={re.escape(p): g for p, g in groups.items() if g is not None},
+        fused={re.escape(p): layouts[p].fused for p in ranks if layouts[p].fused is not None},
     )
 
 
@@ -100,16 +100,13 @@ def _pad_rank(x: jax.Array, axis: int, rank: int) -> jax.Array:
     return jnp.pad(x, pad)
 
 
-def _resize_rank(a: Any, b: Any, f: Factored, rank: int) -> tuple[Any, Any]:
-    """A and B of ``f`` with the rank padded with zeros (or cut) to ``rank`` per stack entry."""
-    b_axis = f.n_stack + (1 if f.groups else 0)
-    if f.groups is not None:  # fused: A's last axis is (enabled * r)
-        e = sum(f.groups)
-        a = a.reshape(a.shape[:-1] + (e, a.shape[-1] // e))
-        a = _pad_rank(a, a.ndim - 1, rank) if rank >= a.shape[-1] else a[..., :rank]
-        a = a.reshape(a.shape[:-2] + (e * rank,))
-    else:
-        a = _pad_rank(a, a.ndim - 1, rank) if rank >= a.shape[-1] else a[..., :rank]
+def _resize_rank(a: Any, b: Any, lay: Layout, rank: int) -> tuple[Any, Any]:
+    """A and B of a kernel of layout ``lay`` with the rank padded with zeros (or cut) to ``rank`` per stack
+    entry (per enabled group of a fused kernel: A's last axis is ``(enabled, r)`` flattened)."""
+    b_axis, e = lay.b_rank_axis, lay.n_enabled
+    a = a.reshape(a.shape[:-1] + (e, a.shape[-1] // e))
+    a = _pad_rank(a, a.ndim - 1, rank) if rank >= a.shape[-1] else a[..., :rank]
+    a = a.reshape(a.shape[:-2] + (e * rank,))
     if rank >= b.shape[b_axis]:
         b = _pad_rank(b, b_axis, rank)
     else:
@@ -118,16 +115,24 @@ def _resize_rank(a: Any, b: Any, f: Factored, rank: int) -> tuple[Any, Any]:
 
 
 def _described(frozen: Any, lora: Any, config: LoraConfig) -> tuple[dict[str, Factored], dict[str, Any]]:
+    """The adapter's kernels and its leaves by path; an adapter with DoRA magnitudes or trained rows is
+    refused (stacks and combinations assume ``delta = s·A⊗B``). Every leaf that is no factor is whole."""
     info = adapted(frozen, lora, config)
-    flat = dict(paths.flatten(lora))
-    for p, f in info.items():
-        if f.dora or p + "/rows" in flat:
-            what = "a DoRA magnitude" if f.dora else "trained embedding rows"
+    for p, (owner, role) in leaf_roles(lora, paths.flatten(frozen)).items():
+        if role in (MAGNITUDE, ROWS):
+            what = "a DoRA magnitude" if role == MAGNITUDE else "trained embedding rows"
             raise ValueError(
-                f"jlora.multi: {p!r} carries {what}, which stacking and combination do not support (they "
+                f"jlora.multi: {owner!r} carries {what}, which stacking and combination do not support (they "
                 "assume delta = s·A⊗B); fix: merge that adapter with jlora.merge and serve it alone"
             )
-    return info, flat
+    return info, dict(paths.flatten(lora))
+
+
+def _whole(described: Sequence[tuple[Mapping[str, Factored], Mapping[str, Any]]]) -> list[str]:
+    """The trained-whole leaves of some described adapters: every leaf that is not a kernel's A or B."""
+    kernels = {p for info, _ in described for p in info}
+    factors = {f"{p}/{part}" for p in kernels for part in (A, B)}
+    return sorted({p for _, flat in described for p in flat if p not in factors})
 
 
 def _fold(b: Any, scale: float) -> Any:
@@ -192,11 +197,9 @@ def stack(frozen: Any, adapters: Mapping[str, tuple[Any, LoraConfig]], *, fold_s
     if fold_scales:
         described = {n: _scaled_factors(frozen, lora, cfg) for n, (lora, cfg) in adapters.items()}
     kernels = sorted({p for info, _ in described.values() for p in info})
-    whole = sorted({p for _, flat in described.values() for p in flat
-                    if not p.endswith(("/A", "/B")) or p.rsplit("/", 1)[0] not in kernels})
+    whole = _whole(list(described.values()))
     base = paths.flatten(frozen)
     ranks: dict[str, int] = {}
-    groups: dict[str, Any] = {}
     for p in kernels:
         fs = [info[p] for info, _ in described.values() if p in info]
         want = rank.get(p) if isinstance(rank, Mapping) else rank
@@ -205,9 +208,8 @@ def stack(frozen: Any, adapters: Mapping[str, tuple[Any, LoraConfig]], *, fold_s
             big = {n: info[p].rank for n, (info, _) in described.items() if p in info}
             raise ValueError(f"jlora.multi.stack: rank={rank} but adapters have larger ranks at {p!r}: {big}; fix: "
                              "rank >= the largest adapter rank (or rank=None)")
-        groups[p] = fs[0].groups
-        if any(f.groups != fs[0].groups or f.layout != fs[0].layout for f in fs):
-            seen = {n: (info[p].layout.describe(), info[p].groups) for n, (info, _) in described.items() if p in info}
+        if any(f.layout != fs[0].layout for f in fs):
+            seen = {n: (info[p].layout.describe(), info[p].fused) for n, (info, _) in described.items() if p in info}
             raise ValueError(
                 f"jlora.multi.stack: adapters disagree on the layout of {p!r} (adapter: (axis roles, fused groups)): "
                 f"{seen}; fix: make every adapter with jlora.init on this frozen tree and the same layout/fused "
@@ -221,9 +223,9 @@ def stack(frozen: Any, adapters: Mapping[str, tuple[Any, LoraConfig]], *, fold_s
         for n in names:
             info, flat = described[n]
             if p in info:
-                a, b = _resize_rank(flat[p + "/A"], flat[p + "/B"], info[p], ranks[p])
+                a, b = _resize_rank(flat[p + "/A"], flat[p + "/B"], info[p].layout, ranks[p])
             else:
-                a, b = _resize_rank(ref_flat[p + "/A"], ref_flat[p + "/B"], ref, ranks[p])
+                a, b = _resize_rank(ref_flat[p + "/A"], ref_flat[p + "/B"], ref.layout, ranks[p])
                 a, b = jnp.zeros_like(a), jnp.zeros_like(b)
             parts_a.append(a)
             parts_b.append(b)
@@ -240,7 +242,7 @@ def stack(frozen: Any, adapters: Mapping[str, tuple[Any, LoraConfig]], *, fold_s
         out[p] = jnp.stack([described[n][1][p] for n in names] + [base[p]])
     layouts = {p: next(info[p] for info, _ in described.values() if p in info).layout for p in kernels}
     scales = {p: np.array([scales_by[n].get(p, 0.0) for n in names] + [0.0], np.float32) for p in kernels}
-    return Stack(nest(out, layouts), _unit_config(ranks, whole, groups, layouts), names,
+    return Stack(nest(out, layouts), _unit_config(ranks, whole, layouts), names,
                  tuple(cfg for _, cfg in adapters.values()),
                  tuple(tuple(paths.flatten(lora)) for lora, _ in adapters.values()), scales, fold_scales)
 
@@ -272,9 +274,17 @@ def scaled(lora: Any, scales: Mapping[str, Any]) -> Any:
     >>> scaled(lora, {"w": jnp.array([2.0, 0.0])})["w"]["B"][:, 0, 0].tolist()
     [2.0, 0.0]
     """
+    roles = leaf_roles(lora)
+    kernels = {owner for owner, role in roles.values() if role == B}
+    unknown = sorted(set(scales) - kernels)
+    if unknown:
+        raise ValueError(f"jlora.multi.scaled: scales has paths that are no kernel of the stacked lora tree: "
+                         f"{unknown[:4]}; expected a subset of {sorted(kernels)[:4]}; fix: pass the stack's own "
+                         "scales (Stack.scales) with its lora tree")
+
     def one(path: str, x: Any) -> Any:
-        kernel, _, part = path.rpartition("/")
-        if part != "B" or kernel not in scales:
+        kernel, part = roles[path]
+        if part != B or kernel not in scales:
             return x
         s = jnp.asarray(scales[kernel], jnp.float32).reshape((-1,) + (1,) * (x.ndim - 1))
         return (x.astype(jnp.float32) * s).astype(x.dtype)
@@ -300,26 +310,28 @@ def unstack(s: Stack, frozen: Any = None) -> dict[str, tuple[Any, LoraConfig]]:
         raise ValueError("jlora.multi.unstack: this Stack does not record its adapters' configs; fix: make it "
                          "with jlora.multi.stack")
     flat = paths.flatten(s.lora)
-    layouts = kernel_layouts(s.lora)
+    layouts = kernel_layouts(s.lora, s.config)
+    roles = leaf_roles(s.lora)
     out: dict[str, tuple[Any, LoraConfig]] = {}
     for i, (name, cfg, leaves) in enumerate(zip(s.names, s.configs, s.leaves)):
         mine: dict[str, Any] = {}
         for p in leaves:
-            kernel, _, part = p.rpartition("/")
-            if part not in ("A", "B") or kernel not in layouts:
+            kernel, part = roles[p] if p in roles else (p, WHOLE)
+            if part not in (A, B) or kernel not in layouts:
                 mine[p] = flat[p][i]
                 continue
-            if part == "B":
+            if part == B:
                 continue
-            lay, groups = layouts[kernel], cfg.groups_for(kernel)
-            r = lay.rank_per_stack(cfg.rank_for(kernel))
-            f = Factored(kernel, lay, r, 1.0, groups)
-            a, b = _resize_rank(flat[kernel + "/A"][i], flat[kernel + "/B"][i], f, r)
+            lay = layouts[kernel]
+            r = configured_rank(cfg, kernel, lay)
+            a, b = _resize_rank(flat[kernel + "/A"][i], flat[kernel + "/B"][i], lay, r)
             if s.folded:
                 b = _unfold(b, float(s.scales[kernel][i]))
-            if (tuple(a.shape), tuple(b.shape)) != kinds.factor_shapes(lay, r, groups):
+            try:
+                factor_rank(kernel, lay, a.shape, b.shape, cfg)
+            except ValueError as err:
                 raise ValueError(f"jlora.multi.unstack: {kernel!r} of adapter {name!r} does not fit its config "
-                                 f"(rank {r}); fix: make the stack with jlora.multi.stack")
+                                 f"(rank {r}): {err}") from None
             mine[kernel + "/A"], mine[kernel + "/B"] = a, b
         lora = nest(mine, {p: lay for p, lay in layouts.items() if p + "/A" in mine})
         if frozen is not None:
@@ -343,7 +355,7 @@ def put(s: Stack, name: str, frozen: Any, lora: Any, config: LoraConfig) -> Stac
     i = s.id(name)
     one = stack(frozen, {name: (lora, config)}, fold_scales=s.folded)
     new, mine = paths.flatten(one.lora), dict(paths.flatten(s.lora))
-    layouts = kernel_layouts(s.lora)
+    layouts = kernel_layouts(s.lora, s.config)
     extra = sorted(set(new) - set(mine))
     if extra:
         raise ValueError(f"jlora.multi.put: adapter {name!r} has leaves the stack lacks: {extra[:4]}; fix: make a "
@@ -353,16 +365,14 @@ def put(s: Stack, name: str, frozen: Any, lora: Any, config: LoraConfig) -> Stac
         if p + "/A" not in new:
             mine[p + "/A"], mine[p + "/B"] = mine[p + "/A"].at[i].set(0), mine[p + "/B"].at[i].set(0)
             continue
-        r_stack = s.config.rank_for(p) // layouts[p].groups
-        r_new = info.rank_for(p) // layouts[p].groups
+        r_stack, r_new = configured_rank(s.config, p, layouts[p]), configured_rank(info, p, layouts[p])
         if r_new > r_stack:
             raise ValueError(f"jlora.multi.put: adapter {name!r} has rank {r_new} at {p!r}, the stack {r_stack}; fix: "
                              "make the stack with a larger rank= (jlora.multi.stack(..., rank=...))")
-        f = Factored(p, layouts[p], r_new, 1.0, s.config.groups_for(p))
-        a, b = _resize_rank(new[p + "/A"][0], new[p + "/B"][0], f, r_stack)
+        a, b = _resize_rank(new[p + "/A"][0], new[p + "/B"][0], layouts[p], r_stack)
         mine[p + "/A"], mine[p + "/B"] = mine[p + "/A"].at[i].set(a), mine[p + "/B"].at[i].set(b)
-    for p in new:
-        if p.rpartition("/")[0] not in layouts:
+    for p, (owner, _) in leaf_roles(one.lora).items():
+        if owner not in layouts:
             mine[p] = mine[p].at[i].set(new[p][0])
     scales = {p: np.asarray(v).copy() for p, v in s.scales.items()}
     for p in scales:

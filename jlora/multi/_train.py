@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import optax
 
 from jlora.io.checkpoint import restore_adapter, save_adapter
-from jlora.core._describe import kernel_layouts
+from jlora.core._describe import configured_rank, kernel_layouts
 from jlora.multi._serve import mixed_apply
 from jlora.multi._stack import Stack, scaled, stack, unstack
 
@@ -49,6 +49,10 @@ def per_adapter(optimizer: optax.GradientTransformation) -> optax.GradientTransf
     >>> [[round(float(v), 2) for v in row] for row in opt.update(g, opt.init(g))[0]["w"]]
     [[0.6, 0.8], [0.3, 0.4]]
     """
+    if not (callable(getattr(optimizer, "init", None)) and callable(getattr(optimizer, "update", None))):
+        raise TypeError(f"jlora.multi.per_adapter: optimizer must be an optax GradientTransformation, got "
+                        f"{type(optimizer).__name__} {optimizer!r}; fix: e.g. per_adapter(optax.adamw(1e-3))")
+
     def init(params: Any) -> Any:
         return jax.vmap(optimizer.init)(params)
 
@@ -66,6 +70,14 @@ def example_weights(ids: jax.Array, n: int) -> jax.Array:
     >>> example_weights(jnp.array([0, 0, 1, 2]), 3).tolist()
     [0.5, 0.5, 1.0, 0.0]
     """
+    dtype = getattr(ids, "dtype", None)
+    if dtype is None or not jnp.issubdtype(dtype, jnp.integer) or jnp.ndim(ids) != 1:
+        got = f"{dtype} {jnp.shape(ids)}" if dtype is not None else type(ids).__name__
+        raise TypeError(f"jlora.multi.example_weights: ids must be an int array of shape (batch,), got {got}; fix: "
+                        "one adapter id per example, e.g. jnp.array([stack.id('a'), stack.base_id])")
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"jlora.multi.example_weights: n must be the number of stacked entries (an int >= 1), got "
+                         f"{n!r}; fix: n = len(stack.names) + 1")
     counts = jnp.bincount(ids, length=n).astype(jnp.float32)
     return jnp.where(ids == n - 1, 0.0, 1.0 / jnp.maximum(counts[ids], 1.0))
 
@@ -169,7 +181,7 @@ def save_stack(directory: str | os.PathLike, s: Stack, metadata: Mapping[str, An
     for i, (name, (lora, cfg)) in enumerate(unstack(s).items()):
         meta = dict(metadata or {}, stack_index=i)
         size += save_adapter(root / _safe(name), lora, cfg, meta, overwrite=overwrite)
-    ranks = {p: s.config.rank_for(p) // lay.groups for p, lay in kernel_layouts(s.lora).items()}
+    ranks = {p: configured_rank(s.config, p, lay) for p, lay in kernel_layouts(s.lora).items()}
     text = json.dumps({"names": list(s.names), "ranks": ranks, "folded": s.folded}, indent=1)
     (root / "stack.json").write_text(text)
     return size + len(text)
@@ -181,6 +193,9 @@ def restore_stack(directory: str | os.PathLike, frozen: Any) -> Stack:
     One adapter alone: ``jlora.restore_adapter(directory + "/" + name)`` (see :func:`save_stack`).
     """
     root = pathlib.Path(directory)
+    if not (root / "stack.json").is_file():
+        raise FileNotFoundError(f"jlora.multi.restore_stack: no stack at {str(root)!r} (expected {root / 'stack.json'}); "
+                                "fix: pass the directory given to jlora.multi.save_stack")
     meta = json.loads((root / "stack.json").read_text())
     adapters = {}
     for name in meta["names"]:
