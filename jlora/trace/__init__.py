@@ -1,5 +1,6 @@
-"""The tracing walker: a model's jaxpr read for kernel roles (``init``) and evaluated with adapted
-kernels as symbolic values (``lora_apply``'s lazy rewrite, many adapters per row).
+"""The tracing walker (:mod:`jlora.trace._walker`): a model's jaxpr read for kernel roles (``init``) and
+evaluated with adapted kernels as symbolic values (``lora_apply``'s lazy rewrite, many adapters per
+row), each a mode of the one walker with its own rule table.
 
 Imports :mod:`jlora.core` and :mod:`jlora.quant`.
 """

@@ -46,14 +46,15 @@ def _sub_jaxprs(eqn: Any) -> list[Any]:
 
 
 class _Roles(walker.Mode):
-    """The roles reader as an abstract walker mode: follows one kernel (its value a :class:`View`,
-    every other value None), collecting :class:`Use` objects or reason strings in ``found``."""
+    """The roles reader as an abstract walker mode: follows every kernel read at once (its values
+    :class:`View` objects naming it, every other value None), collecting per kernel :class:`Use`
+    objects or reason strings in ``found``."""
 
     abstract = True
 
-    def __init__(self, shape: Sequence[int]):
-        self.shape = tuple(shape)
-        self.found: list[Use | str] = []
+    def __init__(self, shapes: Sequence[tuple[int, ...]]):
+        self.shapes = list(shapes)
+        self.found: list[list[Use | str]] = [[] for _ in shapes]
         self.cuts = 0
 
     @property
@@ -63,18 +64,23 @@ class _Roles(walker.Mode):
     def tracked(self, x: Any) -> bool:
         return isinstance(x, View)
 
+    def record(self, view: View, what: Use | str) -> None:
+        """One use (or reason) of the kernel ``view`` is a view of."""
+        self.found[view.kernel].append(what)
+
     def fallback(self, eqn: Any, invals: list[Any]) -> list[Any]:
         """Any other equation with a sub-jaxpr of the same arity is entered; else it is a use we do not know."""
         subs = [j for j in _sub_jaxprs(eqn) if len(j.invars) == len(eqn.invars)]
         n = len(eqn.outvars)
         if not subs:
-            self.found.append(eqn.primitive.name)
+            for k in sorted({x.kernel for x in invals if isinstance(x, View)}):
+                self.found[k].append(eqn.primitive.name)
             return [None] * n
         outs = walker.run(self, subs[0], [None] * len(subs[0].constvars), invals)
         return (outs + [None] * n)[:n]
 
-    def carried(self, eqn: Any, x: Any) -> Any:
-        self.found.append("scan carry" if eqn.primitive.name == "scan" else "while_loop carry")
+    def carried(self, eqn: Any, x: View) -> Any:
+        self.record(x, "scan carry" if eqn.primitive.name == "scan" else "while_loop carry")
         return None
 
     def scan_xs(self, x: View, length: int) -> View:
@@ -82,7 +88,7 @@ class _Roles(walker.Mode):
 
     def loop_out(self, eqn: Any, x: Any) -> Any:
         if self.tracked(x):
-            self.found.append(f"a value returned from a {'scan body' if eqn.primitive.name == 'scan' else 'cond branch'}")
+            self.record(x, f"a value returned from a {'scan body' if eqn.primitive.name == 'scan' else 'cond branch'}")
         return None
 
     def cut(self, view: View, axis: int, size: int) -> View:
@@ -97,6 +103,20 @@ class _Roles(walker.Mode):
 
 
 # --- rules: each returns the outputs' views (None: untracked), or None for the fallback -------------
+
+def _each(rule: walker.Rule) -> walker.Rule:
+    """``rule`` (written for one kernel) applied to each kernel among the inputs, the others' views
+    hidden; the outputs' views merged."""
+    def apply(eqn: Any, invals: list[Any], m: _Roles) -> list[Any]:
+        outs: list[Any] = [None] * len(eqn.outvars)
+        for k in sorted({x.kernel for x in invals if isinstance(x, View)}):
+            mine = [None if isinstance(x, View) and x.kernel != k else x for x in invals]
+            got = rule(eqn, mine, m)
+            got = m.fallback(eqn, mine) if got is None else got
+            outs = [o if o is not None else g for o, g in zip(outs, got)]
+        return outs
+    return apply
+
 
 def _at(invals: list[Any]) -> tuple[list[int], View]:
     positions = [i for i, x in enumerate(invals) if isinstance(x, View)]
@@ -117,15 +137,15 @@ def _reshape(eqn: Any, invals: list[Any], m: _Roles) -> list[Any] | None:
         return None
     name, new = eqn.primitive.name, tuple(eqn.outvars[0].aval.shape)
     if math.prod(new) != math.prod(eqn.invars[0].aval.shape):
-        m.found.append(f"{name} to shape {new} (a broadcast)")
+        m.record(view, f"{name} to shape {new} (a broadcast)")
         return [None]
     dims = eqn.params.get("broadcast_dimensions")
     if dims is not None and list(dims) != sorted(dims):
-        m.found.append(f"{name} with dimensions {tuple(dims)}")
+        m.record(view, f"{name} with dimensions {tuple(dims)}")
         return [None]
     split = repartition(view, [a for g in view.axes for a in g], new)
     if split is None:
-        m.found.append(f"{name} to shape {new}, which mixes axes")
+        m.record(view, f"{name} to shape {new}, which mixes axes")
         return [None]
     return [split[0].with_axes(split[1])]
 
@@ -141,7 +161,7 @@ def _slice(eqn: Any, invals: list[Any], m: _Roles) -> list[Any] | None:
         return None
     in_shape, out_shape = eqn.invars[0].aval.shape, eqn.outvars[0].aval.shape
     if eqn.primitive.name == "slice" and any(s != 1 for s in (eqn.params["strides"] or ())):
-        m.found.append("slice with strides")
+        m.record(view, "slice with strides")
         return [None]
     for j in range(len(in_shape)):
         if in_shape[j] != out_shape[j]:
@@ -158,7 +178,7 @@ def _gather(eqn: Any, invals: list[Any], m: _Roles) -> list[Any] | None:
     in_shape = eqn.invars[0].aval.shape
     picked = sorted(set(dn.start_index_map) | set(dn.collapsed_slice_dims))
     if dn.operand_batching_dims or any(sizes[j] != in_shape[j] for j in range(len(sizes)) if j not in picked):
-        m.found.append("gather of a window")
+        m.record(view, "gather of a window")
         return [None]
     n_batch = len(eqn.outvars[0].aval.shape) - len(dn.offset_dims)
     if n_batch == 0:  # W[i]: indexing stack axes, the rest follows as a kernel
@@ -169,10 +189,10 @@ def _gather(eqn: Any, invals: list[Any], m: _Roles) -> list[Any] | None:
     lookup = tuple(dn.start_index_map)
     if set(dn.collapsed_slice_dims) <= set(lookup) and all(sizes[j] == 1 for j in lookup):
         roles = {a: "i" if j in lookup else "o" for j, atoms in enumerate(view.axes) for a in atoms}
-        lay = roles_layout(view, roles, m.shape, "embed")
-        m.found.append(Use(lay, "gather of rows") if isinstance(lay, Layout) else f"gather of rows: {lay}")
+        lay = roles_layout(view, roles, m.shapes[view.kernel], "embed")
+        m.record(view, Use(lay, "gather of rows") if isinstance(lay, Layout) else f"gather of rows: {lay}")
     else:
-        m.found.append("gather with index batch dimensions")
+        m.record(view, "gather with index batch dimensions")
     return [None]
 
 
@@ -183,26 +203,28 @@ def _consumer(use: Callable[[Any, int, View, tuple[int, ...]], Use | str], at: i
         if at is not None and positions != [at]:
             return None
         if len(positions) > 1:
-            m.found.append(f"{eqn.primitive.name} with the kernel on both sides")
+            m.record(view, f"{eqn.primitive.name} with the kernel on both sides")
         else:
-            m.found.append(use(eqn, positions[0], view, m.shape))
+            m.record(view, use(eqn, positions[0], view, m.shapes[view.kernel]))
         return [None] * len(eqn.outvars)
     return rule
 
 
 _RULES: dict[str, walker.Rule] = {
     **walker.CALLS, **walker.CONTROL,
-    **{name: _pass for name in ("convert_element_type", "copy", "copy_p", "reduce_precision", "rev",
-                                "sharding_constraint")},
-    **{name: _reshape for name in ("reshape", "squeeze", "broadcast_in_dim", "expand_dims")},
-    "optimization_barrier": _barrier,
-    "transpose": _transpose,
-    "slice": _slice,
-    "dynamic_slice": _slice,
-    "gather": _gather,
-    "dot_general": _consumer(dot_use),
-    "conv_general_dilated": _consumer(lambda eqn, pos, view, shape: conv_use(eqn, view, shape), at=1),
-    "ragged_dot_general": _consumer(lambda eqn, pos, view, shape: ragged_use(eqn, view, shape), at=1),
+    **{name: _each(rule) for name, rule in {
+        **{name: _pass for name in ("convert_element_type", "copy", "copy_p", "reduce_precision", "rev",
+                                    "sharding_constraint")},
+        **{name: _reshape for name in ("reshape", "squeeze", "broadcast_in_dim", "expand_dims")},
+        "optimization_barrier": _barrier,
+        "transpose": _transpose,
+        "slice": _slice,
+        "dynamic_slice": _slice,
+        "gather": _gather,
+        "dot_general": _consumer(dot_use),
+        "conv_general_dilated": _consumer(lambda eqn, pos, view, shape: conv_use(eqn, view, shape), at=1),
+        "ragged_dot_general": _consumer(lambda eqn, pos, view, shape: ragged_use(eqn, view, shape), at=1),
+    }.items()},
 }
 
 
@@ -242,17 +264,15 @@ def read_layouts(apply_fn: Callable[..., Any], params: Any, args: Sequence[Any],
     index: dict[str, int] = {}
     for i, p in enumerate(t.leaf_paths):
         index.setdefault(p, i)
-    out: dict[str, Layout | str] = {}
-    for path in paths:
-        var = jaxpr.invars[index[path]]
-        shape = tuple(var.aval.shape)
-        mode = _Roles(shape)
-        args_in: list[Any] = [None] * len(jaxpr.invars)
-        args_in[index[path]] = View(tuple((n,) for n in shape), tuple(((k, 0),) for k in range(len(shape))))
-        if any(mode.tracked(o) for o in walker.run(mode, jaxpr, [None] * len(jaxpr.constvars), args_in)):
-            mode.found.append("the model's output (it returns the kernel)")
-        out[path] = _agree(mode.found)
-    return out
+    shapes = [tuple(jaxpr.invars[index[p]].aval.shape) for p in paths]
+    mode = _Roles(shapes)
+    args_in: list[Any] = [None] * len(jaxpr.invars)
+    for k, (p, shape) in enumerate(zip(paths, shapes)):  # every kernel followed in one walk
+        args_in[index[p]] = View(tuple((n,) for n in shape), tuple(((a, 0),) for a in range(len(shape))), kernel=k)
+    for o in walker.run(mode, jaxpr, [None] * len(jaxpr.constvars), args_in):
+        if mode.tracked(o):
+            mode.record(o, "the model's output (it returns the kernel)")
+    return {p: _agree(found) for p, found in zip(paths, mode.found)}
 
 
 def parse_roles(path: str, shape: Sequence[int], roles: str, kind: str = "dense") -> Layout:

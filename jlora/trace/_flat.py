@@ -7,7 +7,7 @@ both reshapes below the add, the add is left with one user and is fused into *ev
 until the backward pass instead of their sum: at Llama-2-7B scale 1.2 GiB more scratch than the
 floor (benchmarks/results/scale_analysis.md). A chain that stays 2-D has no reshape to sink.
 
-So the interpreter (:mod:`jlora.trace._lazy`) keeps the output of a plain dense LoRA use as a :class:`Flat`
+So the lazy mode of the walker (:mod:`jlora.trace._lazy`) keeps the output of a plain dense LoRA use as a :class:`Flat`
 value (the 2-D array plus the shape the model expects); elementwise equations whose array inputs
 are Flat values of one shape, scalars, or arrays of that shape (or broadcasts along the tokens or
 the features) run on the 2-D arrays, as does a plain dense ``dot_general`` reading a Flat input;

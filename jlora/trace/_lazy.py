@@ -1,8 +1,8 @@
 """The lazy low-rank rewrite: run a model with ``W0 + s * A ⊗ B`` without ever forming the delta.
 
-:func:`lazy_call` traces ``apply_fn`` to a jaxpr (``jax.make_jaxpr``) and evaluates it with an
-interpreter in which every adapted kernel is a symbolic :class:`LoraValue` (the base ``W0`` and the
-factors ``A``, ``B``). Views of the kernel (dtype casts, reshapes, transposes, slices of a stacked
+:func:`lazy_call` traces ``apply_fn`` to a jaxpr (:func:`~jlora.trace._walker.trace_apply`) and evaluates
+it with the walker's lazy mode, in which every adapted kernel is a symbolic :class:`LoraValue` (the
+base ``W0`` and the factors ``A``, ``B``). Views of the kernel (dtype casts, reshapes, transposes, slices of a stacked
 layer axis) are applied to ``W0`` and mirrored on the tiny factors; the consumers are rewritten:
 
 - ``dot_general`` (matmul, einsum, ``DenseGeneral``, a tied ``Embed.attend``):

@@ -4,7 +4,7 @@ QLoRA saves memory only if what crosses from the forward pass to the backward pa
 scales of a quantized kernel, never its float copy. Plain autodiff of ``x·dequantize(codes)`` keeps
 the float kernel as the residual for ``dX = dY·W0ᵀ``, so every layer's float kernels stay alive
 until the backward pass reaches them. Here a quantized base kernel is a :class:`Dequant` value in the
-interpreter: the :class:`~jlora.quant.QuantizedArray` plus the views the model applies to the kernel
+walker's lazy mode: the :class:`~jlora.quant.QuantizedArray` plus the views the model applies to the kernel
 (casts, reshapes, transposes, slices, a ``dynamic_slice`` of a stacked layer). Views are recorded,
 not computed. The operation that consumes the kernel runs through :func:`apply_dequantized`, a
 custom VJP whose residuals are the codes, scales and the operation's other inputs and whose backward

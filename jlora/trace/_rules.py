@@ -1,5 +1,6 @@
-"""The consumers of the lazy rewrite (:mod:`jlora.trace._lazy`): ``dot_general``, ``conv_general_dilated``
-and the embedding ``gather``, each computing ``base + low-rank`` for a :class:`~jlora.trace._value.LoraValue`.
+"""The consumers of the lazy rewrite (:mod:`jlora.trace._lazy`): ``dot_general``, ``conv_general_dilated``,
+``ragged_dot_general`` and the lookup ``gather``, each computing ``base + low-rank`` for a
+:class:`~jlora.trace._value.LoraValue`.
 
 Every consumer reads the kernel's roles from the value's ``view`` (which canonical axes each axis
 of the used kernel holds), so one rule serves any dimension numbers: contracted axes holding the

@@ -25,13 +25,15 @@ class View:
     """How one traced value relates to the stored kernel.
 
     ``subs[k]``: sizes of stored axis k's sub-axes; ``axes[j]``: the atoms (major first) of the
-    value's axis j; ``fixed``: roles already decided by views (stack for indexed/scanned axes).
+    value's axis j; ``fixed``: roles already decided by views (stack for indexed/scanned axes);
+    ``kernel``: which of the kernels read in one walk it is a view of.
     """
 
     subs: tuple[tuple[int, ...], ...]
     axes: tuple[tuple[Atom, ...], ...]
     fixed: tuple[tuple[Atom, str], ...] = ()
     pseudo: tuple[tuple[Atom, int], ...] = ()  # sliced axes: (atom with a negative axis, size)
+    kernel: int = 0
 
     def size(self, atom: Atom) -> int:
         if atom[0] < 0:
@@ -63,7 +65,8 @@ class View:
         fixed = []
         for a, role in self.fixed:
             fixed.extend([((ax, k + i), role) for i in range(n)] if a == atom else [(renum(a), role)])
-        return View(tuple(subs), tuple(axes), tuple(fixed), self.pseudo), [(ax, k + i) for i in range(n)]
+        new = dataclasses.replace(self, subs=tuple(subs), axes=tuple(axes), fixed=tuple(fixed))
+        return new, [(ax, k + i) for i in range(n)]
 
 
 def repartition(view: View, atoms: Sequence[Atom], sizes: Sequence[int]) -> tuple[View, list[tuple[Atom, ...]]] | None:

@@ -5,9 +5,10 @@ factors in canonical order (``A``: ``stack + in + (r,)``, ``B``: ``stack + (r,) 
 ``view``: for every axis of the current view of ``W0``, the canonical axes it holds (major
 first). A transpose only permutes ``view``; a reshape regroups canonical axes (splitting one
 where needed, which reshapes ``A`` or ``B``); ``rev`` reverses canonical axes of the factors;
-slices, dynamic slices and gathers of stack axes cut the factors the same way. Every rule takes
-a jaxpr equation and returns its outputs, or ``None`` when it does not apply (the interpreter
-then uses the merged kernel).
+slices, dynamic slices and gathers of stack axes cut the factors the same way; a sharding
+constraint constrains the factors on their matching axes (:func:`factor_specs`). Every rule takes
+a jaxpr equation and returns its outputs, or ``None`` when it does not apply (the walker then takes
+the lazy mode's fallback, the merged kernel).
 """
 
 from __future__ import annotations

@@ -180,17 +180,27 @@ CALLS: dict[str, Rule] = {"jit": call, "pjit": call, "closed_call": call, "core_
 
 # --- control flow --------------------------------------------------------------------------------
 
+def _carry(eqn: Any, carry: list[Any], mode: Mode) -> list[Any] | None:
+    """A loop's carry after :meth:`Mode.carried` saw its tracked values: the abstract mode's values in
+    their place; None in a concrete mode (the loop falls back, unless ``carried`` raised)."""
+    out = list(carry)
+    for k, c in enumerate(carry):
+        if mode.tracked(c):
+            out[k] = mode.carried(eqn, c)
+            if not mode.abstract:
+                return None
+    return out
+
+
 def scan(eqn: Any, invals: list[Any], mode: Mode) -> list[Any] | None:
     """``scan``: a tracked ``xs`` is split per step by :meth:`Mode.scan_xs`."""
     p = eqn.params
     nc, ncar = jaxpr_compat.scan_split(p)
-    consts, carry, xs = invals[:nc], list(invals[nc : nc + ncar]), invals[nc + ncar :]
+    consts, carry, xs = invals[:nc], invals[nc : nc + ncar], invals[nc + ncar :]
     closed = jaxpr_compat.body(p["jaxpr"])
-    for k, c in enumerate(carry):
-        if mode.tracked(c):
-            if not mode.abstract:
-                return mode.carried(eqn, c)
-            carry[k] = mode.carried(eqn, c)
+    carry = _carry(eqn, carry, mode)
+    if carry is None:
+        return None
     if mode.abstract:
         steps = [mode.scan_xs(x, p["length"]) if mode.tracked(x) else None for x in xs]
         outs = run(mode, closed.jaxpr, closed.consts, list(consts) + carry + steps)
@@ -218,7 +228,8 @@ def cond(eqn: Any, invals: list[Any], mode: Mode) -> list[Any]:
     branches = jaxpr_compat.cond_branches(eqn.params)
     if mode.abstract:
         for br in branches:
-            [mode.loop_out(eqn, o) for o in run(mode, br.jaxpr, br.consts, ops)]
+            for o in run(mode, br.jaxpr, br.consts, ops):
+                mode.loop_out(eqn, o)
         return [None] * len(eqn.outvars)
     fns = [lambda *o, br=br: [mode.loop_out(eqn, x) for x in run(mode, br.jaxpr, br.consts, o)] for br in branches]
     return list(lax.switch(index, fns, *ops))
@@ -228,13 +239,11 @@ def while_(eqn: Any, invals: list[Any], mode: Mode) -> list[Any] | None:
     """``while``: abstract: the body once (the cond is not read); concrete: ``lax.while_loop``."""
     p = eqn.params
     cn, bn = jaxpr_compat.while_split(p)
-    cconsts, bconsts, carry = invals[:cn], invals[cn : cn + bn], list(invals[cn + bn :])
+    cconsts, bconsts, carry = invals[:cn], invals[cn : cn + bn], invals[cn + bn :]
     cj, bj = jaxpr_compat.body(p["cond_jaxpr"]), jaxpr_compat.body(p["body_jaxpr"])
-    for k, c in enumerate(carry):
-        if mode.tracked(c):
-            if not mode.abstract:
-                return mode.carried(eqn, c)
-            carry[k] = mode.carried(eqn, c)
+    carry = _carry(eqn, carry, mode)
+    if carry is None:
+        return None
     if mode.abstract:
         run(mode, bj.jaxpr, bj.consts, list(bconsts) + carry)
         return [None] * len(eqn.outvars)
