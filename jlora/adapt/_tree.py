@@ -117,11 +117,11 @@ def _factors(key: jax.Array, path: str, leaf: Any, lay: Layout, config: LoraConf
     rank = configured_rank(config, path, lay)
     limit = lay.max_rank()
     if rank > limit:
-        per = f" per group ({config.rank_for(path)} over {lay.groups} groups)" if lay.groups > 1 else ""
+        per = f" per group ({config.rank_for(path)} over {lay.feature_groups} groups)" if lay.feature_groups > 1 else ""
         raise ValueError(
             f"LoraConfig.rank: rank {rank}{per} for {path!r} (shape {tuple(leaf.shape)}, axis roles "
             f"{lay.describe()}) exceeds the largest useful rank {limit}; fix: use rank <= "
-            f"{limit * lay.groups} (rank_pattern for this path)"
+            f"{limit * lay.feature_groups} (rank_pattern for this path)"
         )
     k = jax.random.fold_in(key, zlib.crc32(path.encode()))
     scale = config.scale_for(path, config.rank_for(path))

@@ -226,10 +226,10 @@ class LoraConfig:
                 if n < 0:
                     raise ValueError(f"LoraConfig.{name}[{pattern!r}]: expected an int >= 0, got {n}; fix: the number "
                                      "of such axes, or layout= to state every axis' role")
-        for pattern, groups in self.fused:
-            if not any(groups):
+        for pattern, enabled in self.fused:
+            if not any(enabled):
                 raise ValueError(
-                    f"LoraConfig.fused[{pattern!r}]: expected at least one enabled group, got {groups}; "
+                    f"LoraConfig.fused[{pattern!r}]: expected at least one enabled group, got {enabled}; "
                     "fix: drop the rule or enable a group"
                 )
 

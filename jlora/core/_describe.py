@@ -123,15 +123,15 @@ def configured_rank(config: LoraConfig, path: str, layout: Layout) -> int:
     """The rank of A and B at ``path`` that ``config`` gives: ``config.rank_for(path)``, divided over a
     grouped conv's feature groups (PEFT's convention: the configured rank is the total over them).
 
-    >>> configured_rank(LoraConfig(rank=4), "c", Layout((2, 3, 3, 3), "siio", groups=2, kind="conv"))
+    >>> configured_rank(LoraConfig(rank=4), "c", Layout((2, 3, 3, 3), "siio", kind="conv", feature_groups=2))
     2
     """
     configured = config.rank_for(path)
-    if configured % layout.groups:
+    if configured % layout.feature_groups:
         raise ValueError(
-            f"LoraConfig.rank: {path!r} is a grouped conv with {layout.groups} feature groups; its rank is the total "
-            f"over the groups (PEFT's convention), so it must be a multiple of {layout.groups}, got {configured}; "
-            f"fix: rank_pattern={{{path!r}: {layout.groups * max(1, configured // layout.groups)}}}"
+            f"LoraConfig.rank: {path!r} is a grouped conv with {layout.feature_groups} feature groups; its rank is the total "
+            f"over the groups (PEFT's convention), so it must be a multiple of {layout.feature_groups}, got {configured}; "
+            f"fix: rank_pattern={{{path!r}: {layout.feature_groups * max(1, configured // layout.feature_groups)}}}"
         )
     return layout.rank_per_stack(configured)
 
@@ -152,9 +152,9 @@ def factor_rank(path: str, layout: Layout, a_shape: Any, b_shape: Any, config: L
             f"stack + (r,) + out{', fused: B = stack + (enabled, r) + out with the last axis split into groups' if layout.fused else ''}); "
             "fix: the lora tree must come from jlora.init on this frozen tree and config"
         )
-    if config is not None and rank * layout.groups != config.rank_for(path):
+    if config is not None and rank * layout.feature_groups != config.rank_for(path):
         raise ValueError(
-            f"lora factors of {path!r} have rank {rank * layout.groups} (A {tuple(a_shape)}) but the config gives rank "
+            f"lora factors of {path!r} have rank {rank * layout.feature_groups} (A {tuple(a_shape)}) but the config gives rank "
             f"{config.rank_for(path)} there, so the scale alpha/r would be wrong; fix: pass the LoraConfig the lora "
             "tree was made with (or rank_pattern for this path)"
         )
@@ -296,4 +296,4 @@ def _describe(path: str, kernel: Any, A: Any, B: Any, config: LoraConfig, layout
             f"{list(config.exclude)}): its rank and scale would be guesses; fix: pass the LoraConfig the lora tree was "
             "made with"
         )
-    return Factored(path, layout, rank, config.scale_for(path, rank * layout.groups))
+    return Factored(path, layout, rank, config.scale_for(path, rank * layout.feature_groups))

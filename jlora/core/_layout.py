@@ -24,9 +24,9 @@ class Layout:
       splits: per stored axis the sizes of its sub-axes (row-major), or ``None`` when no axis is
         split (then ``roles`` has one letter per stored axis).
       kind: ``'dense'``, ``'embed'`` (A zero, B normal at init) or ``'conv'``.
-      groups: a grouped conv's ``feature_group_count``; its first stack axis is the group axis and
-        the configured rank is the total over groups (PEFT's convention: ``r % groups == 0``, each
-        group gets ``r // groups``).
+      feature_groups: a grouped conv's ``feature_group_count``; its first stack axis is the group axis
+        and the configured rank is the total over them (PEFT's convention: ``r % feature_groups == 0``,
+        each gets ``r // feature_groups``). Saved as ``"groups"``; :attr:`groups` is its old name.
       feature: a conv's stored axis of input features (``cin``; its other input axes are spatial),
         or None (PEFT's conv tensors put it first: ``lora_A (r, cin, k...)``).
       fused: a fused kernel's groups: the last canonical output axis is ``len(fused)`` equal groups and
@@ -46,7 +46,7 @@ class Layout:
     roles: str
     splits: tuple[tuple[int, ...], ...] | None = None
     kind: str = "dense"
-    groups: int = 1
+    feature_groups: int = 1
     feature: int | None = None
     fused: tuple[bool, ...] | None = None
 
@@ -69,8 +69,10 @@ class Layout:
                 f"Layout: roles {self.roles!r} for a kernel of shape {self.shape} need at least one input ('i') "
                 "and one output ('o') axis; fix: a kernel maps its input axes to its output axes, e.g. 'io'"
             )
-        if self.groups < 1 or (self.groups > 1 and (not self.n_stack or self.stack_shape[0] != self.groups)):
-            raise ValueError(f"Layout: {self.groups} groups need a first stack axis of that size, got {self.stack_shape}")
+        g = self.feature_groups
+        if g < 1 or (g > 1 and (not self.n_stack or self.stack_shape[0] != g)):
+            raise ValueError(f"Layout: {g} feature groups need a first stack axis of that size, got {self.stack_shape}; "
+                             "fix: put the conv's group axis first among the stack axes")
         if self.kind not in KINDS:
             raise ValueError(f"Layout: kind must be one of {KINDS}, got {self.kind!r}")
         if self.fused is not None:
@@ -102,6 +104,11 @@ class Layout:
         for i, p in enumerate(self.perm):
             inv[p] = i
         return tuple(inv)
+
+    @property
+    def groups(self) -> int:
+        """The old name of :attr:`feature_groups` (still read by :mod:`jlora.io`)."""
+        return self.feature_groups
 
     @property
     def n_stack(self) -> int:
@@ -197,8 +204,8 @@ class Layout:
         return dataclasses.replace(self, fused=None if fused is None else tuple(fused))
 
     def rank_per_stack(self, rank: int) -> int:
-        """The rank of A and B for a configured ``rank``: ``rank // groups`` for a grouped conv."""
-        return rank // self.groups
+        """The rank of A and B for a configured ``rank``: ``rank // feature_groups`` for a grouped conv."""
+        return rank // self.feature_groups
 
     def stored_roles(self) -> tuple[str, ...]:
         """Per stored axis its role letters (several for a split axis), e.g. ``('i', 'so')``."""
@@ -256,8 +263,8 @@ class Layout:
     def to_json(self) -> dict[str, Any]:
         """A JSON-able dict (saved with adapters)."""
         out: dict[str, Any] = {"shape": list(self.shape), "roles": self.roles, "kind": self.kind}
-        if self.groups != 1:
-            out["groups"] = self.groups
+        if self.feature_groups != 1:
+            out["groups"] = self.feature_groups
         if self.feature is not None:
             out["feature"] = self.feature
         if self.splits is not None:

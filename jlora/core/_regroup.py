@@ -20,10 +20,10 @@ def regroup(atoms: Sequence[Hashable], sizes: Sequence[int], size_of: Callable[[
     [[0, 1]]
     """
     queue = list(atoms)
-    groups: list[list[Any]] = []
+    runs: list[list[Any]] = []
     for n in sizes:
         group: list[Any] = []
-        groups.append(group)
+        runs.append(group)
         p = 1
         while p < n:
             if not queue:
@@ -44,13 +44,13 @@ def regroup(atoms: Sequence[Hashable], sizes: Sequence[int], size_of: Callable[[
                 return None
             (first, second), ren = result
             queue = [second] + [ren(a) for a in queue[1:]]
-            for g in groups:
+            for g in runs:
                 g[:] = [ren(a) for a in g]
             group.append(first)
             p *= q
     if any(size_of(a) != 1 for a in queue):
         return None
-    if queue and groups:
-        groups[-1].extend(queue)
-    return groups
+    if queue and runs:
+        runs[-1].extend(queue)
+    return runs
 

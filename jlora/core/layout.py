@@ -4,7 +4,7 @@ A kernel is a linear map from its *input* axes to its *output* axes, possibly re
 *stack* axes (scan layers, heads used as dot batch dimensions, groups of a grouped conv, experts).
 :class:`Layout` gives every axis of the stored kernel one role, in whatever order the kernel
 stores them; an axis may first be split into sub-axes (a grouped conv's output channels are
-``(groups, out per group)``). LoRA factors the kernel in the *canonical* order:
+``(feature groups, out per group)``). LoRA factors the kernel in the *canonical* order:
 
 - ``A``: ``stack + in + (r,)``,
 - ``B``: ``stack + (r,) + out``,
@@ -14,9 +14,10 @@ A fused kernel (loralib's ``MergedLinear(enable_lora=...)``, ``LoraConfig.fused`
 canonical output axis into equal groups of which only some adapt; :attr:`Layout.fused` says which,
 and :meth:`Layout.expand_fused` turns its partial B into the block-sparse B of the whole kernel.
 
-This module is the ground floor: it imports nothing else of jlora (its helper :mod:`jlora.core._regroup`
-aside). A kernel's layout is decided once, at ``jlora.init`` (from the trace, the config, or
-:func:`layout_without_trace`), saved with the adapter, and read from here by every other module.
+This module is the ground floor: it imports nothing else of jlora but its helpers
+(:mod:`jlora.core._layout`, the :class:`Layout` record; :mod:`jlora.core._regroup`). A kernel's
+layout is decided once, at ``jlora.init`` (from the trace, the config, or :func:`layout_without_trace`),
+saved with the adapter, and read from here by every other module.
 :class:`LoraKernel` is the lora tree's node for one adapted kernel: a dict-like mapping of its
 trainable parts (``"A"``, ``"B"``, DoRA's ``"m"``, trained ``"rows"``) that keeps the layout as
 static pytree metadata, so it survives ``jax.jit``, ``jax.grad``, optax and ``jax.tree.map``.
@@ -33,6 +34,7 @@ from jlora.core._layout import KINDS, ROLES, Layout
 from jlora.core._regroup import regroup
 
 __all__ = ["KINDS", "Layout", "LoraKernel", "ROLES", "is_kernel_node", "layout_without_trace", "regroup"]
+
 
 def layout_without_trace(path: str, shape: Sequence[int], n_stack: int | None = None, n_in: int | None = None,
                          *, roles: str | None = None) -> Layout | str:

@@ -82,7 +82,7 @@ class Stack:
 
 def _unit_config(ranks: Mapping[str, int], trainable: Sequence[str], layouts: Mapping[str, Layout]) -> LoraConfig:
     """A config with scale 1 at each kernel of ``ranks`` (ranks per stack entry) and its fused groups."""
-    exact = {re.escape(p): r * layouts[p].groups for p, r in ranks.items()}  # grouped convs: total rank
+    exact = {re.escape(p): r * layouts[p].feature_groups for p, r in ranks.items()}  # grouped convs: total rank
     return LoraConfig(
         rank=max(ranks.values()) if ranks else 1,
         alpha=float(max(ranks.values()) if ranks else 1),
