@@ -262,3 +262,60 @@ def test_property_any_role_order(data):
     want = apply({"w": jnp.asarray(np.asarray(params["w"], np.float64) + delta, jnp.float32)}, x)
     got = jlora.lora_apply(apply, cfg, "lazy", strict=True)(frozen, lora, x)
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=1e-4)
+
+
+# --- the layout as the one source: stated roles, fused groups, leaf roles ----------------------------
+
+def test_axes_and_stack_are_spellings_of_layout():
+    params = {"w": normal(1, 3, 4, 5, 6)}
+    spelled = jlora.LoraConfig(rank=2, targets="w", stack={"w": 1}, axes={"w": 2})
+    stated = jlora.LoraConfig(rank=2, targets="w", layout={"w": "siio"})
+    assert spelled.roles_for("w", (3, 4, 5, 6)) == "siio"
+    one, two = jlora.init(KEY, params, spelled)[1]["w"], jlora.init(KEY, params, stated)[1]["w"]
+    assert one.layout == two.layout == Layout((3, 4, 5, 6), "siio")
+    assert (one["A"].shape, one["B"].shape) == ((3, 4, 5, 2), (3, 2, 6))
+    with pytest.raises(ValueError, match=r"LoraConfig.axes/stack: a kernel of shape \(3, 4, 5, 6\) cannot have 1 "
+                                         r"stacked and 3 input axes.*fix the LoraConfig.axes/stack rule for 'w'"):
+        jlora.init(KEY, params, spelled.replace(axes={"w": 3}))
+
+
+def test_fused_groups_live_in_the_layout():
+    cfg = jlora.LoraConfig(rank=2, targets="qkv", fused={"qkv": (True, False, True)})
+    frozen, lora = jlora.init(KEY, {"qkv": normal(2, 8, 12)}, cfg)
+    lay = lora["qkv"].layout
+    assert lay.fused == (True, False, True) and Layout.from_json(lay.to_json()) == lay
+    assert lay.factor_shapes(2) == ((8, 4), (2, 2, 4)) and lay.max_rank() == 4
+    lora = jax.tree.map(lambda x: jax.random.normal(jax.random.key(3), x.shape), lora)
+    a, b = np.asarray(lora["qkv"]["A"], np.float64), np.asarray(lora["qkv"]["B"], np.float64)
+    want = np.zeros((8, 12))  # independent reference: group g of the output gets A_e @ B_e for its enabled slot e
+    for e, g in enumerate((0, 2)):
+        want[:, 4 * g: 4 * g + 4] = cfg.scale_for("qkv") * a[:, 2 * e: 2 * e + 2] @ b[e]
+    np.testing.assert_allclose(np.asarray(jlora.delta(frozen, lora, cfg)["qkv"]), want, rtol=1e-5, atol=1e-5)
+    expanded = np.asarray(lay.expand_fused(lora["qkv"]["B"]), np.float64)  # the block-sparse B: (E·r, out)
+    np.testing.assert_allclose(cfg.scale_for("qkv") * a @ expanded, want, rtol=1e-5, atol=1e-5)
+    plain = {"qkv": {"A": lora["qkv"]["A"], "B": lora["qkv"]["B"]}}  # a plain dict node: groups from the config
+    assert jlora.adapted(frozen, plain, cfg)["qkv"].fused == (True, False, True)
+    with pytest.raises(ValueError, match=r"its layout has fused groups \(True, False, True\), the config None; fix"):
+        jlora.adapted(frozen, lora, cfg.replace(fused=()))
+
+
+def test_leaf_roles_come_from_the_nodes():
+    from jlora.core._describe import leaf_roles
+
+    lora = {"w": LoraKernel({"A": jnp.ones((3, 1)), "B": jnp.ones((1, 2)), "m": jnp.ones(2)}, Layout((3, 2), "io")),
+            "plain": {"A": jnp.ones((3, 1)), "B": jnp.ones((1, 2)), "m": jnp.ones(2)},
+            "emb": {"rows": jnp.ones((1, 2))}, "head": {"m": jnp.ones(2), "bias": jnp.ones(2)}}
+    roles = {p: tuple(leaf) for p, leaf in leaf_roles(lora).items()}
+    assert roles == {"w/A": ("w", "A"), "w/B": ("w", "B"), "w/m": ("w", "m"), "plain/A": ("plain", "A"),
+                     "plain/B": ("plain", "B"), "plain/m": ("plain", "m"), "emb/rows": ("emb", "rows"),
+                     "head/m": ("head/m", "whole"), "head/bias": ("head/bias", "whole")}
+    assert leaf_roles(lora, {"plain/B"})["plain/B"] == ("plain/B", "whole")  # a frozen path is trained whole
+
+
+def test_optimizer_labels_say_the_learning_rate():
+    from jlora.core._optim import labels
+
+    lora = {"k": {"A": jnp.ones((2, 1)), "B": jnp.ones((1, 2)), "m": jnp.ones(2)}, "bias": jnp.ones(2),
+            "head": jnp.ones((2, 2))}
+    assert labels(lora, lora) == {"bias": "boosted_lr", "head": "base_lr",
+                                  "k": {"A": "base_lr", "B": "boosted_lr", "m": "boosted_lr"}}
