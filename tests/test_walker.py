@@ -140,6 +140,24 @@ def test_sharding_constraint_in_rows_mode():
     np.testing.assert_allclose(np.asarray(y[1]), x64[1] @ np.asarray(frozen["w"], np.float64), rtol=1e-5, atol=1e-6)
 
 
+def test_rows_mode_reads_a_cast_kernel_and_a_remat_body():
+    """The per-row adapters through a dtype cast (a view in every mode; it used to refuse) inside a
+    ``jax.checkpoint`` (re-wrapped by the walker)."""
+    from jlora.multi._stack import stack
+    from jlora.trace import rows_call
+
+    fn = lambda p, x: jax.checkpoint(lambda w, x: x @ w.astype(jnp.float32))(p["w"], x)  # noqa: E731
+    cfg = jlora.LoraConfig(rank=1, alpha=2, targets="w")
+    frozen = {"w": normal(3, 2).astype(jnp.bfloat16)}
+    a, b = normal(3, 1), normal(1, 2)
+    s = stack(frozen, {"a": ({"w": {"A": a, "B": b}}, cfg)})
+    x = normal(2, 3)
+    y = rows_call(fn, frozen, s.lora, jnp.array([1, 0]), (x,), {})
+    x64, w64 = np.asarray(x, np.float64), np.asarray(frozen["w"].astype(jnp.float32), np.float64)
+    np.testing.assert_allclose(np.asarray(y[0]), x64[0] @ w64, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(y[1]), x64[1] @ merged64(w64, a, b, 2.0), rtol=1e-5, atol=1e-6)
+
+
 # --- gather: any dimension numbers that look up rows or columns of a table ------------------------
 
 def _penzai_lookup(p, ids):
