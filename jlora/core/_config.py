@@ -266,10 +266,6 @@ class LoraConfig:
         """The enabled output groups of a fused kernel at ``path``, or None if it is not fused."""
         return _first(self.fused, path)
 
-    def groups_for(self, path: str) -> tuple[bool, ...] | None:
-        """The old name of :meth:`fused_for` (still read by :mod:`jlora.io`)."""
-        return self.fused_for(path)
-
     def axes_for(self, path: str) -> int | None:
         """The stated number of input axes of the kernel at ``path``, or None."""
         return _first(self.axes, path)

@@ -15,9 +15,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from jlora.core.layout import Layout, layout_without_trace
+from jlora.core.layout import Layout
 
-__all__ = ["Factored", "canonical_delta", "factors_delta", "init_factors", "layout_without_trace"]
+__all__ = ["Factored", "canonical_delta", "factors_delta", "init_factors"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,11 +47,6 @@ class Factored:
     @property
     def fused(self) -> tuple[bool, ...] | None:
         """A fused kernel's enabled groups (``layout.fused``), or None."""
-        return self.layout.fused
-
-    @property
-    def groups(self) -> tuple[bool, ...] | None:
-        """The old name of :attr:`fused` (still read by :mod:`jlora.trace._lazy`)."""
         return self.layout.fused
 
     @property

@@ -106,11 +106,6 @@ class Layout:
         return tuple(inv)
 
     @property
-    def groups(self) -> int:
-        """The old name of :attr:`feature_groups` (still read by :mod:`jlora.io`)."""
-        return self.feature_groups
-
-    @property
     def n_stack(self) -> int:
         """The number of stack axes."""
         return self.roles.count("s")

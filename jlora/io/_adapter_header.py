@@ -15,7 +15,7 @@ import orbax.checkpoint as ocp
 
 from jlora.core import paths
 from jlora.core._config import LoraConfig
-from jlora.core._describe import kernel_layouts
+from jlora.core._describe import A, MAGNITUDE, ROWS, WHOLE, kernel_layouts, leaf_roles
 from jlora.io._files import FORMAT, VERSION, check_manifest, short
 
 _FIX_CONFIG = "fix: pass the LoraConfig the tree was made with (jlora.init(key, params, config))"
@@ -34,41 +34,46 @@ def leaf_table(lora: Any) -> dict[str, dict[str, Any]]:
 def check_describes(lora: Any, config: LoraConfig) -> None:
     """Raises ValueError unless ``config`` describes every leaf of ``lora`` (rank, targets, trainable).
 
-    The one place save_adapter reads a tree's layout from its leaf names: ``<kernel>/A`` (rank
-    = its last axis over the enabled groups of a fused kernel), ``/B``, ``/m`` (DoRA),
-    ``<table>/rows``, and trained-whole leaves (the rest).
+    Each leaf's role (A, B, DoRA magnitude, trained rows, trained whole) comes from
+    :func:`jlora.core._describe.leaf_roles`; A's rank is checked against the config.
     """
     layouts = kernel_layouts(lora)
-    for p, x in paths.flatten(lora).items():
+    flat = paths.flatten(lora)
+    for p, leaf in leaf_roles(lora).items():
         if paths.matches(config.trainable, p):
             continue
-        kernel, _, part = p.rpartition("/")
-        if part == "rows":
+        kernel, part, x = leaf.owner, leaf.role, flat[p]
+        if part == ROWS:
             rows = config.rows_for(kernel)
             if rows is None or x.shape[:1] != (len(rows),):
                 raise ValueError(f"save_adapter: lora leaf {p!r} holds {x.shape[0]} trained rows, the config's "
                                  f"embedding_rows gives {rows} for {kernel!r}; {_FIX_CONFIG}.")
             continue
-        if part not in ("A", "B", "m"):
+        if part == WHOLE:
             raise ValueError(f"save_adapter: lora leaf {p!r} is trained whole, but the config's trainable "
                              f"{list(config.trainable)} does not match it; {_FIX_CONFIG}.")
         if not paths.matches(config.targets, kernel) or paths.matches(config.exclude, kernel):
             raise ValueError(f"save_adapter: lora leaf {p!r} adapts {kernel!r}, which the config's targets "
                              f"{list(config.targets)} (exclude {list(config.exclude)}) do not select; "
                              f"{_FIX_CONFIG}.")
-        if part == "m" and not config.use_dora:
+        if part == MAGNITUDE and not config.use_dora:
             raise ValueError(f"save_adapter: lora leaf {p!r} is a DoRA magnitude, but the config has "
                              f"use_dora=False; {_FIX_CONFIG}.")
-        if part == "A":
-            groups = config.groups_for(kernel)
-            n = sum(groups) if groups else 1
-            conv_groups = layouts[kernel].groups if kernel in layouts else 1  # a grouped conv: rank per group
-            want = config.rank_for(kernel) // conv_groups
-            if x.shape[-1] != want * n:
-                per = f" over {n} enabled groups" if groups else ""
-                raise ValueError(f"save_adapter: lora factor {p!r} has rank {x.shape[-1] / n:g} (last axis "
-                                 f"{x.shape[-1]}{per}), the config gives rank {want} for {kernel!r}; "
-                                 f"{_FIX_CONFIG}, e.g. config.replace(rank=...) or rank_pattern.")
+        if part == A:
+            _check_rank(p, kernel, x.shape[-1], config, layouts.get(kernel))
+
+
+def _check_rank(p: str, kernel: str, last: int, config: LoraConfig, layout: Any) -> None:
+    """A's last axis against the config's rank (over the enabled groups of a fused kernel, per feature
+    group of a grouped conv: PEFT's convention)."""
+    fused = config.fused_for(kernel)
+    n = sum(fused) if fused else 1
+    want = config.rank_for(kernel) // (layout.feature_groups if layout is not None else 1)
+    if last != want * n:
+        per = f" over {n} enabled groups" if fused else ""
+        raise ValueError(f"save_adapter: lora factor {p!r} has rank {last / n:g} (last axis "
+                         f"{last}{per}), the config gives rank {want} for {kernel!r}; "
+                         f"{_FIX_CONFIG}, e.g. config.replace(rank=...) or rank_pattern.")
 
 
 def read_header(directory: Path, verify: bool, who: str) -> dict[str, Any]:

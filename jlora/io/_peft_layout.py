@@ -26,7 +26,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from jlora.core._kinds import layout_without_trace
+from jlora.core.layout import layout_without_trace
 from jlora.core.layout import Layout
 
 
@@ -39,7 +39,7 @@ def _find_split(path: str, shape: tuple[int, ...], n_in_flat: int, n_out_flat: i
 
 def _conv_a_to_torch(A: np.ndarray, layout: Layout) -> np.ndarray:
     """jlora A (``(G,) + in + (r,)``) -> PEFT ``lora_A`` ``(G·r, G·cin, k...)`` (block-diagonal over groups)."""
-    g, fi = layout.groups, layout.in_feature_index()
+    g, fi = layout.feature_groups, layout.in_feature_index()
     a = A if g > 1 else A[None]
     n_in = a.ndim - 2
     order = [0, a.ndim - 1, 1 + fi] + [1 + k for k in range(n_in) if k != fi]
@@ -53,7 +53,7 @@ def _conv_a_to_torch(A: np.ndarray, layout: Layout) -> np.ndarray:
 
 def _conv_a_from_torch(tA: np.ndarray, layout: Layout, path: str, key: str) -> np.ndarray:
     """The inverse of :func:`_conv_a_to_torch`; a PEFT ``lora_A`` mixing groups is refused."""
-    g, fi = layout.groups, layout.in_feature_index()
+    g, fi = layout.feature_groups, layout.in_feature_index()
     r, cin = tA.shape[0] // g, tA.shape[1] // g
     blocks = np.stack([tA[i * r : (i + 1) * r, i * cin : (i + 1) * cin] for i in range(g)])
     rest = tA.copy()
@@ -93,7 +93,7 @@ def factors_to_torch(path: str, A: np.ndarray, B: np.ndarray, m: np.ndarray | No
     r = A.shape[-1]
     out: dict[str, np.ndarray] = {}
     if layout.kind == "conv":
-        g = layout.groups
+        g = layout.feature_groups
         nk = layout.n_in - 1
         if layout.n_out != 1 or layout.n_stack != (1 if g > 1 else 0):
             raise ValueError(f"jlora.peft.save: conv {path!r} with axis roles {layout.describe()} has no PEFT layout "
@@ -150,7 +150,7 @@ def factors_from_torch(path: str, layout: Layout, parts: Mapping[str, tuple[str,
     """
     key_a, tA = parts["A"]
     key_b, tB = parts["B"]
-    r = tA.shape[0] // layout.groups
+    r = tA.shape[0] // layout.feature_groups
     if "embed" in parts:  # lora_embedding_A / _B: PEFT's nn.Embedding layer
         want, factors = _embed_from_torch(tA, tB, r, layout)
     elif layout.kind == "conv":
@@ -180,7 +180,7 @@ def _embed_from_torch(tA: np.ndarray, tB: np.ndarray, r: int, layout: Layout) ->
 def _conv_from_torch(tA: np.ndarray, tB: np.ndarray, r: int, layout: Layout, path: str, key_a: str
                      ) -> tuple[str, Factors | None]:
     """What a conv's tensors should be (``(G·r, G·cin, k...)``, ``(cout, r, 1...)``), and its ``(A, B)``."""
-    g, nk, fi = layout.groups, layout.n_in - 1, layout.in_feature_index()
+    g, nk, fi = layout.feature_groups, layout.n_in - 1, layout.in_feature_index()
     ins = layout.in_shape
     cin, spatial = ins[fi], tuple(n for k, n in enumerate(ins) if k != fi)
     cout = math.prod(layout.out_shape) * g
@@ -221,7 +221,7 @@ def untraced_layout(path: str, key: str, shape: tuple[int, ...], n_in_flat: int,
     stated kernel order (``kernels``: ``'in_out'``/``'out_in'``), else from the sizes when only one
     reading fits; a kernel the sizes do not tell (square: ``(in, out)`` and ``(out, in)`` both fit)
     is refused with the fix. A kernel whose sizes split one way only is read ``(in..., out...)`` through
-    :func:`jlora.core._kinds.layout_without_trace`, the one no-trace rule (``kind`` from the file's keys).
+    :func:`jlora.core.layout.layout_without_trace`, the one no-trace rule (``kind`` from the file's keys).
 
     >>> untraced_layout("d/kernel", "k", (4, 3), 4, 3, "dense", None).roles
     'io'

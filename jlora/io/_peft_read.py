@@ -272,7 +272,7 @@ def convert_kernel(k: Kernel, ctx: ReadContext, into: Converted) -> None:
     key_a = k.parts["A"][0]
     A, B, m = factors_from_torch(k.path, k.layout, k.parts)
     into.used[k.path] = k.layout
-    r = A.shape[-1] * k.layout.groups
+    r = A.shape[-1] * k.layout.feature_groups
     rank_pattern, alpha_pattern = body.get("rank_pattern") or {}, body.get("alpha_pattern") or {}
     pattern = _pattern_key(rank_pattern, k.module)
     expect_r = rank_pattern[pattern] if pattern is not None else int(body["r"])

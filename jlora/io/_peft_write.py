@@ -3,7 +3,7 @@ convert them to PEFT tensors, write ``adapter_config.json`` and ``adapter_model.
 
 Each step is one function; :func:`jlora.peft.save` runs them in that order. A kernel's axis roles come
 from its :class:`~jlora.layout.Layout` (the ``LoraKernel`` nodes of :func:`jlora.init`); a plain-dict
-node has none and is read ``(in..., out...)`` by :func:`jlora.core._kinds.layout_without_trace`.
+node has none and is read ``(in..., out...)`` by :func:`jlora.core.layout.layout_without_trace`.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import numpy as np
 
 from jlora.core import paths
 from jlora.core._config import LoraConfig
-from jlora.core._kinds import layout_without_trace
+from jlora.core.layout import layout_without_trace
 from jlora.core.layout import Layout
 from jlora.io import _peft_experts as peft_experts
 from jlora.io._peft_keys import (CONFIG_NAME, PREFIX, WEIGHTS_NAME, _check_exportable, _number, _place,
@@ -139,7 +139,7 @@ def resolve(path: str, pair: tuple[Any, Any, Any], layout: Layout | None, config
             f"{'has' if m is not None else 'has no'} DoRA magnitude 'm' there; fix: pass the config the lora "
             "tree was made with"
         )
-    if config.groups_for(path) is not None:
+    if config.fused_for(path) is not None:
         raise ValueError(
             f"jlora.peft.save: {path!r} is a fused partial kernel (LoraConfig.fused); PEFT has no such "
             "layer; fix: split the fused kernel into separate modules before exporting"
@@ -152,7 +152,7 @@ def resolve(path: str, pair: tuple[Any, Any, Any], layout: Layout | None, config
     A, B = np.asarray(A), np.asarray(B)
     if layout is None:
         layout = plain_dict_layout(path, A, B, conv)
-    r = A.shape[-1] * layout.groups  # PEFT's rank: the total over a grouped conv's groups
+    r = A.shape[-1] * layout.feature_groups  # PEFT's rank: the total over a grouped conv's groups
     if r != config.rank_for(path):
         raise ValueError(
             f"jlora.peft.save: {path!r} has rank {r} (A {A.shape}) but config.rank_for gives "

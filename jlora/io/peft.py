@@ -136,9 +136,10 @@ def load(directory: str | os.PathLike[str], params: Any, key_map: KeyMap, *,
         ``key_map``, tell where each torch module lives.
       key_map: jlora leaf path -> torch module name (callable or ``(regex, replacement)`` pairs).
       adapter_name: read ``directory/adapter_name`` (PEFT's folder for a non-default adapter).
-      apply_fn, args: the model's apply function and example inputs: the axis roles of each adapted
-        kernel are read from the trace (needed for kernels not stored ``(in..., out...)``, e.g. an
-        ``(out, in)`` PyTorch-style or Gemma einsum kernel, and for OIHW or grouped convs).
+      apply_fn: the model's apply function: the axis roles of each adapted kernel are read from its
+        trace on ``args`` (needed for kernels not stored ``(in..., out...)``, e.g. an ``(out, in)``
+        PyTorch-style or Gemma einsum kernel, and for OIHW or grouped convs).
+      args: example inputs for ``apply_fn``.
       layouts: ``{path: Layout}`` given directly instead (e.g. ``jlora.kernel_layouts(lora)``).
         Without a trace or a layout, a :class:`PortKeyMap` states the order of the kernels (the Flax
         ports' maps do: ``(in, out)``); with none of the three, the sizes decide, and a kernel they do

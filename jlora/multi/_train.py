@@ -94,7 +94,8 @@ def train_step(apply_fn: Callable[..., Any], s: Stack, loss_fn: Callable[..., ja
         token mean).
       optimizer: an optax transformation for one adapter; it runs per adapter (:func:`per_adapter`).
         Initialise its state with ``jlora.multi.per_adapter(optimizer).init(s.lora)``.
-      mode, unit_batch: as in :func:`jlora.multi.mixed_apply`.
+      mode: as in :func:`jlora.multi.mixed_apply`.
+      unit_batch: as in :func:`jlora.multi.mixed_apply`.
 
     ``lora`` is ``s.lora`` (then the step's result), ``ids`` the adapter index per example (the base
     id: the example trains nothing), ``inputs`` a tuple of batched arrays. ``losses`` (N + 1,) is

@@ -2,6 +2,11 @@
 q8_0/q4_0/q4_1, LoftQ initialisation and export of a merged model to GGUF.
 
 Imports only :mod:`jlora.core`; the tracing walker (:mod:`jlora.trace`) reads these arrays lazily.
+
+>>> import jax.numpy as jnp
+>>> q = quantize({"w": jnp.ones((4, 64))}, "w")["w"]
+>>> is_quantized(q), q.shape, float(dequantize(q).max())
+(True, (4, 64), 1.0)
 """
 
 from jlora.quant import gguf_export

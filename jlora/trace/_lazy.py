@@ -296,21 +296,6 @@ def lazy_eval(jaxpr: Any, consts: Sequence[Any], args: Sequence[Any], *, strict:
 
 # --- entry point ---------------------------------------------------------------------------------
 
-def _unfuse(b: jax.Array, n_stack: int, groups: tuple[bool, ...]) -> jax.Array:
-    """Turns a fused partial B (stack + (E, r) + out[:-1] + (out_g,)) into a block-sparse rank-E·r B."""
-    n_enabled = b.shape[n_stack]
-    rows = []
-    for e in range(n_enabled):
-        block = jnp.take(b, e, axis=n_stack)  # stack + (r,) + out[:-1] + (out_g,)
-        zeros = jnp.zeros_like(block)
-        cols, seen = [], 0
-        for on in groups:
-            cols.append(block if on and seen == e else zeros)
-            seen += on
-        rows.append(jnp.concatenate(cols, axis=-1))
-    return jnp.concatenate(rows, axis=n_stack)
-
-
 def _sq_norm(w0: jax.Array, f: Any) -> jax.Array:
     """``||W0||_in²`` per output unit as one contraction (no kernel-sized ``W0 * W0`` array), no gradient."""
     ns = f.n_stack
@@ -338,7 +323,7 @@ def lazy_call(apply_fn: Callable[..., Any], frozen: Any, lora: Any, config: Any,
       strict: raise a ValueError naming path and primitive instead of falling back to the merged
         kernel for a use the rewrite does not know.
       rng: a PRNG key; turns LoRA dropout on (when ``config.dropout > 0``).
-      factored: ``{path: Factored}`` (default: ``jlora.adapt._tree.adapted(frozen, lora, config)``).
+      factored: ``{path: Factored}`` (default: ``jlora.adapted(frozen, lora, config)``).
       merged: every use that consumes an adapted kernel gets ``W0 + s * A ⊗ B`` (formed inside the use,
         forward and backward: ``lora_apply``'s merged mode on a quantized base).
 
@@ -367,8 +352,7 @@ def lazy_call(apply_fn: Callable[..., Any], frozen: Any, lora: Any, config: Any,
         if f is None:
             continue
         a, b = lflat[p + "/A"], lflat[p + "/B"]
-        if f.groups is not None:
-            b = _unfuse(b, f.n_stack, tuple(f.groups))
+        b = f.layout.expand_fused(b)  # a fused kernel's B as the block-sparse B of the whole kernel
         factor = None
         if f.dora:
             factor = apply_dequantized(lambda t, f=f: dora.dora_lazy_terms(*t, f, w0_sq=_sq_norm(t[0], f)),

@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from jlora.core import paths
-from jlora.core._describe import kernel_layouts
+from jlora.core._describe import A, B, kernel_layouts, leaf_roles
 from jlora.trace import _compat as jaxpr_compat
 from jlora.trace import _walker as walker
 from jlora.trace._walker import bind, trace_apply
@@ -143,12 +143,11 @@ def rows_call(apply_fn: Callable[..., Any], frozen: Any, stacked: Any, ids: Any,
     """
     layouts = kernel_layouts(stacked)
     flat = paths.flatten(stacked)
-    for p in flat:
-        kernel, _, part = p.rpartition("/")
-        if kernel not in layouts:
+    for p, leaf in leaf_roles(stacked).items():
+        if leaf.owner not in layouts:
             raise _refuse(p, "is a trained-whole leaf (not A/B factors)")
-        if part not in ("A", "B"):
-            raise _refuse(kernel, f"carries {part!r} (DoRA or rows)")
+        if leaf.role not in (A, B):
+            raise _refuse(leaf.owner, f"carries {leaf.role!r} (DoRA or rows)")
     for p, lay in layouts.items():
         if lay.splits is not None or lay.roles not in ("io", "oi", "sio", "soi"):
             raise _refuse(p, f"has axis roles {lay.describe()} (not a plain 2-D kernel or a layer stack of them)")
