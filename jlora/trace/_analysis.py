@@ -213,8 +213,7 @@ def _consumer(use: Callable[[Any, int, View, tuple[int, ...]], Use | str], at: i
 _RULES: dict[str, walker.Rule] = {
     **walker.CALLS, **walker.CONTROL,
     **{name: _each(rule) for name, rule in {
-        **{name: _pass for name in ("convert_element_type", "copy", "copy_p", "reduce_precision", "rev",
-                                    "sharding_constraint")},
+        **{name: _pass for name in walker.SAME_AXES | {"rev"}},
         **{name: _reshape for name in ("reshape", "squeeze", "broadcast_in_dim", "expand_dims")},
         "optimization_barrier": _barrier,
         "transpose": _transpose,

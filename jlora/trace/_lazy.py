@@ -260,7 +260,7 @@ def _consumer(rule: walker.Rule) -> walker.Rule:
 
 
 _VIEWS = {name: _view(rule) for names, rule in [
-    (("convert_element_type", "copy", "copy_p", "reduce_precision"), dtype_view),
+    (tuple(sorted(walker.SAME_AXES - {"sharding_constraint"})), dtype_view),
     (("reshape", "squeeze", "expand_dims", "broadcast_in_dim"), reshape),
     (("transpose",), transpose), (("rev",), rev), (("slice",), slice_), (("dynamic_slice",), dynamic_slice),
     (("sharding_constraint",), sharding_constraint)] for name in names}

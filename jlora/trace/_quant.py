@@ -28,15 +28,15 @@ import jax.numpy as jnp
 from jax import lax
 
 from jlora.quant import _quant as quant
+from jlora.trace._walker import SAME_AXES
 from jlora.trace._walker import bind as _bind
 
 __all__ = ["VIEWS", "Dequant", "apply_dequantized", "dequantize_after", "is_dequant", "layers", "materialise", "view"]
 
 #: Primitives recorded as views of a quantized kernel (the first input is the kernel, any other
 #: inputs are index arrays); every other primitive consumes it.
-VIEWS = frozenset({"convert_element_type", "copy", "copy_p", "reduce_precision", "reshape", "squeeze",
-                   "expand_dims", "broadcast_in_dim", "transpose", "rev", "slice", "dynamic_slice",
-                   "sharding_constraint"})
+VIEWS = SAME_AXES | {"reshape", "squeeze", "expand_dims", "broadcast_in_dim", "transpose", "rev", "slice",
+                     "dynamic_slice"}
 
 
 @jax.tree_util.register_pytree_node_class

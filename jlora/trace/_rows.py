@@ -97,7 +97,7 @@ class _RowsMode(walker.Mode):
     """Per-row adapters as a walker mode: ``_Rows`` kernels, ``ids`` the adapter of each example."""
 
     rules = {**walker.CALLS, "scan": _scan, "dot_general": _dot,
-             **{name: _view for name in ("convert_element_type", "copy", "copy_p", "sharding_constraint")}}
+             **{name: _view for name in walker.SAME_AXES}}
 
     def __init__(self, ids: Any):
         self.ids = ids

@@ -14,8 +14,9 @@ its hooks: how a tracked value is split into per-step ``xs`` of a scan (:meth:`M
 a tracked value in a loop carry means (:meth:`Mode.carried`), what a body may return
 (:meth:`Mode.loop_out`), how a tracked value is sharded into a ``shard_map`` (:meth:`Mode.shard_specs`).
 
-Which rule lives where: views of a kernel (casts, reshapes, transposes, ``rev``, slices, stack
-picks, ``sharding_constraint``) in :mod:`jlora.trace._value` (lazy), :mod:`jlora.trace._analysis`
+Which rule lives where: views that keep every axis (casts, copies, ``sharding_constraint``) are one
+name in :data:`SAME_AXES`, read by every mode; the other views of a kernel (reshapes, transposes,
+``rev``, slices, stack picks) in :mod:`jlora.trace._value` (lazy), :mod:`jlora.trace._analysis`
 (roles) and :mod:`jlora.trace._rows`; the lazy consumers (``dot_general``, ``conv_general_dilated``,
 ``ragged_dot_general``, lookups) in :mod:`jlora.trace._rules`, the roles they imply in
 :mod:`jlora.trace._uses`.
@@ -40,9 +41,15 @@ from jax.extend import core as jcore
 from jlora.core import paths as jpaths
 from jlora.trace import _compat as jaxpr_compat
 
-__all__ = ["CALLS", "CONTROL", "Mode", "Traced", "bind", "leaf_paths", "run", "shard_map", "trace_apply"]
+__all__ = ["CALLS", "CONTROL", "SAME_AXES", "Mode", "Traced", "bind", "leaf_paths", "run", "shard_map", "trace_apply"]
 
 Rule = Callable[[Any, list[Any], "Mode"], "list[Any] | None"]
+
+#: Primitives that return their one input with every axis kept (dtype casts, copies, a sharding
+#: annotation). Every mode reads them as a view that changes no axis role: a new primitive of this
+#: kind is one name here. (The lazy mode also keeps the sharding on the factors: its own rule for
+#: ``sharding_constraint`` in :mod:`jlora.trace._value`.)
+SAME_AXES = frozenset({"convert_element_type", "copy", "copy_p", "reduce_precision", "sharding_constraint"})
 
 
 def bind(eqn: Any, invals: Sequence[Any], **overrides: Any) -> list[Any]:
