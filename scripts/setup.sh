@@ -17,5 +17,7 @@ if [ ! -f "$stamp" ]; then
   # kauldron -> tensorflow; google-tunix pins safetensors<0.8 and its trainers. The tests import only their
   # model modules (flax, jaxtyping from equinox, etils from orbax).
   .venv/bin/python -m pip install -q --no-deps "gemma==3.3.0" "google-tunix==0.1.7"
+  # penzai for tests/test_penzai.py (its model code only: treescope and ordered-set are what it imports).
+  .venv/bin/python -m pip install -q --no-deps "penzai==0.2.5" "treescope==0.1.10" "ordered-set==4.1.0"
   touch "$stamp"
 fi

@@ -28,7 +28,7 @@ PINNED_ONLY=(
   tests/test_quant_bnb.py tests/test_smollm.py tests/test_variants.py tests/test_main_job.py
   tests/test_generate_chat.py
   # third-party model code installed --no-deps by scripts/setup.sh (gemma, google-tunix), keras, equinox
-  tests/test_real_models.py
+  tests/test_real_models.py tests/test_penzai.py
   # longer example runs (about a minute of training each on 2 cores)
   tests/test_finetune_minilm.py tests/test_grpo_smollm.py
 )
