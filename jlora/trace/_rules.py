@@ -299,8 +299,10 @@ def ragged_dot(eqn: Any, invals: list[Any], ctx: Any) -> list[Any] | None:
         return None
     dn = eqn.params["ragged_dot_dimension_numbers"]
     (lc, rc), (lb, rb) = dn.dot_dimension_numbers
-    w = v.squeeze_units()
-    if lb or rb or len(dn.rhs_group_dimensions) != 1 or len(lc) != 1 or len(w.shape) != 3 or w.factor is not None:
+    if len(dn.rhs_group_dimensions) != 1:
+        return None
+    w = v.squeeze_units(keep=v.view[dn.rhs_group_dimensions[0]])  # one group (a local expert) stays an axis
+    if lb or rb or len(lc) != 1 or len(w.shape) != 3 or w.factor is not None:
         return None  # (DoRA on experts would need a per-token factor gather: the merged kernel)
     g_axis, c_axis = dn.rhs_group_dimensions[0], rc[0]
     (f_axis,) = [j for j in range(3) if j not in (g_axis, c_axis)]

@@ -156,11 +156,12 @@ class LoraValue:
                      for axis in self.view)
         return v.replace(ns=ns, ni=ni, view=view)
 
-    def squeeze_units(self) -> LoraValue:
-        """Removes every canonical axis of size 1 (the consumers then see only real axes)."""
+    def squeeze_units(self, keep: Sequence[int] = ()) -> LoraValue:
+        """Removes every canonical axis of size 1 but those in ``keep`` (the consumers then see only real
+        axes; a consumer keeps one it reads, e.g. the one local expert of a ``shard_map`` body)."""
         v = self
         for c in reversed(range(len(self.sizes))):
-            if v.sizes[c] == 1:
+            if v.sizes[c] == 1 and c not in keep:
                 v = v.map_axis(c, lambda x, ax: jnp.squeeze(x, ax))
                 role = v.role(c)
                 view = tuple(tuple(p - (p > c) for p in axis if p != c) for axis in v.view)
