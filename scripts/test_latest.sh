@@ -15,7 +15,7 @@ MODULES=(
   tests/test_errors.py tests/test_layout.py tests/test_lazy.py tests/test_lazy_dense.py tests/test_lazy_flat.py
   tests/test_lazy_quant.py tests/test_lora_scale.py tests/test_moe.py tests/test_multi.py tests/test_multi_scan.py
   tests/test_multi_train.py tests/test_quant.py tests/test_quant_gguf.py tests/test_sharding.py
-  tests/test_structure.py
+  tests/test_structure.py tests/test_walker.py
   tests/test_quickstart.py tests/test_finetune_smollm.py  # the quickstart; the main job's pieces and a short run
   jlora examples/models/moe_routing.py
 )

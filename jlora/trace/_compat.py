@@ -35,7 +35,8 @@ from typing import Any, NamedTuple
 
 import jax
 
-__all__ = ["Body", "ShardMap", "body", "call_body", "cond_branches", "scan_split", "shard_map", "varying", "while_split"]
+__all__ = ["Body", "ShardMap", "body", "call_body", "cond_branches", "scan_split", "shard_map", "sharding_constraint_params",
+           "varying", "while_split"]
 
 
 class Body(NamedTuple):
@@ -170,3 +171,15 @@ def varying(x: Any, axes: frozenset[Any]) -> Any:
         missing = tuple(sorted(set(axes) - set(aval.vma), key=str))
         return jax.lax.pvary(x, missing) if missing else x
     return x
+
+
+def sharding_constraint_params(params: Mapping[str, Any], sharding: Any) -> dict[str, Any]:
+    """The parameters that make a ``sharding_constraint`` equation (``params``) constrain to ``sharding``
+    with every dimension constrained and no layout: jax 0.10 has ``unconstrained_dims`` and ``layout``,
+    later releases only some of them.
+
+    >>> sharding_constraint_params({"sharding": None, "layout": 1, "context_mesh": 2}, "s")
+    {'sharding': 's', 'layout': None}
+    """
+    fresh = {"unconstrained_dims": frozenset(), "layout": None}
+    return {"sharding": sharding, **{k: v for k, v in fresh.items() if k in params}}

@@ -23,6 +23,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.sharding import NamedSharding, PartitionSpec
 
+from jlora.trace import _compat as jaxpr_compat
 from jlora.core.layout import regroup
 from jlora.trace._walker import bind as _walker_bind
 from jlora.trace._quant import Dequant, apply_dequantized, is_dequant, materialise as _dequantized
@@ -347,7 +348,7 @@ def sharding_constraint(eqn: Any, invals: list[Any], ctx: Any) -> list[Any] | No
         if x is None:
             return None
         named = NamedSharding(s.mesh, spec, memory_kind=s.memory_kind)
-        return bind(eqn, [x], sharding=named, unconstrained_dims=frozenset(), layout=None)[0]
+        return bind(eqn, [x], **jaxpr_compat.sharding_constraint_params(eqn.params, named))[0]
 
     a, b, f, _ = factor_specs(v, s.spec)
     return [v.replace(w0=w0, a=constrain(v.a, a), b=constrain(v.b, b), factor=constrain(v.factor, f))]
