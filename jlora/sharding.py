@@ -30,7 +30,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jlora.core import paths
 from jlora.core._config import LoraConfig
-from jlora.core._describe import A, MAGNITUDE, ROWS, WHOLE, adapted, kernel_layouts, leaf_roles, plain_layout
+from jlora.core._describe import MAGNITUDE, ROWS, WHOLE, A, adapted, kernel_layouts, leaf_roles, plain_layout
 from jlora.core.layout import Layout
 
 __all__ = ["lora_specs", "lora_shardings", "state_shardings"]

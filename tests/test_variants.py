@@ -235,8 +235,10 @@ def test_dora_unmerge_needs_norms():
     with pytest.raises(ValueError, match="jlora.dora.unmerge"):
         jlora.unmerge(merged, lora, cfg)
     back = jax.jit(lambda m, f, l: dora.unmerge(m, l, cfg, dora.norms(f, l, cfg)))(merged, frozen, lora)
+    same = jlora.unmerge(merged, lora, cfg, norms=dora.norms(frozen, lora, cfg))  # the one entry point
     for p in ("l1", "l2"):
         _close(back["params"][p]["kernel"], params["params"][p]["kernel"], 1e-5)
+        _close(same["params"][p]["kernel"], params["params"][p]["kernel"], 1e-5)
     with pytest.raises(ValueError, match="no norm for the DoRA kernel"):
         dora.unmerge(merged, lora, cfg, {})
 

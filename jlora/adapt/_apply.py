@@ -8,13 +8,13 @@ from typing import Any
 
 import jax.numpy as jnp
 
+from jlora.adapt._tree import merge
 from jlora.core import _checks as checks
-from jlora.trace import _lazy as lazy
 from jlora.core import paths
 from jlora.core._config import LoraConfig
-from jlora.core._describe import A, B, ROWS, adapted, kernel_layouts, leaf_roles, nest
+from jlora.core._describe import ROWS, A, B, adapted, kernel_layouts, leaf_roles, nest
 from jlora.quant._quant import dequantize_leaf, is_quantized
-from jlora.adapt._tree import merge
+from jlora.trace import _lazy as lazy
 
 MODES = ("lazy", "merged")
 

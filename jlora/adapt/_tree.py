@@ -16,19 +16,18 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from jlora.trace import _analysis as analysis
 from jlora.core import _checks as checks
-from jlora.core import dora
 from jlora.core import _extras as extras
 from jlora.core import _inits as inits
 from jlora.core import _kinds as kinds
-from jlora.quant import _loftq as loftq
-from jlora.core import paths
-from jlora.quant import _quant as quant
+from jlora.core import dora, paths
 from jlora.core._config import LoraConfig
 from jlora.core._describe import adapted, configured_rank, nest
 from jlora.core._kinds import Factored
 from jlora.core.layout import Layout, layout_without_trace
+from jlora.quant import _loftq as loftq
+from jlora.quant import _quant as quant
+from jlora.trace import _analysis as analysis
 
 __all__ = ["init", "delta", "merge", "unmerge"]
 
@@ -277,7 +276,8 @@ def _combine(frozen: Any, lora: Any, config: LoraConfig, sign: float, whole: boo
         raise ValueError(
             f"jlora.unmerge: {doras[0]!r} is a DoRA kernel: the merged kernel m·V/||V|| keeps only V's "
             "direction, so W0 needs ||V||, which the lora tree does not hold; fix: norms = jlora.dora.norms(frozen, "
-            "lora, config) before merging, then jlora.dora.unmerge(params, lora, config, norms)"
+            "lora, config) before merging, then jlora.unmerge(params, lora, config, norms=norms) (it calls "
+            "jlora.dora.unmerge)"
         )
 
     def one(path: str, w: Any) -> Any:
@@ -323,12 +323,13 @@ def merge(frozen: Any, lora: Any, config: LoraConfig, *, into: str | None = None
     return _combine(frozen, lora, config, 1.0, whole=True, into=into, dtype=dtype)
 
 
-def unmerge(params: Any, lora: Any, config: LoraConfig) -> Any:
+def unmerge(params: Any, lora: Any, config: LoraConfig, norms: Mapping[str, Any] | None = None) -> Any:
     """Inverts :func:`merge` on the adapted kernels: ``W - s * A ⊗ B`` (float32, cast to W's dtype).
 
     Trained-whole leaves and trained rows are left as they are in ``params``: their originals are not
     stored in ``lora``. Exact up to one rounding of the kernel dtype (|error| <= ulp(W) for float32).
-    DoRA kernels need the norms merge divided by: use :func:`jlora.dora.unmerge` (this raises).
+    DoRA kernels need the norms merge divided by: pass ``norms=jlora.dora.norms(frozen, lora, config)``
+    computed before merging (:func:`jlora.dora.unmerge` does the work; without norms a DoRA kernel raises).
 
     >>> frozen = {"d": {"kernel": jnp.zeros((2, 2))}}
     >>> lora = {"d": {"kernel": {"A": jnp.ones((2, 1)), "B": jnp.ones((1, 2))}}}
@@ -336,4 +337,6 @@ def unmerge(params: Any, lora: Any, config: LoraConfig) -> Any:
     >>> unmerge(merge(frozen, lora, cfg), lora, cfg)["d"]["kernel"].tolist()
     [[0.0, 0.0], [0.0, 0.0]]
     """
+    if norms is not None:
+        return dora.unmerge(params, lora, config, norms)
     return _combine(params, lora, config, -1.0, whole=False, name="unmerge")

@@ -12,7 +12,7 @@ import jax
 import optax
 
 from jlora.core import paths
-from jlora.core._describe import B, MAGNITUDE, WHOLE, leaf_roles
+from jlora.core._describe import MAGNITUDE, WHOLE, B, leaf_roles
 
 BASE_LR, BOOSTED_LR, FROZEN = "base_lr", "boosted_lr", "frozen"
 

@@ -15,7 +15,7 @@ import orbax.checkpoint as ocp
 
 from jlora.core import paths
 from jlora.core._config import LoraConfig
-from jlora.core._describe import A, MAGNITUDE, ROWS, WHOLE, kernel_layouts, leaf_roles
+from jlora.core._describe import MAGNITUDE, ROWS, WHOLE, A, kernel_layouts, leaf_roles
 from jlora.io._files import FORMAT, VERSION, check_manifest, short
 
 _FIX_CONFIG = "fix: pass the LoraConfig the tree was made with (jlora.init(key, params, config))"

@@ -36,9 +36,9 @@ from typing import Any
 
 import numpy as np
 
-from jlora.trace import _analysis as analysis
 from jlora.core import paths
 from jlora.core.layout import Layout
+from jlora.trace import _analysis as analysis
 
 __all__ = ["PARAM_ORDER", "is_expert", "factors_to_torch", "factors_from_torch", "wrapper_prefixes", "export",
            "read"]

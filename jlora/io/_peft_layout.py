@@ -26,8 +26,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from jlora.core.layout import layout_without_trace
-from jlora.core.layout import Layout
+from jlora.core.layout import Layout, layout_without_trace
 
 
 def _find_split(path: str, shape: tuple[int, ...], n_in_flat: int, n_out_flat: int) -> int | None:

@@ -21,11 +21,9 @@ import numpy as np
 
 from jlora.core import paths
 from jlora.core._config import LoraConfig
-from jlora.core.layout import layout_without_trace
-from jlora.core.layout import Layout
+from jlora.core.layout import Layout, layout_without_trace
 from jlora.io import _peft_experts as peft_experts
-from jlora.io._peft_keys import (CONFIG_NAME, PREFIX, WEIGHTS_NAME, _check_exportable, _number, _place,
-                                 _torch_param)
+from jlora.io._peft_keys import CONFIG_NAME, PREFIX, WEIGHTS_NAME, _check_exportable, _number, _place, _torch_param
 from jlora.io._peft_layout import factors_to_torch, whole_to_torch
 
 

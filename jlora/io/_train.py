@@ -29,8 +29,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from jlora.core import paths
-from jlora.io._files import FORMAT, VERSION, WriterLock, is_primary, pause_point, short, sync
 from jlora.core._config import LoraConfig
+from jlora.io._files import FORMAT, VERSION, WriterLock, is_primary, pause_point, short, sync
 
 __all__ = ["TrainCheckpointer", "TrainState"]
 

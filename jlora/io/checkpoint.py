@@ -34,12 +34,12 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from jlora.core import paths
+from jlora.core._config import LoraConfig
 from jlora.core._describe import adapted, nest
 from jlora.core.layout import Layout
 from jlora.io._adapter_header import build_header, read_header
 from jlora.io._files import (MANIFEST, WriterLock, broadcast_text, commit, files, is_primary, leftovers, pause_point,
                              read_resolved, recover, short, staging_path, sync, write_manifest)
-from jlora.core._config import LoraConfig
 from jlora.io._train import TrainCheckpointer, TrainState
 
 __all__ = ["save_adapter", "restore_adapter", "read_adapter_header", "validate_adapter",

@@ -18,8 +18,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jlora.core import _checks as checks
 from jlora.adapt._apply import lora_apply
+from jlora.core import _checks as checks
 from jlora.core._config import LoraConfig
 from jlora.core._describe import adapted
 from jlora.trace._rows import rows_call

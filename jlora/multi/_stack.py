@@ -27,7 +27,7 @@ import numpy as np
 from jlora.core import _checks as checks
 from jlora.core import paths
 from jlora.core._config import LoraConfig
-from jlora.core._describe import (A, B, MAGNITUDE, ROWS, WHOLE, adapted, configured_rank, factor_rank, kernel_layouts,
+from jlora.core._describe import (MAGNITUDE, ROWS, WHOLE, A, B, adapted, configured_rank, factor_rank, kernel_layouts,
                                   leaf_roles, nest)
 from jlora.core._kinds import Factored
 from jlora.core.layout import Layout

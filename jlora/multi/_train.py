@@ -31,8 +31,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jlora.io.checkpoint import restore_adapter, save_adapter
 from jlora.core._describe import configured_rank, kernel_layouts
+from jlora.io.checkpoint import restore_adapter, save_adapter
 from jlora.multi._serve import mixed_apply
 from jlora.multi._stack import Stack, scaled, stack, unstack
 

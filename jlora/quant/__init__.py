@@ -10,12 +10,12 @@ Imports only :mod:`jlora.core`; the tracing walker (:mod:`jlora.trace`) reads th
 """
 
 from jlora.quant import gguf_export
-from jlora.quant.gguf_export import write_gguf
 from jlora.quant._array import QuantizedArray, is_quantized, splits_by_layer
 from jlora.quant._codecs import NF4_CODE
 from jlora.quant._quant import dequantize, dequantize_leaf, from_gguf, quantize
 from jlora.quant._report import quant_report
 from jlora.quant._sharding import quantized_sharding
+from jlora.quant.gguf_export import write_gguf
 
 __all__ = ["NF4_CODE", "gguf_export", "QuantizedArray", "dequantize", "dequantize_leaf", "from_gguf", "is_quantized",
            "quant_report", "quantize", "quantized_sharding", "splits_by_layer", "write_gguf"]

@@ -47,8 +47,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from jlora.core import _inits as inits
-from jlora.quant import _quant as quant
 from jlora.core.layout import Layout
+from jlora.quant import _quant as quant
 
 __all__ = ["SCHEMES", "loftq_kernel", "loftq_steps", "reconstruction_error"]
 

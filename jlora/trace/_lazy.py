@@ -85,9 +85,10 @@ from jlora.trace._dense import dense_rows, low_rank_2d, plain_dense
 from jlora.trace._flat import full, is_flat, rows
 from jlora.trace._quant import Dequant, apply_dequantized, is_dequant, materialise
 from jlora.trace._rules import conv, dot_general, gather_rows, ragged_dot
-from jlora.trace._value import (LoraValue, dtype_view, dynamic_slice, gather_stack, is_lora, reshape, rev,
-                                factor_specs, sharding_constraint, slice_, transpose)
+from jlora.trace._value import LoraValue
 from jlora.trace._value import bind as _bind
+from jlora.trace._value import (dtype_view, dynamic_slice, factor_specs, gather_stack, is_lora, reshape, rev,
+                                sharding_constraint, slice_, transpose)
 from jlora.trace._walker import Traced, trace_apply
 
 __all__ = ["LoraValue", "Traced", "lazy_call", "lazy_eval", "low_rank_2d", "trace_apply"]

@@ -23,10 +23,11 @@ import jax.numpy as jnp
 from jax import lax
 from jax.sharding import NamedSharding, PartitionSpec
 
-from jlora.trace import _compat as jaxpr_compat
 from jlora.core.layout import regroup
+from jlora.trace import _compat as jaxpr_compat
+from jlora.trace._quant import Dequant, apply_dequantized, is_dequant
+from jlora.trace._quant import materialise as _dequantized
 from jlora.trace._walker import bind as _walker_bind
-from jlora.trace._quant import Dequant, apply_dequantized, is_dequant, materialise as _dequantized
 
 __all__ = ["LoraValue"]
 
