@@ -255,7 +255,8 @@ print(json.dumps(dict(y=np.asarray(y).tolist(), specs=specs, devices=jax.device_
 """
 
 
-def test_shard_map_and_sharding_constraint_on_eight_devices():
+def _on_eight_devices(script: str) -> dict:
+    """Runs ``script`` in a fresh Python with 8 simulated CPU devices; the JSON its last line prints."""
     import json
     import os
     import subprocess
@@ -265,10 +266,14 @@ def test_shard_map_and_sharding_constraint_on_eight_devices():
     root = Path(__file__).resolve().parents[1]
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(root),
            "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
-    run = subprocess.run([sys.executable, "-c", _SHARD_MAP], capture_output=True, text=True, env=env, timeout=300,
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300,
                          check=False)
     assert run.returncode == 0, run.stderr[-4000:]
-    res = json.loads(run.stdout.strip().splitlines()[-1])
+    return json.loads(run.stdout.strip().splitlines()[-1])
+
+
+def test_shard_map_and_sharding_constraint_on_eight_devices():
+    res = _on_eight_devices(_SHARD_MAP)
     assert res["devices"] == 8
     assert res["shapes"] == {"w1/A": [6, 2], "w1/B": [2, 16], "w2/A": [16, 2], "w2/B": [2, 6]}  # roles read inside
     lo = {k: np.asarray(v, np.float64) for k, v in res["lora"].items()}
@@ -339,19 +344,7 @@ def test_maxtext_moe_form_sharding_constraint_shard_map_ragged_dot():
     """MaxText's MoE block: expert kernels pass ``with_sharding_constraint`` and enter a ``shard_map``
     (expert parallel) before ``ragged_dot``: roles are read (expert axis = stack), lazy runs strictly (no
     merged fallback) and matches a float64 NumPy reference; gradients match merged mode's."""
-    import json
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    root = Path(__file__).resolve().parents[1]
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(root),
-           "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
-    run = subprocess.run([sys.executable, "-c", _MOE], capture_output=True, text=True, env=env, timeout=300,
-                         check=False)
-    assert run.returncode == 0, run.stderr[-4000:]
-    res = json.loads(run.stdout.strip().splitlines()[-1])
+    res = _on_eight_devices(_MOE)
     assert res["roles"] == {"wi": "sio", "wo": "sio"}
     rng = np.random.default_rng(0)  # the same base as in the subprocess
     wi, wo = (np.asarray(np.float32(rng.standard_normal(s) * 0.5), np.float64) for s in ((8, 6, 10), (8, 10, 6)))
