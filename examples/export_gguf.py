@@ -9,7 +9,7 @@
    (:func:`jlora.quant.gguf_export.write_gguf`, ``--type q8_0 | f16 | f32``) and prints the rounding the
    type adds against the float merge;
 4. ``--check N``: transformers loads the written file (``gguf_file=``) and its greedy replies to N
-   prompts (the README's, then held-out extraction examples) are compared with jlora's, both on the
+   prompts (the LLM-job guide's, then held-out extraction examples) are compared with jlora's, both on the
    file's weights and on the float merge.
 """
 
@@ -39,7 +39,7 @@ from examples.models import smollm  # noqa: E402
 from examples.models.llama import LlamaForCausalLM  # noqa: E402
 from jlora.quant import gguf_export  # noqa: E402
 
-PROMPTS = ("What is the capital of France?", "Name three primary colors.")  # README / generate.py
+PROMPTS = ("What is the capital of France?", "Name three primary colors.")  # docs/guides/llm-job.md / generate.py
 
 
 class UsageError(Exception):
@@ -79,7 +79,7 @@ def merged_tensors(adapter: str | Path, base: str = "gguf") -> tuple[Any, Any, d
 
 
 def conversations(n: int) -> list[list[dict[str, str]]]:
-    """The first ``n`` check conversations: the README's prompts, then held-out extraction examples.
+    """The first ``n`` check conversations: the LLM-job guide's prompts, then held-out extraction examples.
 
     >>> [c[-1]["content"] for c in conversations(1)]
     ['What is the capital of France?']

@@ -50,7 +50,7 @@ def _nnx_setup():
     model = MLP(nnx.Rngs(0))
     x = jax.random.normal(jax.random.key(5), (6, 4))
     graphdef, state = nnx.split(model)
-    apply = lambda state, x: nnx.merge(graphdef, state)(x)  # noqa: E731  (the README's NNX example)
+    apply = lambda state, x: nnx.merge(graphdef, state)(x)  # noqa: E731  (docs/getting-started.md's NNX example)
     cfg = jlora.LoraConfig(rank=2, alpha=4, targets=r"(up|down)/kernel")
     frozen, lora = jlora.init(jax.random.key(1), state, cfg, apply_fn=apply, args=(x,))
     return model, x, apply, cfg, frozen, lora
@@ -61,7 +61,7 @@ def test_nnx_merge_and_update_twice_is_once():
     w0 = {p: np.asarray(v) for p, v in jlora.paths.flatten(frozen).items()}
     lora = jax.tree.map(lambda a: jax.random.normal(jax.random.key(a.size), a.shape) * 0.3, lora)  # "trained"
     want = _np_forward(_np_merged(frozen, lora, cfg), np.asarray(x, np.float64))
-    for _ in range(2):  # the README's last line, run again (e.g. after more training, or by habit)
+    for _ in range(2):  # getting started's NNX merge line, run again (e.g. after more training, or by habit)
         nnx.update(model, jlora.merge(frozen, lora, cfg))
         np.testing.assert_allclose(np.asarray(model(x)), want, rtol=1e-5, atol=1e-5)
     for p, v in jlora.paths.flatten(frozen).items():  # frozen is still W0, bit for bit
