@@ -81,7 +81,7 @@ def _layouts(flat: Mapping[str, Any], chosen: Sequence[str], config: LoraConfig,
              apply_fn: Callable[..., Any] | None, params: Any, args: Sequence[Any]) -> dict[str, Layout]:
     traced: dict[str, Layout | str] = {}
     if apply_fn is not None:
-        traced = analysis.read_layouts(apply_fn, params, args, list(chosen), list(flat))
+        traced = analysis.read_layouts(apply_fn, params, args, list(chosen))
     out: dict[str, Layout] = {}
     for p in chosen:
         shape, found = tuple(flat[p].shape), traced.get(p)

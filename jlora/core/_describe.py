@@ -16,7 +16,7 @@ from collections.abc import Collection, Mapping
 from typing import Any, NamedTuple
 
 import jax
-import jax.numpy as jnp
+import jax.numpy as jnp  # noqa: F401  (the doctests)
 
 from jlora.core import _checks as checks
 from jlora.core import paths

@@ -206,12 +206,12 @@ def _targeted(flat: Mapping[str, Any], place: Callable[[str], str | None], targe
 
 
 def _known_layouts(owner: Mapping[str, str], layouts: Mapping[str, Layout] | None, apply_fn: Callable[..., Any] | None,
-                   params: Any, args: Sequence[Any], flat: Mapping[str, Any]) -> dict[str, Layout]:
+                   params: Any, args: Sequence[Any]) -> dict[str, Layout]:
     """``layouts=``, completed from the trace of ``apply_fn`` where it tells a kernel's layout."""
     known = dict(layouts or {})
     todo = [p for p in owner.values() if p not in known]
     if apply_fn is not None and todo:
-        for p, lay in analysis.read_layouts(apply_fn, params, args, todo, list(flat)).items():
+        for p, lay in analysis.read_layouts(apply_fn, params, args, todo).items():
             if isinstance(lay, Layout):
                 known[p] = lay
     return known
@@ -255,7 +255,7 @@ def read(tensors: dict[str, np.ndarray], body: Mapping[str, Any], params: Any,
     def pattern(keys: Any, name: str) -> str | None:  # PEFT's get_pattern_key
         return next((k for k in keys if re.match(rf"(.*\.)?({k})$", name)), None)
 
-    known = _known_layouts(owner, layouts, apply_fn, params, args, flat)
+    known = _known_layouts(owner, layouts, apply_fn, params, args)
     out: dict[str, tuple[np.ndarray, np.ndarray, Layout, int, float]] = {}
     for name, path in sorted(owner.items()):
         ka = PREFIX + prefixes[name] + ".lora_A.weight"

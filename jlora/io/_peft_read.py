@@ -174,14 +174,13 @@ def classify(tensors: Mapping[str, np.ndarray], weights: Path, ignore: tuple[str
 # --- resolve each kernel's layout ----------------------------------------------------------------
 
 def traced_layouts(found: Classified, owners: Owners, layouts: Mapping[str, Layout] | None,
-                   apply_fn: Callable[..., Any] | None, params: Any, args: Sequence[Any],
-                   flat: Mapping[str, Any]) -> dict[str, Layout]:
+                   apply_fn: Callable[..., Any] | None, params: Any, args: Sequence[Any]) -> dict[str, Layout]:
     """The layouts known before reading any factor: ``layouts=``, then the trace of ``apply_fn``."""
     known = dict(layouts or {})
     if apply_fn is not None:
         adapted_paths = [owners.where(parts["A"][0], module, "weight")
                          for module, parts in sorted(found.factors.items()) if "A" in parts]
-        for p, lay in analysis.read_layouts(apply_fn, params, args, adapted_paths, list(flat)).items():
+        for p, lay in analysis.read_layouts(apply_fn, params, args, adapted_paths).items():
             if isinstance(lay, str) and p not in known:
                 raise ValueError(f"jlora.peft.load: cannot tell the axis roles of {p!r}: the trace says {lay}; fix: "
                                  "pass layouts={path: jlora.Layout(shape, roles)} for it")

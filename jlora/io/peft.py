@@ -177,7 +177,7 @@ def load(directory: str | os.PathLike[str], params: Any, key_map: KeyMap, *,
     experts = peft_experts.read(tensors, body, params, lambda p: _place(fn, p), layouts=layouts, apply_fn=apply_fn,
                                 args=args, param_order=param_order)  # pops the target_parameters tensors
     found = read.classify(tensors, weights, ignore_rules)
-    known = read.traced_layouts(found, owners, layouts, apply_fn, params, args, flat)
+    known = read.traced_layouts(found, owners, layouts, apply_fn, params, args)
     ctx = read.ReadContext(weights, body, flat, owners, known, kernels)
 
     adapted = [read.resolve_kernel(module, parts, ctx) for module, parts in sorted(found.factors.items())]

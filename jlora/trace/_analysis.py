@@ -244,11 +244,11 @@ def _agree(found: list[Use | str]) -> Layout | str:
     return layouts.pop()
 
 
-def read_layouts(apply_fn: Callable[..., Any], params: Any, args: Sequence[Any], paths: Sequence[str],
-                 flat_paths: Sequence[str] | None = None) -> dict[str, Layout | str]:
+def read_layouts(apply_fn: Callable[..., Any], params: Any, args: Sequence[Any],
+                 paths: Sequence[str]) -> dict[str, Layout | str]:
     """Traces ``apply_fn(params, *args)`` abstractly (:func:`jlora.trace._walker.trace_apply`: arrays and
     ``ShapeDtypeStruct`` leaves of ``args`` traced, the rest static) and reads the layout of each
-    kernel in ``paths`` (``flat_paths``, the params' paths, is not needed: the walker maps leaves to paths).
+    kernel in ``paths`` (the walker maps the params' leaves to their paths).
 
     Returns per path the :class:`Layout` its uses agree on, or a string saying why there is none.
 
