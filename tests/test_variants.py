@@ -241,6 +241,8 @@ def test_dora_unmerge_needs_norms():
         _close(same["params"][p]["kernel"], params["params"][p]["kernel"], 1e-5)
     with pytest.raises(ValueError, match="no norm for the DoRA kernel"):
         dora.unmerge(merged, lora, cfg, {})
+    with pytest.raises(TypeError, match=r"jlora.unmerge: norms must be a dict .*got list; fix: norms=jlora.dora.norms"):
+        jlora.unmerge(merged, lora, cfg, norms=[1.0])
 
 
 def test_dora_lazy_equals_merged_with_gradients_on_mlp():

@@ -338,5 +338,8 @@ def unmerge(params: Any, lora: Any, config: LoraConfig, norms: Mapping[str, Any]
     [[0.0, 0.0], [0.0, 0.0]]
     """
     if norms is not None:
+        if not isinstance(norms, Mapping):
+            raise TypeError(f"jlora.unmerge: norms must be a dict {{path: ||V||_in}}, got {type(norms).__name__}; fix: "
+                            "norms=jlora.dora.norms(frozen, lora, config), computed before merging")
         return dora.unmerge(params, lora, config, norms)
     return _combine(params, lora, config, -1.0, whole=False, name="unmerge")
